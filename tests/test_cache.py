@@ -1,0 +1,197 @@
+"""In-process decision cache: expiry, exact invalidation, generation race, bounds, threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from dpiguard.cache import DecisionCache
+
+NOW = 1_700_000_000.0
+
+
+def key(user="alice", patient="P1", category="clinical", action="read"):
+    return (user, patient, category, action)
+
+
+def test_hit_miss_and_expiry():
+    cache = DecisionCache(ttl=60)
+    assert cache.get(key(), NOW) is None
+    assert cache.put(key(), "allow", NOW + 10, cache.generation(), now=NOW)
+    assert cache.get(key(), NOW + 9.9) == "allow"
+    assert cache.get(key(), NOW + 10) is None  # expired at expires_at
+    assert len(cache) == 0  # expired entry removed
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (1, 2, 0)
+
+
+def test_ttl_caps_expiry():
+    cache = DecisionCache(ttl=5)
+    cache.put(key(), "allow", None, cache.generation(), now=NOW)
+    cache.put(key(user="bob"), "allow", NOW + 1000, cache.generation(), now=NOW)
+    assert cache.get(key(), NOW + 4) == "allow"
+    assert cache.get(key(), NOW + 5) is None
+    assert cache.get(key(user="bob"), NOW + 5) is None
+
+
+def test_none_values_are_refused():
+    cache = DecisionCache()
+    with pytest.raises(ValueError):
+        cache.put(key(), None, NOW + 1, cache.generation(), now=NOW)
+
+
+def fill(cache):
+    gen = cache.generation()
+    for user in ("alice", "bob"):
+        for patient in ("P1", "P2", None):
+            cache.put(key(user, patient), f"{user}/{patient}", NOW + 30, gen, now=NOW)
+
+
+def test_invalidate_user_is_exact():
+    cache = DecisionCache()
+    fill(cache)
+    assert cache.invalidate_user("alice") == 3
+    for patient in ("P1", "P2", None):
+        assert cache.get(key("alice", patient), NOW) is None
+        assert cache.get(key("bob", patient), NOW) == f"bob/{patient}"
+    assert cache.stats()["invalidations"] == 1
+    assert cache.invalidate_user("nobody") == 0
+
+
+def test_invalidate_patient_is_exact():
+    cache = DecisionCache()
+    fill(cache)
+    assert cache.invalidate_patient("P1") == 2
+    assert cache.get(key("alice", "P1"), NOW) is None
+    assert cache.get(key("bob", "P1"), NOW) is None
+    assert cache.get(key("alice", "P2"), NOW) == "alice/P2"
+    assert cache.get(key("bob", None), NOW) == "bob/None"
+    # indexes stay consistent: invalidating the user afterwards drops only what is left
+    assert cache.invalidate_user("alice") == 2
+    assert len(cache) == 2
+
+
+def test_clear_and_apply_event():
+    cache = DecisionCache()
+    fill(cache)
+    cache.apply_event("patient", "P2")
+    assert len(cache) == 4
+    cache.apply_event("user", "bob")
+    assert len(cache) == 2
+    cache.apply_event("session", "abc")
+    assert len(cache) == 2
+    cache.apply_event("all", "")
+    assert len(cache) == 0
+
+
+def test_stale_insert_is_refused_after_invalidation():
+    cache = DecisionCache()
+    gen = cache.generation()          # worker starts computing from Redis...
+    cache.invalidate_patient("P1")    # ...the bus processes an invalidation meanwhile
+    assert cache.put(key(), "allow", NOW + 30, gen, now=NOW) is False
+    assert cache.get(key(), NOW) is None
+    assert cache.stats()["rejected_puts"] == 1
+    assert cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW) is True
+
+
+def test_disabled_cache_serves_and_stores_nothing():
+    cache = DecisionCache()
+    fill(cache)
+    gen = cache.generation()
+    cache.enabled = False
+    assert len(cache) == 0
+    assert cache.get(key(), NOW) is None
+    assert cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW) is False
+    cache.enabled = True
+    assert cache.put(key(), "allow", NOW + 30, gen, now=NOW) is False  # computed before the outage
+    assert cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW) is True
+    assert cache.get(key(), NOW) == "allow"
+
+
+def test_bounded_eviction_keeps_indexes_consistent():
+    cache = DecisionCache(max_entries=3)
+    gen = cache.generation()
+    for i in range(5):
+        cache.put(key(f"u{i}", f"P{i % 2}"), i, NOW + 30, gen, now=NOW)
+    assert len(cache) == 3
+    assert cache.get(key("u0", "P0"), NOW) is None and cache.get(key("u1", "P1"), NOW) is None
+    assert [cache.get(key(f"u{i}", f"P{i % 2}"), NOW) for i in (2, 3, 4)] == [2, 3, 4]
+    assert cache.stats()["evictions"] == 2
+    assert cache._by_user.keys() == {"u2", "u3", "u4"}
+    assert {p: len(keys) for p, keys in cache._by_patient.items()} == {"P0": 2, "P1": 1}
+    assert cache.invalidate_patient("P0") == 2
+    assert cache.invalidate_user("u3") == 1
+    assert len(cache) == 0 and not cache._by_user and not cache._by_patient
+
+
+def test_reput_refreshes_insertion_order():
+    cache = DecisionCache(max_entries=2)
+    gen = cache.generation()
+    cache.put(key("a"), 1, NOW + 30, gen, now=NOW)
+    cache.put(key("b"), 2, NOW + 30, gen, now=NOW)
+    cache.put(key("a"), 3, NOW + 30, gen, now=NOW)
+    cache.put(key("c"), 4, NOW + 30, gen, now=NOW)
+    assert cache.get(key("b"), NOW) is None
+    assert cache.get(key("a"), NOW) == 3
+
+
+def test_get_is_cheap():
+    cache = DecisionCache()
+    cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW)
+    n = 100_000
+    start = time.perf_counter()
+    for _ in range(n):
+        cache.get(key(), NOW)
+    per_call = (time.perf_counter() - start) / n
+    assert per_call < 5e-6, f"get took {per_call * 1e6:.2f} µs"
+
+
+def test_thread_safety_smoke():
+    cache = DecisionCache(max_entries=500)
+    errors = []
+    stop = threading.Event()
+
+    def writer(n):
+        try:
+            for i in range(5000):
+                gen = cache.generation()
+                cache.put(key(f"u{i % 50}", f"P{(i + n) % 40}"), i, NOW + 30, gen, now=NOW)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def reader():
+        try:
+            while not stop.is_set():
+                for i in range(50):
+                    cache.get(key(f"u{i}", f"P{i % 40}"), NOW)
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    def invalidator():
+        try:
+            for i in range(2000):
+                if i % 2:
+                    cache.invalidate_patient(f"P{i % 40}")
+                else:
+                    cache.invalidate_user(f"u{i % 50}")
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=invalidator)]
+    readers = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads + readers:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    assert not errors
+    # indexes exactly describe the entries
+    entries = set(cache._entries)
+    assert entries == {k for keys in cache._by_user.values() for k in keys}
+    assert entries == {k for keys in cache._by_patient.values() for k in keys}
+    assert len(entries) <= 500
