@@ -1,0 +1,184 @@
+"""The mitmproxy addon: adapts flows to the pipeline (dpiguard/pipeline.py) and back.
+
+Load it with ``dpiguard run --config FILE`` or, in an existing mitmproxy setup,
+``mitmdump --mode reverse:https://dpi.example.org -s addons/dpiguard_addon.py --set dpiguard_config=FILE``.
+
+Hooks stay short: ``requestheaders`` decides every request before its body streams in (in-process
+caches; a worker thread when Redis must be asked), ``request`` serves dpiguard's own portal pages,
+which need the body. Any error in a hook becomes a refusal: a request is never forwarded because
+dpiguard failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Optional
+
+from mitmproxy import ctx, exceptions, http
+
+from .audit import utc_now_ms
+from .config import Config, ConfigError, load_config
+from .pipeline import Incoming, NeedIO, Verdict
+from .portal import PREFIX, MAX_BODY, Reply, SECURITY_HEADERS
+from .services import Services, build_services
+
+log = logging.getLogger("dpiguard")
+
+PORTAL_KEY = "dpiguard_portal"
+
+
+class DpiGuard:
+    def __init__(self, config: Config | None = None):
+        self._given_config = config
+        self.services: Services | None = None
+
+    # -- mitmproxy lifecycle -----------------------------------------------------------------------
+    def load(self, loader) -> None:
+        loader.add_option(
+            "dpiguard_config", Optional[str], None,
+            "Path of the dpiguard configuration file (YAML). Environment variables DPIGUARD_* override it.",
+        )
+
+    def configure(self, updated) -> None:
+        if self.services is not None:
+            return
+        if self._given_config is None and "dpiguard_config" not in updated:
+            return
+        try:
+            cfg = self._given_config or load_config(ctx.options.dpiguard_config)
+            self.services = build_services(cfg)
+        except ConfigError as exc:
+            raise exceptions.OptionsError(f"dpiguard: {exc}") from exc
+        except Exception as exc:
+            raise exceptions.OptionsError(f"dpiguard: cannot start: {exc}") from exc
+
+    def running(self) -> None:
+        if self.services is None:
+            log.error("dpiguard: no configuration (set dpiguard_config); every request will be refused")
+            return
+        self.services.start()
+        self.services.audit.write({"event": "startup", "outcome": "allow", "reason": "ok",
+                                   "policy_version": self.services.policy.version})
+        log.info("dpiguard ready: policy %s, instance %s", self.services.policy.version,
+                 self.services.config.instance_id)
+
+    def done(self) -> None:
+        if self.services is not None:
+            self.services.stop()
+
+    # -- hooks -------------------------------------------------------------------------------------
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._requestheaders(flow)
+        except Exception as exc:  # fail closed
+            log.exception("dpiguard: error while deciding")
+            self._respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
+            self._last_resort_trace(flow, exc)
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        req = flow.metadata.get(PORTAL_KEY)
+        if req is None:
+            return
+        try:
+            s = self.services
+            token, _ = s.pipeline.session_token(req)
+            reply = await asyncio.to_thread(s.portal.handle, req, flow.request.raw_content or b"", token)
+        except Exception as exc:
+            log.exception("dpiguard: portal error")
+            reply = Reply(503, b'{"error":"internal_error"}', "application/json")
+            self._last_resort_trace(flow, exc)
+        self._respond(flow, reply)
+
+    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+        s = self.services
+        if s is None:
+            self._respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
+            return
+        req = self._incoming(flow)
+        if req.target.startswith(PREFIX):
+            length = flow.request.headers.get("content-length", "0")
+            if not length.isdigit() or int(length) > MAX_BODY:
+                self._respond(flow, Reply(413, b'{"error":"body_too_large"}', "application/json"))
+                return
+            flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
+            return
+        try:
+            verdict = s.pipeline.decide(req, io=False)
+        except NeedIO:
+            verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+        if not verdict.allowed:
+            self._respond(flow, s.portal.refusal(req, verdict))
+            return
+        self._forward(flow, verdict)
+        session = verdict.session
+        if session is not None and s.sessions.needs_touch(session, time.time()):
+            asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+
+    def _touch(self, session) -> None:
+        try:
+            self.services.sessions.touch(session, time.time())
+        except Exception as exc:  # the next request re-reads the session; nothing is allowed by this
+            log.warning("dpiguard: session touch failed: %s", exc)
+
+    # -- adapters ----------------------------------------------------------------------------------
+    @staticmethod
+    def _incoming(flow: http.HTTPFlow) -> Incoming:
+        headers: dict[str, str] = {}
+        size = 0
+        for raw_name, raw_value in flow.request.headers.fields:
+            size += len(raw_name) + len(raw_value) + 4
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            if name in headers:
+                headers[name] += ("; " if name == "cookie" else ", ") + value
+            else:
+                headers[name] = value
+        peer = flow.client_conn.peername
+        return Incoming(
+            method=flow.request.method.upper(),
+            target=flow.request.path,
+            headers=headers,
+            client_ip=peer[0] if peer else "",
+            tls=flow.client_conn.tls_established,
+            header_bytes=size,
+            request_id=secrets.token_hex(8),
+        )
+
+    @staticmethod
+    def _forward(flow: http.HTTPFlow, v: Verdict) -> None:
+        request = flow.request
+        if not v.public:
+            request.path = v.forward_target
+            for name, value in v.set_headers.items():
+                request.headers[name] = value
+            if v.cookie_header is not None:
+                if v.cookie_header:
+                    request.headers["cookie"] = v.cookie_header
+                else:
+                    request.headers.pop("cookie", None)
+            if v.drop_authorization:
+                request.headers.pop("authorization", None)
+        else:
+            request.path = v.forward_target
+            request.headers.pop("cookie", None)  # no session id leaves the proxy
+            request.headers.pop("authorization", None)
+
+    @staticmethod
+    def _respond(flow: http.HTTPFlow, reply: Reply) -> None:
+        headers = [(b"Content-Type", reply.content_type.encode())]
+        headers += [(k.encode(), v.encode("latin-1")) for k, v in SECURITY_HEADERS]
+        headers += [(k.encode(), v.encode("latin-1")) for k, v in reply.headers]
+        flow.response = http.Response.make(reply.status, reply.body, headers)
+
+    def _last_resort_trace(self, flow: http.HTTPFlow, exc: Exception) -> None:
+        try:
+            self.services.audit.write({
+                "event": "access", "outcome": "deny", "reason": "internal_error", "time": utc_now_ms(),
+                "method": flow.request.method[:16], "path": flow.request.path[:512],
+                "detail": f"{type(exc).__name__}: {exc}"[:300],
+            })
+        except Exception:
+            log.error("dpiguard: could not trace an internal error: %s", exc)
