@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import os
 import sys
 from datetime import datetime, timezone
@@ -25,6 +26,9 @@ from pathlib import Path
 import orjson
 
 from .config import ConfigError, load_config
+
+#: Modules adding command groups (one line each); see register() in each.
+COMMAND_MODULES: list[str] = []
 
 
 def _config(args, check_files: bool = True):
@@ -171,8 +175,9 @@ def cmd_users(args) -> int:
         print(f"user {args.login} now has roles {', '.join(args.role)}; sessions revoked")
     elif args.users_cmd == "passwd":
         users.set_password(args.login, _read_password(args))
+        revoked = session_store(cfg).revoke_user(args.login)
         _audit_admin(cfg, "user_passwd", user=args.login)
-        print(f"password of {args.login} changed")
+        print(f"password of {args.login} changed; {revoked} session(s) revoked")
     elif args.users_cmd == "unlock":
         from .auth import Authenticator, LoginPolicy
 
@@ -319,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("totp-code", help="print the current code of a TOTP secret (for testers)")
     sp.add_argument("secret")
     sp.set_defaults(func=cmd_totp_code)
+
+    # Command groups that live in their own module: each has register(subparsers, with_config).
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub, with_config)
     return p
 
 

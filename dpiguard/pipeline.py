@@ -294,6 +294,8 @@ class Pipeline:
 
     # -- trace -------------------------------------------------------------------------------------
     def _trace(self, req: Incoming, v: Verdict, detail: str | None = None) -> None:
+        if v.user is None and not v.public:
+            v.user = self._known_user(req)  # attribute early refusals (hostile paths...) when we can
         self.audit.write({
             "event": "access",
             "request_id": req.request_id,
@@ -311,6 +313,17 @@ class Pipeline:
             "policy_version": self._policy_version(),
             "detail": detail,
         })
+
+    def _known_user(self, req: Incoming) -> str | None:
+        """The user of the presented session if this instance already knows it (no I/O)."""
+        token, _ = self.session_token(req)
+        if not token:
+            return None
+        try:
+            session = self.sessions.get_local(token)
+        except Exception:
+            return None
+        return session.user if session else None
 
     def _policy_version(self) -> str | None:
         return getattr(self.policy, "version", None)

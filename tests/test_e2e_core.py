@@ -242,6 +242,9 @@ def test_hostile_paths_refused_and_never_forwarded(stack, proxy, target):
     assert status == 400, body
     assert b"hostile_path" in body
     assert stack.upstream_app.seen == []
+    request_id = re.search(rb'"request_id":"([0-9a-f]+)"', body).group(1).decode()
+    (rec,) = records(stack, request_id=request_id)
+    assert rec["reason"] == "hostile_path" and rec["user"] == "dr.martin"  # attributed, for the DPO
 
 
 def test_second_patient_in_query_refused(stack, proxy):

@@ -118,6 +118,8 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".d
 
 def _print_banner(host, port, workdir, config_path, accounts, redis_url) -> None:
     rel = os.path.relpath(config_path)
+    if rel.startswith(".."):
+        rel = str(config_path)
     print(f"""
 ==========================================================================================
  dpiguard demo is up
@@ -127,17 +129,18 @@ def _print_banner(host, port, workdir, config_path, accounts, redis_url) -> None
    trace       {workdir / 'audit.jsonl'}
    accounts    {workdir / 'demo-accounts.json'} (TOTP secrets and otpauth URIs)
    password    {DEMO_PASSWORD}   (every demo account)
-   TOTP code   uv run dpiguard totp-code SECRET
-   CLI         uv run dpiguard careteam show --patient P0001 --config {rel}
+   TOTP code   python -m uv run dpiguard totp-code SECRET
+   CLI         python -m uv run dpiguard careteam show --patient P0001 --config {rel}
 ==========================================================================================
  {'LOGIN':14} {'ROLE':11} {'UNITS':14} TOTP SECRET""")
-    shown = {}
+    shown = 0
+    per_role: dict[str, int] = {}
     for a in accounts:
-        shown.setdefault(a.role, 0)
-        if shown[a.role] < 3 or a.login in ("inf.durand", "dr.martin", "acc.robert", "pha.petit", "sec.bernard"):
-            shown[a.role] += 1
+        per_role[a.role] = per_role.get(a.role, 0) + 1
+        if per_role[a.role] <= 2:
+            shown += 1
             print(f" {a.login:14} {a.role:11} {','.join(a.units) or '-':14} {a.totp_secret}")
-    print(f" ... and {len(accounts) - sum(shown.values())} more in demo-accounts.json")
+    print(f" ... and {len(accounts) - shown} more in demo-accounts.json")
     print(" Try: inf.durand (nurse, CARDIO) opens /patients/P0001/biology (allowed) and /patients/P0002/biology")
     print("      (PNEUMO patient: refused, not_in_care_team); acc.robert (reception) opens /patients/P0001/notes (refused).")
     print("==========================================================================================", flush=True)
