@@ -98,7 +98,8 @@ class DpiGuard:
             self._respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
             return
         req = self._incoming(flow)
-        if req.target.startswith(PREFIX):
+        plaintext_refused = s.pipeline.require_tls and not req.tls  # no password over plain HTTP either
+        if req.target.startswith(PREFIX) and not plaintext_refused:
             length = flow.request.headers.get("content-length", "0")
             if not length.isdigit() or int(length) > MAX_BODY:
                 self._respond(flow, Reply(413, b'{"error":"body_too_large"}', "application/json"))
