@@ -207,12 +207,18 @@ def compute_membership(
     assignment: Any | None,
     now: float,
     grace: float = 0,
+    category: str | None = None,
+    transversal: Mapping[str, Any] | None = None,
 ) -> Membership:
     """Pure care-team decision from raw Redis replies.
 
     ``user_units``: HGETALL of the user's units; ``stays``: HGETALL of the patient's stays;
     ``assignment``: HGET of the user's assignment to the patient (None if absent). Raises
-    CareTeamDataError on any malformed value, even one that would not matter for the answer."""
+    CareTeamDataError on any malformed value, even one that would not matter for the answer.
+
+    ``transversal``: unit → :class:`dpiguard.transversal.TransversalUnit` (policies/careteam.yaml).
+    A member of a transversal unit also reaches the patient for the unit's ``categories`` (only when
+    ``category`` is given and listed) if the patient is in the unit's scope (see transversal.py)."""
     units = {_text(u).upper(): parse_unit_window(v, _text(u)) for u, v in user_units.items()}
     parsed_stays = sorted(
         ((_text(sid), parse_stay(raw, _text(sid))) for sid, raw in stays.items()),
@@ -236,6 +242,22 @@ def compute_membership(
         if source is None and stay_window.contains(now) and unit_window.contains(now):
             source = f"unit:{stay['unit']} stay:{stay_id}"
 
+    if transversal and category is not None:
+        for unit, unit_window in sorted(units.items()):
+            rule = transversal.get(unit)
+            if rule is None or category not in rule.categories:
+                continue
+            boundaries += unit_window.changes(now)
+            in_scope = rule.scope == "any_patient"
+            for stay_id, stay in parsed_stays:
+                window = _Window(stay["start"], stay["end"]) if rule.scope == "open_stay_anywhere" \
+                    else _stay_window(stay, grace)
+                if rule.scope != "any_patient":
+                    boundaries += window.changes(now)
+                    in_scope = in_scope or window.contains(now)
+            if source is None and in_scope and unit_window.contains(now):
+                source = f"transversal:{unit} {rule.scope}"
+
     valid_until = min(boundaries) if boundaries else None
     if source is None:
         return Membership(False, "none", valid_until)
@@ -248,12 +270,14 @@ def compute_membership(
 class CareTeamStore:
     """Reads and writes care-team data; see the module docstring for the model and key layout."""
 
-    def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard", grace_seconds: float = 0):
+    def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard", grace_seconds: float = 0,
+                 transversal: Mapping[str, Any] | None = None):
         if _check_time(grace_seconds, "grace_seconds", optional=False) < 0:
             raise ValueError("grace_seconds must not be negative")
         self.redis = redis_client
         self.prefix = prefix
         self.grace = grace_seconds
+        self.transversal = dict(transversal or {})  # unit → TransversalUnit (policies/careteam.yaml)
         self.channel = events_channel(prefix)
 
     # ----------------------------------------------------------------- keys
@@ -417,8 +441,10 @@ class CareTeamStore:
 
     # ----------------------------------------------------------------- reads
 
-    def membership(self, login: str, patient: str, now: float | None = None) -> Membership:
-        """Is ``login`` in ``patient``'s care team at ``now``? One pipelined round trip."""
+    def membership(self, login: str, patient: str, now: float | None = None,
+                   category: str | None = None) -> Membership:
+        """Is ``login`` in ``patient``'s care team at ``now`` (for data of ``category``, which
+        matters for transversal units)? One pipelined round trip."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
         now = _now(now)
         pipe = self.redis.pipeline(transaction=False)
@@ -426,7 +452,7 @@ class CareTeamStore:
         pipe.hgetall(self.key_stays(patient))
         pipe.hget(self.key_assign(patient), login)
         user_units, stays, assignment = pipe.execute()
-        return compute_membership(user_units, stays, assignment, now, self.grace)
+        return compute_membership(user_units, stays, assignment, now, self.grace, category, self.transversal)
 
     def user_units(self, login: str, now: float | None = None) -> list[str]:
         """Units ``login`` is a member of at ``now`` (sorted)."""
@@ -451,6 +477,13 @@ class CareTeamStore:
             active = _Window(data["start"], data["end"]).contains(now)
             assignments.append({"login": login, **data, "active": active})
         units = sorted({stay["unit"] for stay in stays})
+        transversal = {}
+        for unit, rule in sorted(self.transversal.items()):
+            windows = [_Window(s["start"], s["end"]) if rule.scope == "open_stay_anywhere"
+                       else _stay_window(s, self.grace) for s in stays]
+            if rule.scope == "any_patient" or any(w.contains(now) for w in windows):
+                transversal[unit] = {"categories": sorted(rule.categories), "patients": rule.scope,
+                                     "members": self._unit_member_rows(unit, now)}
         return {
             "patient": patient,
             "now": now,
@@ -458,6 +491,7 @@ class CareTeamStore:
             "stays": stays,
             "assignments": assignments,
             "unit_members": {unit: self._unit_member_rows(unit, now) for unit in units},
+            "transversal_units": transversal,
         }
 
     def explain_user(self, login: str, now: float | None = None) -> dict:
@@ -476,12 +510,16 @@ class CareTeamStore:
             active = _Window(data["start"], data["end"]).contains(now)
             assignments.append({"patient": patient, **data, "active": active})
         current = {row["unit"]: self._patients_staying(row["unit"], now) for row in units if row["active"]}
+        transversal = {row["unit"]: {"categories": sorted(self.transversal[row["unit"]].categories),
+                                     "patients": self.transversal[row["unit"]].scope}
+                       for row in units if row["active"] and row["unit"] in self.transversal}
         return {
             "login": login,
             "now": now,
             "units": units,
             "assignments": assignments,
             "patients_in_units": current,
+            "transversal_units": transversal,
         }
 
     def _user_unit_rows(self, login: str, now: float) -> list[dict]:

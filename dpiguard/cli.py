@@ -28,7 +28,7 @@ import orjson
 from .config import ConfigError, load_config
 
 #: Modules adding command groups (one line each); see register() in each.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["dpiguard.cli_adt"]
 
 
 def _config(args, check_files: bool = True):
@@ -106,10 +106,14 @@ def cmd_demo(args) -> int:
 def cmd_config_check(args) -> int:
     from .policy import Policy
 
+    from .services import careteam_policy
+
     cfg = _config(args)
     policy = Policy.load(cfg.path(cfg.policies.dir))
+    ct_policy = careteam_policy(cfg, policy.categories)
     print(f"configuration OK; policy version {policy.version}; "
-          f"{len(policy.roles)} roles, {len(policy.categories)} categories")
+          f"{len(policy.roles)} roles, {len(policy.categories)} categories, "
+          f"{len(ct_policy.units)} transversal units")
     return 0
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
@@ -96,6 +97,19 @@ class CareTeam:
 
 
 @dataclass
+class Adt:
+    enabled: bool = False
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2575
+    max_message_bytes: int = 1_048_576
+    read_timeout: float = 30.0
+    dedup_ttl: int = 604800
+    patient_id_authority: str | None = None
+    timezone: str = "Europe/Paris"
+    application: str = "DPIGUARD"
+
+
+@dataclass
 class DecisionCacheSection:
     ttl: float = 60.0
     max_entries: int = 200_000
@@ -129,6 +143,7 @@ class Config:
     sessions: Sessions = field(default_factory=Sessions)
     login: Login = field(default_factory=Login)
     careteam: CareTeam = field(default_factory=CareTeam)
+    adt: Adt = field(default_factory=Adt)
     decision_cache: DecisionCacheSection = field(default_factory=DecisionCacheSection)
     audit: Audit = field(default_factory=Audit)
     identity: Identity = field(default_factory=Identity)
@@ -167,11 +182,16 @@ _POSITIVE_INTS = {
     "sessions.touch_interval", "login.max_failures", "login.failure_window", "login.lock_seconds",
     "login.ip_max_failures", "login.ip_window", "login.ip_block_seconds", "decision_cache.max_entries",
     "limits.max_header_bytes", "limits.max_url_bytes",
+    "adt.listen_port", "adt.max_message_bytes", "adt.dedup_ttl",
 }
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     text = str(typ)
+    if typ is bool or text == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
     if typ is int or text == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, f"expected a whole number, got {value!r}")
@@ -279,6 +299,14 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("sessions.cookie_name", "may contain only letters, digits, '-' and '_'")
     if cfg.careteam.grace_seconds < 0:
         raise ConfigError("careteam.grace_seconds", "must be 0 or more")
+    if cfg.adt.listen_port > 65535:
+        raise ConfigError("adt.listen_port", f"must be at most 65535, got {cfg.adt.listen_port}")
+    if cfg.adt.read_timeout <= 0:
+        raise ConfigError("adt.read_timeout", "must be greater than 0")
+    try:
+        ZoneInfo(cfg.adt.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("adt.timezone", f"unknown time zone {cfg.adt.timezone!r} (e.g. Europe/Paris)") from None
     if cfg.decision_cache.ttl <= 0:
         raise ConfigError("decision_cache.ttl", "must be greater than 0")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):

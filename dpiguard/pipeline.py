@@ -260,7 +260,7 @@ class Pipeline:
         if not io:
             raise NeedIO()
         generation = self.cache.generation()
-        membership = self.careteam.membership(user, patient, now)
+        membership = self.careteam.membership(user, patient, now, category=category)
         decision = CachedDecision(membership.member, membership.source)
         expires = now + self.decision_ttl
         if membership.valid_until is not None:

@@ -66,9 +66,20 @@ def run_proxy(cfg: Config) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
+        adt_server = None
+        if cfg.adt.enabled:  # the ADT feed listener shares the loop, the Redis client and the trace
+            from .mllp import MllpServer, build_processor, settings_from_config
+
+            adt_server = await MllpServer(build_processor(cfg, services.redis, services.audit),
+                                          settings_from_config(cfg)).start()
+            print(f"dpiguard: ADT feed (HL7 MLLP) on {cfg.adt.listen_host}:{adt_server.port}", flush=True)
         print(f"dpiguard: listening on {'https' if cfg.tls_enabled else 'http'}://{cfg.listen.host}:{cfg.listen.port}"
               f" → {cfg.upstream.url} (policy {services.policy.version})", flush=True)
-        await master.run()
+        try:
+            await master.run()
+        finally:
+            if adt_server is not None:
+                await adt_server.stop()
         return 0
 
     logging.getLogger("dpiguard").setLevel(logging.INFO)

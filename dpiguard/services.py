@@ -38,8 +38,18 @@ def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirect
     return UserDirectory(client or redis_client(cfg), box, prefix=cfg.redis.prefix, issuer=cfg.login.issuer)
 
 
-def careteam_store(cfg: Config, client: redis.Redis | None = None) -> CareTeamStore:
-    return CareTeamStore(client or redis_client(cfg), prefix=cfg.redis.prefix, grace_seconds=cfg.careteam.grace_seconds)
+def careteam_policy(cfg: Config, categories=None):
+    """policies/careteam.yaml (transversal units, grace period); empty when the file is absent."""
+    from .transversal import CARETEAM_FILE, CareTeamPolicy
+
+    return CareTeamPolicy.load(cfg.path(cfg.policies.dir) / CARETEAM_FILE, categories)
+
+
+def careteam_store(cfg: Config, client: redis.Redis | None = None, categories=None) -> CareTeamStore:
+    ct_policy = careteam_policy(cfg, categories)
+    grace = cfg.careteam.grace_seconds if ct_policy.grace_seconds is None else ct_policy.grace_seconds
+    return CareTeamStore(client or redis_client(cfg), prefix=cfg.redis.prefix, grace_seconds=grace,
+                         transversal=ct_policy.units)
 
 
 def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStore:
@@ -99,7 +109,7 @@ def build_services(cfg: Config) -> Services:
     client = redis_client(cfg)
     users = user_directory(cfg, client)
     sessions = session_store(cfg, client)
-    careteam = careteam_store(cfg, client)
+    careteam = careteam_store(cfg, client, policy.categories)
     cache = DecisionCache(max_entries=cfg.decision_cache.max_entries, ttl=cfg.decision_cache.ttl)
     audit = AuditLog(cfg.path(cfg.audit.path), cfg.instance_id).open()
     signer = AssertionSigner.from_pem_file(cfg.path(cfg.secrets.assertion_private_key_file), audience=cfg.audience,
