@@ -62,6 +62,7 @@ class RedisSection:
 @dataclass
 class Policies:
     dir: str = "policies"
+    reload_interval: float = 1.0
 
 
 @dataclass
@@ -279,6 +280,8 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("sessions.cookie_name", "may contain only letters, digits, '-' and '_'")
     if cfg.careteam.grace_seconds < 0:
         raise ConfigError("careteam.grace_seconds", "must be 0 or more")
+    if cfg.policies.reload_interval < 0:
+        raise ConfigError("policies.reload_interval", "must be 0 (no reload) or more seconds")
     if cfg.decision_cache.ttl <= 0:
         raise ConfigError("decision_cache.ttl", "must be greater than 0")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
