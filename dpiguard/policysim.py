@@ -252,6 +252,13 @@ def _strs(value: Any, label: str, line: int, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _mapping(**values: Any) -> LineDict:
+    """A LineDict built in code (no line numbers of its own)."""
+    result = LineDict(values)
+    result.line, result.key_lines = 0, {}
+    return result
+
+
 def _check_keys(entry: LineDict, allowed: set[str], label: str, what: str) -> None:
     for key in entry:
         if key not in allowed:
@@ -274,7 +281,7 @@ def load_test_file(path: str | Path, now: float | None = None) -> TestFile:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         raise TestFileError(label, data.line_of("grace_hours"), "grace_hours: expected a number of hours")
     fixture = Fixture(grace=float(grace) * 3600)
-    fx = data.get("fixture") or LineDict()
+    fx = data.get("fixture") or _mapping()
     if not isinstance(fx, LineDict):
         raise TestFileError(label, data.line_of("fixture"), "fixture: expected 'units:', 'users:', 'patients:'")
     _check_keys(fx, {"units", "users", "patients"}, label, "fixture")
@@ -285,7 +292,7 @@ def load_test_file(path: str | Path, now: float | None = None) -> TestFile:
             raise TestFileError(label, line, f"unit {unit!r} is not in the fixture's 'units' list")
         return unit.upper()
 
-    users = fx.get("users") or LineDict()
+    users = fx.get("users") or _mapping()
     if not isinstance(users, LineDict):
         raise TestFileError(label, fx.line_of("users"), "users: expected 'login: {roles: [...], units: [...]}'")
     for login, entry in users.items():
@@ -300,13 +307,13 @@ def load_test_file(path: str | Path, now: float | None = None) -> TestFile:
             "units": tuple(unit_ok(u, entry.line_of("units"))
                            for u in _strs(entry.get("units", []), label, entry.line_of("units"), "units")),
         }
-    patients = fx.get("patients") or LineDict()
+    patients = fx.get("patients") or _mapping()
     if not isinstance(patients, LineDict):
         raise TestFileError(label, fx.line_of("patients"), "patients: expected 'P1: {stays: [...]}'")
     for patient, entry in patients.items():
         line = patients.line_of(patient)
         patient = str(patient)
-        entry = entry if entry is not None else LineDict()
+        entry = entry if entry is not None else _mapping()
         if not isinstance(entry, LineDict):
             raise TestFileError(label, line, f"patient {patient}: expected 'stays:' and/or 'assignments:'")
         _check_keys(entry, {"stays", "assignments"}, label, f"patient {patient}")
@@ -316,8 +323,8 @@ def load_test_file(path: str | Path, now: float | None = None) -> TestFile:
         for index, stay in enumerate(stays, start=1):
             sline = stays.item_lines[index - 1] if isinstance(stays, LineList) else line
             if isinstance(stay, str):
-                stay = LineDict(unit=stay)
-                stay.key_lines, stay.line = {}, sline
+                stay = _mapping(unit=stay)
+                stay.line = sline
             if not isinstance(stay, LineDict) or "unit" not in stay:
                 raise TestFileError(label, sline, f"patient {patient}: a stay is 'UNIT' or {{unit: U, start: ..., end: ...}}")
             _check_keys(stay, {"unit", "start", "end"}, label, f"patient {patient} stay")
@@ -331,8 +338,8 @@ def load_test_file(path: str | Path, now: float | None = None) -> TestFile:
         for index, assign in enumerate(assigns, start=1):
             aline = assigns.item_lines[index - 1] if isinstance(assigns, LineList) else line
             if isinstance(assign, str):
-                assign = LineDict(user=assign)
-                assign.key_lines, assign.line = {}, aline
+                assign = _mapping(user=assign)
+                assign.line = aline
             if not isinstance(assign, LineDict) or "user" not in assign:
                 raise TestFileError(label, aline, f"patient {patient}: an assignment is 'login' or {{user: login, kind: ...}}")
             _check_keys(assign, {"user", "kind", "start", "end"}, label, f"patient {patient} assignment")
@@ -504,7 +511,7 @@ def diff_policies(old: Policy, new: Policy) -> list[Change]:
                     if results[0] != results[1]:
                         changes.append(Change("decision", (role, category, action, name), *results))
     for method, path in sorted(_example_requests(old) | _example_requests(new)):
-        mapped = [_mapping(policy, method, path) for policy in (old, new)]
+        mapped = [_mapped_as(policy, method, path) for policy in (old, new)]
         if mapped[0] != mapped[1]:
             changes.append(Change("route", (method, path), *mapped))
     return changes
@@ -525,7 +532,7 @@ def _example_requests(policy: Policy) -> set[tuple[str, str]]:
     return out
 
 
-def _mapping(policy: Policy, method: str, target: str) -> str:
+def _mapped_as(policy: Policy, method: str, target: str) -> str:
     from .httpmap import HostileRequest
 
     try:
