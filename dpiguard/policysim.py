@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from .careteam import Membership, compute_membership
-from .httpmap import ACTIONS, LineDict, LineList, PolicyError, RouteMatch, load_yaml, read_policy_file
+from .httpmap import (ACTIONS, HostileRequest, LineDict, LineList, PolicyError, RouteMatch, load_yaml,
+                      read_policy_file)
 from .pipeline import KNOWN_METHODS, authorize, map_request, needs_care_team
 from .policy import CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE, Policy
 
@@ -80,8 +81,6 @@ def decide_request(policy: Policy, roles: Iterable[str], method: str, target: st
     if method not in KNOWN_METHODS:
         d.reason, d.message = "method_not_allowed", f"method {method!r} is not allowed"
         return d
-    from .httpmap import HostileRequest
-
     try:
         match, _, _ = map_request(policy, method, target)
     except HostileRequest as exc:
@@ -533,8 +532,6 @@ def _example_requests(policy: Policy) -> set[tuple[str, str]]:
 
 
 def _mapped_as(policy: Policy, method: str, target: str) -> str:
-    from .httpmap import HostileRequest
-
     try:
         match, _, _ = map_request(policy, method, target)
     except HostileRequest as exc:
