@@ -8,6 +8,7 @@
     dpiguard sessions revoke USER
     dpiguard careteam unit-add|unit-remove|stay-add|stay-end|stay-remove|assign|unassign|show
     dpiguard totp-code SECRET             current code for a TOTP secret (for testers)
+    dpiguard policy check|test|explain|diff   tools for policy editors (dpiguard/policycli.py)
 
 The configuration file comes from ``--config`` or the ``DPIGUARD_CONFIG`` environment variable.
 Exit codes: 0 success, 1 operation refused or failed, 2 usage or configuration error.
@@ -28,7 +29,7 @@ import orjson
 from .config import ConfigError, load_config
 
 #: Modules adding command groups (one line each); see register() in each.
-COMMAND_MODULES: list[str] = ["dpiguard.cli_adt"]
+COMMAND_MODULES: list[str] = ["dpiguard.cli_adt", "dpiguard.policycli"]
 
 
 def _config(args, check_files: bool = True):

@@ -63,6 +63,7 @@ class RedisSection:
 @dataclass
 class Policies:
     dir: str = "policies"
+    reload_interval: float = 1.0
 
 
 @dataclass
@@ -307,6 +308,8 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         ZoneInfo(cfg.adt.timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError("adt.timezone", f"unknown time zone {cfg.adt.timezone!r} (e.g. Europe/Paris)") from None
+    if cfg.policies.reload_interval < 0:
+        raise ConfigError("policies.reload_interval", "must be 0 (no reload) or more seconds")
     if cfg.decision_cache.ttl <= 0:
         raise ConfigError("decision_cache.ttl", "must be greater than 0")
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):

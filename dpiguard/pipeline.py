@@ -29,13 +29,41 @@ from . import identity
 from .audit import AuditError, AuditLog
 from .cache import DecisionCache
 from .careteam import CareTeamStore
-from .httpmap import HostileRequest, normalize_path, parse_query
+from .httpmap import HostileRequest, RouteMatch, normalize_path, parse_query
 from .identity import AssertionSigner
 from .policy import Policy
 from .sessions import Session, SessionStore
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+# -- the pure part of the decision (also used by `dpiguard policy test|explain|diff`) ---------------
+def map_request(policy: Policy, method: str, target: str) -> tuple[RouteMatch | None, str, str]:
+    """Step 2: (route match or None, normalized path, raw query) of a request target.
+
+    Raises HostileRequest (reason ``hostile_path`` or ``ambiguous_patient``)."""
+    raw_path, _, raw_query = target.partition("?")
+    if "#" in raw_query or "#" in raw_path:
+        raise HostileRequest("hostile_path", "fragment in request target")
+    path = normalize_path(raw_path)
+    query = parse_query(raw_query)
+    return policy.routes.match(method, path, query), path, raw_query
+
+
+def authorize(policy: Policy, roles: tuple[str, ...] | list[str], match: RouteMatch) -> tuple[str, str] | None:
+    """Step 4: None if one of ``roles`` may do the matched action on its category, else
+    (refusal reason, message). The care team (step 5) is still to be checked when
+    :func:`needs_care_team` says so."""
+    if not policy.permits(roles, match.category, match.action):
+        return "category_not_permitted", f"your role may not {match.action} {match.category} data"
+    if needs_care_team(policy, match) and not match.patient:
+        return "no_route", "no patient in this request"  # a route must name the patient of such a category
+    return None
+
+
+def needs_care_team(policy: Policy, match: RouteMatch) -> bool:
+    return policy.category(match.category).care_team_required
 
 
 class NeedIO(Exception):
@@ -132,22 +160,23 @@ class Pipeline:
     def decide(self, req: Incoming, *, io: bool, now: float | None = None) -> Verdict:
         """Decide and trace. Never raises except NeedIO (when io is False)."""
         now = time.time() if now is None else now
+        policy = self.policy  # read once: a reload swaps the attribute, never mutates a Policy
         try:
-            verdict = self._decide(req, io, now)
+            verdict = self._decide(req, io, now, policy)
         except NeedIO:
             raise
         except Exception as exc:  # fail closed: any unexpected error is a refusal
             verdict = Verdict(False, "internal_error", 503, f"dpiguard could not decide: {type(exc).__name__}")
             verdict.set_headers = {}
-            self._trace(req, verdict, detail=f"{type(exc).__name__}: {exc}"[:500])
+            self._trace(req, verdict, policy, detail=f"{type(exc).__name__}: {exc}"[:500])
             return verdict
         try:
-            self._trace(req, verdict)
+            self._trace(req, verdict, policy)
         except AuditError:
             return Verdict(False, "internal_error", 503, "the access trace could not be written; request refused")
         return verdict
 
-    def _decide(self, req: Incoming, io: bool, now: float) -> Verdict:
+    def _decide(self, req: Incoming, io: bool, now: float, policy: Policy) -> Verdict:
         if self.require_tls and not req.tls:
             return Verdict(False, "tls_required", 400, "this service is only served over HTTPS")
         if req.method not in KNOWN_METHODS:
@@ -161,17 +190,8 @@ class Pipeline:
                 return Verdict(False, "forged_identity_header", 400,
                                f"header {name[:64]!r} may only be set by dpiguard")
 
-        raw_path, _, raw_query = req.target.partition("?")
-        if "#" in raw_query or "#" in raw_path:
-            return Verdict(False, "hostile_path", 400, "fragment in request target")
         try:
-            path = normalize_path(raw_path)
-            query = parse_query(raw_query)
-        except HostileRequest as exc:
-            return Verdict(False, exc.reason, 400, str(exc))
-        policy = self.policy
-        try:
-            match = policy.routes.match(req.method, path, query)
+            match, path, raw_query = map_request(policy, req.method, req.target)
         except HostileRequest as exc:
             return Verdict(False, exc.reason, 400, str(exc))
         forward_target = path + ("?" + raw_query if raw_query else "")
@@ -193,15 +213,11 @@ class Pipeline:
         if req.method in UNSAFE_METHODS and token_source == "cookie" and not self._same_origin(req):
             verdict.reason, verdict.message = "csrf_origin_mismatch", "cross-site request refused"
             return verdict
-        if not policy.permits(session.roles, match.category, match.action):
-            verdict.reason = "category_not_permitted"
-            verdict.message = f"your role may not {match.action} {match.category} data"
+        refusal = authorize(policy, session.roles, match)
+        if refusal is not None:
+            verdict.reason, verdict.message = refusal
             return verdict
-        category = policy.category(match.category)
-        if category.care_team_required:
-            if not match.patient:  # a route must name the patient of a care-team category
-                verdict.reason, verdict.message = "no_route", "no patient in this request"
-                return verdict
+        if needs_care_team(policy, match):
             decision = self._care_team(session.user, match.patient, match.category, match.action, io, now)
             verdict.source = decision.source
             if not decision.member:
@@ -293,7 +309,7 @@ class Pipeline:
         return "; ".join(kept)
 
     # -- trace -------------------------------------------------------------------------------------
-    def _trace(self, req: Incoming, v: Verdict, detail: str | None = None) -> None:
+    def _trace(self, req: Incoming, v: Verdict, policy: Policy | None = None, detail: str | None = None) -> None:
         if v.user is None and not v.public:
             v.user = self._known_user(req)  # attribute early refusals (hostile paths...) when we can
         self.audit.write({
@@ -310,7 +326,7 @@ class Pipeline:
             "path": req.target[:512],
             "client": req.client_ip,
             "care_team": v.source,
-            "policy_version": self._policy_version(),
+            "policy_version": getattr(policy, "version", None) or self._policy_version(),
             "detail": detail,
         })
 

@@ -56,6 +56,8 @@ class _CategoriesReader:
 
     def __init__(self, label: str):
         self.label = label
+        self.role_lines: dict[str, int] = {}
+        self.category_lines: dict[str, int] = {}
 
     def fail(self, line: int | None, message: str) -> PolicyError:
         return PolicyError(self.label, line, message)
@@ -74,6 +76,8 @@ class _CategoriesReader:
                  for name, value in data["roles"].items()}
         categories = {name: self.category(name, value, data["categories"].line_of(name))
                       for name, value in data["categories"].items()}
+        self.role_lines = {name: data["roles"].line_of(name) for name in roles}
+        self.category_lines = {name: data["categories"].line_of(name) for name in categories}
         return roles, categories
 
     def check_name(self, name: object, line: int, what: str) -> None:
@@ -215,8 +219,15 @@ class Policy:
     """A loaded, validated, immutable policy. Build it with ``Policy.load(directory)``."""
 
     def __init__(self, *, directory: Path, roles: Mapping[str, str], categories: Mapping[str, Category],
-                 permitted: frozenset[tuple[str, str, str]], routes: RouteTable, version: str):
+                 permitted: frozenset[tuple[str, str, str]], routes: RouteTable, version: str,
+                 rule_lines: Mapping[tuple[str, str, str], int] | None = None,
+                 role_lines: Mapping[str, int] | None = None,
+                 category_lines: Mapping[str, int] | None = None):
         self._directory = directory
+        # Where each rule / declaration is written (for `dpiguard policy check|explain`).
+        self.rule_lines = MappingProxyType(dict(rule_lines or {}))
+        self.role_lines = MappingProxyType(dict(role_lines or {}))
+        self.category_lines = MappingProxyType(dict(category_lines or {}))
         self._roles = MappingProxyType(dict(roles))
         self._categories = MappingProxyType(dict(categories))
         self._permitted = permitted
@@ -232,7 +243,8 @@ class Policy:
         texts: dict[str, str] = {}
         for name in POLICY_FILES:
             contents[name], texts[name] = read_policy_file(labels[name])
-        roles, categories = _CategoriesReader(labels[CATEGORIES_FILE]).read(texts[CATEGORIES_FILE])
+        reader = _CategoriesReader(labels[CATEGORIES_FILE])
+        roles, categories = reader.read(texts[CATEGORIES_FILE])
         model = _load_model(texts[MODEL_FILE], labels[MODEL_FILE])
         rules = _read_rules(texts[POLICY_FILE], labels[POLICY_FILE], roles, categories)
         permitted = _permitted_triples(model, rules, roles, categories, labels[MODEL_FILE],
@@ -240,7 +252,8 @@ class Policy:
         routes = RouteTable.from_text(texts[ROUTES_FILE], labels[ROUTES_FILE],
                                       {name: c.patient_bound for name, c in categories.items()})
         return cls(directory=directory, roles=roles, categories=categories, permitted=permitted,
-                   routes=routes, version=_policy_version(contents))
+                   routes=routes, version=_policy_version(contents), rule_lines=rules,
+                   role_lines=reader.role_lines, category_lines=reader.category_lines)
 
     def permits(self, roles: Iterable[str], category: str, action: str) -> bool:
         """True if at least one of ``roles`` may do ``action`` on ``category``."""
@@ -279,3 +292,7 @@ class Policy:
     @property
     def directory(self) -> Path:
         return self._directory
+
+    def file(self, name: str) -> str:
+        """The path of one policy file as shown in messages (``policies/policy.csv``)."""
+        return str(self._directory / name)

@@ -17,6 +17,7 @@ from .config import Config
 from .identity import AssertionSigner
 from .pipeline import Pipeline
 from .policy import Policy
+from .policyreload import PolicyReloader, files_fingerprint
 from .portal import Portal
 from .sessions import SessionStore
 from .users import SecretBox, UserDirectory
@@ -71,6 +72,7 @@ class Services:
     audit: AuditLog
     pipeline: Pipeline
     portal: Portal
+    reloader: PolicyReloader | None = None  # hot reload of policies/ (None when policies.reload_interval is 0)
 
     @property
     def policy(self) -> Policy:
@@ -80,8 +82,12 @@ class Services:
         self.bus.start()
         if not self.bus.wait_coherent(wait):
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
+        if self.reloader is not None:
+            self.reloader.start()
 
     def stop(self) -> None:
+        if self.reloader is not None:
+            self.reloader.stop()
         self.bus.stop()
         self.audit.close()
 
@@ -92,7 +98,7 @@ class Services:
         except redis.RedisError:
             redis_ok = False
         audit_ok = self.audit._fd is not None
-        return {
+        info = {
             "ready": redis_ok and audit_ok and self.policy is not None,
             "instance": self.config.instance_id,
             "redis": redis_ok,
@@ -101,10 +107,14 @@ class Services:
             "policy_version": self.policy.version,
             "decision_cache": self.cache.stats(),
         }
+        if self.reloader is not None:
+            info.update(self.reloader.status())  # shared version, drift, last invalid edit
+        return info
 
 
 def build_services(cfg: Config) -> Services:
     """Load and validate everything; raises (PolicyError, ValueError, AuditError...) before serving."""
+    fingerprint = files_fingerprint(cfg.path(cfg.policies.dir))
     policy = Policy.load(cfg.path(cfg.policies.dir))
     client = redis_client(cfg)
     users = user_directory(cfg, client)
@@ -136,6 +146,16 @@ def build_services(cfg: Config) -> Services:
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
     services_ref["s"] = services
     _wire_invalidation(services)
+    if cfg.policies.reload_interval > 0:
+        def drop_decisions() -> None:
+            cache.clear()
+            pipeline.drop_all()
+
+        services.reloader = PolicyReloader(
+            target=pipeline, directory=cfg.path(cfg.policies.dir), interval=cfg.policies.reload_interval,
+            audit=audit, on_swap=drop_decisions, redis_client=client, prefix=cfg.redis.prefix,
+            instance_id=cfg.instance_id, publish=bus.publish, loaded_fingerprint=fingerprint)
+        bus.subscribe(services.reloader.on_bus_event)
     return services
 
 
