@@ -28,7 +28,7 @@ import orjson
 from .config import ConfigError, load_config
 
 #: Modules adding command groups (one line each); see register() in each.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["dpiguard.cli_breakglass"]
 
 
 def _config(args, check_files: bool = True):
@@ -107,9 +107,13 @@ def cmd_config_check(args) -> int:
     from .policy import Policy
 
     cfg = _config(args)
+    from .breakglass import BreakGlassPolicy
+
     policy = Policy.load(cfg.path(cfg.policies.dir))
+    bg = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
     print(f"configuration OK; policy version {policy.version}; "
-          f"{len(policy.roles)} roles, {len(policy.categories)} categories")
+          f"{len(policy.roles)} roles, {len(policy.categories)} categories; "
+          f"emergency access {'on' if bg.enabled else 'off'}")
     return 0
 
 
