@@ -347,8 +347,11 @@ class BreakGlassService:
     """Decides and records a request for emergency access (used by the portal, in a worker thread)."""
 
     def __init__(self, *, policy: BreakGlassPolicy, store: BreakGlassStore, objections, careteam,
-                 authenticator, audit):
+                 authenticator, audit, on_grant=None):
         self.policy = policy
+        # Called with (user, patient) after a grant is stored: drops this instance's cached decisions at
+        # once (its own bus message may arrive after the client's next request).
+        self.on_grant = on_grant
         self.store = store
         self.objections = objections
         self.careteam = careteam
@@ -394,6 +397,13 @@ class BreakGlassService:
         if len(text) > MAX_TEXT or any(not c.isprintable() for c in text):
             return refuse(400, "invalid_request",
                           f"The justification must be plain text of at most {MAX_TEXT} characters.")
+        # Objection before the code: a request that cannot succeed does not burn the user's code.
+        units = self.careteam.user_units(user, now)
+        objection = self.objections.find(patient, user, units)
+        if objection is not None and not p.override_patient_objection:
+            return refuse(403, "patient_objection",
+                          "The patient has objected to your access; emergency access cannot override it.",
+                          f"objection:{objection.field}")
         code = totp.strip() if isinstance(totp, str) else ""
         result = self.authenticator.reauthenticate(user, code, client_ip, now=now)
         if not result.ok:
@@ -402,12 +412,6 @@ class BreakGlassService:
                               result.detail, result.retry_after)
             return refuse(401, "invalid_totp", "The authenticator code is incorrect or was already used.",
                           result.detail)
-        units = self.careteam.user_units(user, now)
-        objection = self.objections.find(patient, user, units)
-        if objection is not None and not p.override_patient_objection:
-            return refuse(403, "patient_objection",
-                          "The patient has objected to your access; emergency access cannot override it.",
-                          f"objection:{objection.field}")
         grant = Grant(self.store.new_id(), user, patient, reason, text, tuple(sorted(p.categories)),
                       tuple(sorted(p.actions)), now, now + p.duration_seconds)
         # Trace first: an emergency access may never exist without its alert line.
@@ -417,6 +421,8 @@ class BreakGlassService:
                           "expires": grant.end,
                           "objection_overridden": objection.field if objection is not None else None})
         self.store.create(grant)
+        if self.on_grant is not None:
+            self.on_grant(user, patient)
         log.warning("dpiguard: EMERGENCY ACCESS (bris de glace) %s: user %s opened patient %s for %d s, "
                     "reason %s: %s", grant.id, user, patient, int(p.duration_seconds), reason, text[:200])
         return RequestOutcome(True, 201, grant=grant)

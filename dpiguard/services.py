@@ -49,7 +49,7 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
     )
 
 
-def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticator, audit):
+def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticator, audit, cache):
     """Patient objections and emergency access (policies/breakglass.yaml): the portal's service and the
     pipeline's care-team step (see dpiguard/access.py)."""
     from .access import AccessDecider
@@ -59,7 +59,9 @@ def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticato
     bg_policy = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
     grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
     service = BreakGlassService(policy=bg_policy, store=grants, objections=objections, careteam=careteam,
-                                authenticator=authenticator, audit=audit)
+                                authenticator=authenticator, audit=audit,
+                                on_grant=lambda user, patient: (cache.invalidate_user(user),
+                                                                cache.invalidate_patient(patient)))
     return service, AccessDecider(careteam, objections, grants, bg_policy)
 
 
@@ -124,7 +126,7 @@ def build_services(cfg: Config) -> Services:
         ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
     ), prefix=cfg.redis.prefix)
     bus = InvalidationBus(cfg.redis.url, prefix=cfg.redis.prefix)
-    breakglass, access = emergency_access(cfg, policy, client, careteam, authenticator, audit)
+    breakglass, access = emergency_access(cfg, policy, client, careteam, authenticator, audit, cache)
     services_ref: dict[str, Services] = {}
     pipeline = Pipeline(
         policy=policy,
