@@ -242,7 +242,8 @@ class BreakGlassStore:
             if expired:
                 pipe.hdel(user_key, *expired)
             pipe.hset(user_key, grant.patient, grant.dumps())
-            pipe.expireat(user_key, int(last_end) + 60)
+            # Relative TTL (independent of the Redis server's clock): the key outlives its last grant.
+            pipe.expire(user_key, int(last_end - grant.start) + 60)
             pipe.hset(self.key_grant(grant.id), mapping={"grant": grant.dumps(), "status": "pending"})
             pipe.zadd(self.key_review, {grant.id: grant.start})
 
