@@ -34,6 +34,13 @@ def _record_json(rec: dict, now: float) -> dict:
 
 
 def cmd_breakglass(args) -> int:
+    try:
+        return _breakglass(args)
+    except KeyError as exc:  # unknown grant id: a plain message, not a repr
+        raise ValueError(exc.args[0] if exc.args else "unknown emergency access") from None
+
+
+def _breakglass(args) -> int:
     from .breakglass import BreakGlassStore
     from .cli import _audit_admin, _config
     from .services import redis_client

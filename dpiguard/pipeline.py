@@ -7,7 +7,8 @@ back to flows. Steps, in order (see docs/architecture.md):
 2. HTTP mapping: normalize the path, match a route → (patient, category, action) or public;
 3. authentication: session from cookie or bearer token;
 4. authorization: the user's roles may do the action on the category (precomputed from Casbin);
-5. care team: the user belongs to the patient's care team (decision cache, Redis behind);
+5. care team: patient objection, care-team membership, emergency access (``access.py``; decision
+   cache, Redis behind);
 6. identity headers and signed assertion for the upstream;
 7. one trace record per decision.
 
