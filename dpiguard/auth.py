@@ -187,6 +187,32 @@ class Authenticator:
         self._record_failure(login, ip)
         return LoginResult(False, None, INVALID_CREDENTIALS, detail=detail)
 
+    def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None) -> LoginResult:
+        """Second-factor re-entry by a logged-in user (emergency access): a fresh TOTP code.
+
+        Same rules as a login for that factor: address block and account lock are honoured, the code
+        is single-use across instances, and a wrong or reused code counts as a failed login (so three
+        lock the account). A success does not reset the failure counter (no password was checked)."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login if isinstance(login, str) else "")
+        blocked_for = self._ip_blocked_for(ip)
+        if blocked_for:
+            return LoginResult(False, None, THROTTLED, retry_after=blocked_for, detail=THROTTLED)
+        if not is_valid_login(login):
+            self._record_ip_failure(ip)
+            return LoginResult(False, None, INVALID_CREDENTIALS, detail=DETAIL_UNKNOWN_USER)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        outcome = self.users.check_totp(login, totp_code, now=now)
+        if outcome == TOTP_OK:
+            return LoginResult(True, self.users.get(login), OK, detail=OK)
+        self._record_failure(login, ip)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=outcome)
+        return LoginResult(False, None, INVALID_CREDENTIALS, detail=outcome)
+
     # -- administration ----------------------------------------------------------------------------
 
     def unlock(self, login: str) -> None:

@@ -29,7 +29,7 @@ import orjson
 from .config import ConfigError, load_config
 
 #: Modules adding command groups (one line each); see register() in each.
-COMMAND_MODULES: list[str] = ["dpiguard.cli_adt", "dpiguard.policycli"]
+COMMAND_MODULES: list[str] = ["dpiguard.cli_adt", "dpiguard.policycli", "dpiguard.cli_breakglass"]
 
 
 def _config(args, check_files: bool = True):
@@ -110,11 +110,14 @@ def cmd_config_check(args) -> int:
     from .services import careteam_policy
 
     cfg = _config(args)
+    from .breakglass import BreakGlassPolicy
+
     policy = Policy.load(cfg.path(cfg.policies.dir))
     ct_policy = careteam_policy(cfg, policy.categories)
+    bg = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
     print(f"configuration OK; policy version {policy.version}; "
           f"{len(policy.roles)} roles, {len(policy.categories)} categories, "
-          f"{len(ct_policy.units)} transversal units")
+          f"{len(ct_policy.units)} transversal units; emergency access {'on' if bg.enabled else 'off'}")
     return 0
 
 

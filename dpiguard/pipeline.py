@@ -7,7 +7,8 @@ back to flows. Steps, in order (see docs/architecture.md):
 2. HTTP mapping: normalize the path, match a route → (patient, category, action) or public;
 3. authentication: session from cookie or bearer token;
 4. authorization: the user's roles may do the action on the category (precomputed from Casbin);
-5. care team: the user belongs to the patient's care team (decision cache, Redis behind);
+5. care team: patient objection, care-team membership, emergency access (``access.py``; decision
+   cache, Redis behind);
 6. identity headers and signed assertion for the upstream;
 7. one trace record per decision.
 
@@ -36,6 +37,12 @@ from .sessions import Session, SessionStore
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+REFUSAL_MESSAGES = {
+    "not_in_care_team": "you are not in this patient's care team",
+    "patient_objection": "the patient has objected to your access to their record",
+}
 
 
 # -- the pure part of the decision (also used by `dpiguard policy test|explain|diff`) ---------------
@@ -103,12 +110,17 @@ class Verdict:
     source: str | None = None  # why the care-team check passed/failed
     retry_after: int = 0
     session: Session | None = None
+    break_glass: object | None = None  # the emergency-access Grant the request relies on (access.py)
+    objection_overridden: str | None = None
 
 
 @dataclass(frozen=True)
 class CachedDecision:
     member: bool
     source: str
+    reason: str = "not_in_care_team"
+    break_glass: object | None = None
+    objection_overridden: str | None = None
 
 
 class Pipeline:
@@ -128,6 +140,7 @@ class Pipeline:
         max_url_bytes: int = 4096,
         extra_identity_headers: tuple[str, ...] = (),
         require_tls: bool = False,
+        access=None,
     ):
         self.policy = policy  # swapped whole (one attribute assignment) on reload
         self.sessions = sessions
@@ -142,6 +155,8 @@ class Pipeline:
         self.max_url_bytes = max_url_bytes
         self.extra_identity_headers = tuple(h.lower() for h in extra_identity_headers)
         self.require_tls = require_tls
+        # Objections + care team + emergency access in one round trip (dpiguard/access.py); None = care team only.
+        self.access = access
         # Units of each user, valid now (for the identity headers); dropped on `user:U` events.
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
@@ -217,13 +232,17 @@ class Pipeline:
         if refusal is not None:
             verdict.reason, verdict.message = refusal
             return verdict
-        if needs_care_team(policy, match):
-            decision = self._care_team(session.user, match.patient, match.category, match.action, io, now)
+        care_team_required = needs_care_team(policy, match)
+        if match.patient and (care_team_required or self.access is not None):
+            decision = self._care_team(session.user, match.patient, match.category, match.action, io, now,
+                                       care_team_required)
             verdict.source = decision.source
             if not decision.member:
-                verdict.reason = "not_in_care_team"
-                verdict.message = "you are not in this patient's care team"
+                verdict.reason = decision.reason
+                verdict.message = REFUSAL_MESSAGES.get(decision.reason, decision.reason)
                 return verdict
+            verdict.break_glass = decision.break_glass
+            verdict.objection_overridden = decision.objection_overridden
 
         units = self._user_units(session.user, io, now)
         verdict.allowed, verdict.reason, verdict.status = True, "allowed", 200
@@ -236,6 +255,8 @@ class Pipeline:
             identity.HEADER_ASSERTION: self.signer.sign(session.user, list(session.roles), list(units),
                                                        session.sid_hash, now=now),
         }
+        if verdict.break_glass is not None:
+            verdict.set_headers[identity.HEADER_BREAK_GLASS] = verdict.break_glass.id
         if token_source == "cookie":
             verdict.cookie_header = self._strip_cookie(req.headers.get("cookie", ""))
         else:
@@ -268,7 +289,8 @@ class Pipeline:
             session = self.sessions.get(token, now)
         return session, source
 
-    def _care_team(self, user: str, patient: str, category: str, action: str, io: bool, now: float) -> CachedDecision:
+    def _care_team(self, user: str, patient: str, category: str, action: str, io: bool, now: float,
+                   care_team_required: bool = True) -> CachedDecision:
         key = (user, patient, category, action)
         cached = self.cache.get(key, now)
         if cached is not None:
@@ -276,11 +298,14 @@ class Pipeline:
         if not io:
             raise NeedIO()
         generation = self.cache.generation()
-        membership = self.careteam.membership(user, patient, now, category=category)
-        decision = CachedDecision(membership.member, membership.source)
+        if self.access is not None:
+            decision, valid_until = self.access.decide(user, patient, category, action, care_team_required, now)
+        else:
+            membership = self.careteam.membership(user, patient, now, category=category)
+            decision, valid_until = CachedDecision(membership.member, membership.source), membership.valid_until
         expires = now + self.decision_ttl
-        if membership.valid_until is not None:
-            expires = min(expires, membership.valid_until)
+        if valid_until is not None:
+            expires = min(expires, valid_until)
         self.cache.put(key, decision, expires, generation)
         return decision
 
@@ -328,7 +353,14 @@ class Pipeline:
             "care_team": v.source,
             "policy_version": getattr(policy, "version", None) or self._policy_version(),
             "detail": detail,
+            **(self._break_glass_fields(v) if v.break_glass is not None else {}),
         })
+
+    @staticmethod
+    def _break_glass_fields(v: Verdict) -> dict:
+        grant = v.break_glass
+        return {"break_glass": True, "break_glass_id": grant.id, "break_glass_reason": grant.reason,
+                "break_glass_until": grant.end, "objection_overridden": v.objection_overridden}
 
     def _known_user(self, req: Incoming) -> str | None:
         """The user of the presented session if this instance already knows it (no I/O)."""

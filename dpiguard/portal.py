@@ -8,6 +8,9 @@
 - ``POST /_dpiguard/api/logout``   JSON logout (bearer token or cookie)
 - ``GET  /_dpiguard/api/session``  who am I, session expiry
 - ``GET  /_dpiguard/health``       liveness/readiness summary
+- ``POST /_dpiguard/breakglass``   emergency access form (from the refusal page; CSRF = session token)
+- ``POST /_dpiguard/api/breakglass`` emergency access for scripts: ``{"patient","reason","text","totp"}``
+  (see dpiguard/breakglass.py and docs/breakglass.md)
 
 Also renders refusals: HTML for browsers, JSON for API clients, FHIR OperationOutcome for FHIR paths.
 """
@@ -61,6 +64,7 @@ REASON_TEXT = {
     "internal_error": "dpiguard could not take a safe decision; access refused. Contact IT support.",
     "tls_required": "This service is only served over HTTPS.",
     "method_not_allowed": "This HTTP method is not allowed.",
+    "patient_objection": "The patient has objected to your access to their record.",
 }
 
 
@@ -106,6 +110,7 @@ class Portal:
         secure_cookies: bool,
         units_of: Callable[[str], list[str]],
         health: Callable[[], dict[str, Any]],
+        breakglass=None,
     ):
         self.authenticator = authenticator
         self.sessions = sessions
@@ -115,6 +120,7 @@ class Portal:
         self.csrf_cookie = ("__Host-" if secure_cookies else "") + "dpiguard_csrf"
         self.units_of = units_of
         self.health = health
+        self.breakglass = breakglass  # BreakGlassService, or None (emergency access off)
 
     # -- dispatch ----------------------------------------------------------------------------------
     def handle(self, req: Incoming, body: bytes, session_token: str | None) -> Reply:
@@ -136,6 +142,10 @@ class Portal:
                 return self.logout(req, body, session_token, form=False)
             if route == ("GET", "/_dpiguard/api/session"):
                 return self.whoami(req, session_token)
+            if route == ("POST", "/_dpiguard/breakglass") and self.breakglass is not None:
+                return self.breakglass_request(req, body, session_token, form=True)
+            if route == ("POST", "/_dpiguard/api/breakglass") and self.breakglass is not None:
+                return self.breakglass_request(req, body, session_token, form=False)
             if route == ("GET", "/_dpiguard/health"):
                 info = self.health()
                 return self._json(200 if info.get("ready") else 503, info)
@@ -279,12 +289,87 @@ class Portal:
                 }],
             }
             return Reply(v.status, orjson.dumps(outcome), "application/fhir+json", extra)
+        offer = self.breakglass is not None and self.breakglass.offer(v.reason, v.roles, v.patient, v.category,
+                                                                      v.action)
         if wants_html(req.headers, req.method):
+            form = self._breakglass_form(v.patient, v.session.csrf, req.target) if offer and v.session else ""
             body = _page("Access refused", f"""<h1>Access refused</h1><p class="err">{html.escape(REASON_TEXT.get(v.reason, text))}</p>
 <p>Reason code: <code>{html.escape(v.reason)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
-<p><small>This refusal has been recorded. If you need this access for care, contact your supervisor or IT support with the request id.</small></p>""")
+<p><small>This refusal has been recorded. If you need this access for care, contact your supervisor or IT support with the request id.</small></p>{form}""")
             return Reply(v.status, body, "text/html; charset=utf-8", extra)
-        return self._json(v.status, {"error": v.reason, "message": text, "request_id": req.request_id}, extra)
+        data = {"error": v.reason, "message": text, "request_id": req.request_id}
+        if offer:
+            data["break_glass"] = "/_dpiguard/api/breakglass"
+        return self._json(v.status, data, extra)
+
+    # -- emergency access (bris de glace) ----------------------------------------------------------
+    def _breakglass_form(self, patient: str, csrf: str, next_target: str, error: str = "",
+                         reason: str = "", text: str = "") -> str:
+        policy = self.breakglass.policy
+        options = "".join(
+            f'<option value="{html.escape(code)}"{" selected" if code == reason else ""}>{html.escape(label)}</option>'
+            for code, label in policy.reasons.items())
+        hours = policy.duration_seconds / 3600
+        notice = f'<p class="err">{html.escape(error)}</p>' if error else ""
+        return f"""<hr><h2>Emergency access (bris de glace)</h2>{notice}
+<p class="info">Only for an emergency. Access to patient <code>{html.escape(patient)}</code> opens for {hours:g} h,
+is reported to the security officer and reviewed. Misuse is a disciplinary matter.</p>
+<form method="post" action="/_dpiguard/breakglass" autocomplete="off">
+<input type="hidden" name="csrf" value="{html.escape(csrf)}"><input type="hidden" name="patient" value="{html.escape(patient)}">
+<input type="hidden" name="next" value="{html.escape(safe_next(next_target))}">
+<label for="bg-reason">Reason</label><select id="bg-reason" name="reason" required>{options}</select>
+<label for="bg-text">Justification (at least {policy.justification_min_length} characters)</label>
+<textarea id="bg-text" name="text" required minlength="{policy.justification_min_length}" maxlength="2000" rows="3" style="width:100%">{html.escape(text)}</textarea>
+<label for="bg-totp">Authenticator code (6 digits)</label><input id="bg-totp" name="totp" inputmode="numeric" pattern="[0-9]{{6}}" maxlength="6" required autocomplete="one-time-code">
+<button type="submit">Open emergency access</button></form>"""
+
+    def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
+        session = self.sessions.get(token) if token else None
+        if session is None:
+            self._event(req, "break_glass_request", None, "deny", "not_authenticated")
+            return self._json(401, {"error": "not_authenticated", "message": "please log in"},
+                              [("WWW-Authenticate", 'Bearer realm="dpiguard"')])
+        _, source = _presented_token(req, self.cookie_name)
+        if form:
+            data = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
+            if not hmac.compare_digest(data.get("csrf", ""), session.csrf):
+                self._event(req, "break_glass_request", session.user, "deny", "csrf_failed")
+                return self._json(403, {"error": "csrf_failed"})
+        else:
+            ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return self._json(415, {"error": "unsupported_media_type", "message": "send application/json"})
+            try:
+                data = orjson.loads(body)
+                if not isinstance(data, dict):
+                    raise TypeError
+            except (orjson.JSONDecodeError, TypeError):
+                self._event(req, "break_glass_request", session.user, "deny", "invalid_request", "malformed_request")
+                return self._json(400, {"error": "invalid_request",
+                                        "message": 'expected {"patient","reason","text","totp"}'})
+        if source == "cookie" and req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            self._event(req, "break_glass_request", session.user, "deny", "csrf_origin_mismatch")
+            return self._json(403, {"error": "csrf_origin_mismatch"})
+        outcome = self.breakglass.request(
+            user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
+            text=data.get("text"), totp=data.get("totp"), client_ip=req.client_ip, request_id=req.request_id)
+        headers = [("Retry-After", str(outcome.retry_after))] if outcome.retry_after else []
+        if form:
+            if outcome.ok:
+                return Reply(303, b"", "text/plain", [("Location", safe_next(data.get("next", "/")))])
+            page = _page("Emergency access", f"""<h1>Emergency access refused</h1>
+<p>Reason code: <code>{html.escape(outcome.error)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
+""" + (self._breakglass_form(str(data.get("patient", ""))[:64], session.csrf, data.get("next", "/"),
+                              outcome.message, str(data.get("reason", "")), str(data.get("text", ""))[:2000])
+       if outcome.status in (400, 401) else f'<p class="err">{html.escape(outcome.message)}</p>'))
+            return Reply(outcome.status, page, "text/html; charset=utf-8", headers)
+        if not outcome.ok:
+            return self._json(outcome.status, {"error": outcome.error, "message": outcome.message,
+                                               "request_id": req.request_id}, headers)
+        g = outcome.grant
+        return self._json(201, {"break_glass_id": g.id, "patient": g.patient, "reason": g.reason,
+                                "categories": list(g.categories), "actions": list(g.actions),
+                                "start": g.start, "expires_at": g.end, "request_id": req.request_id})
 
     # -- helpers -----------------------------------------------------------------------------------
     def _cookie(self, name: str, value: str, path: str, max_age: int | None = None) -> str:

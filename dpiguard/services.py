@@ -60,6 +60,22 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
     )
 
 
+def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticator, audit, cache):
+    """Patient objections and emergency access (policies/breakglass.yaml): the portal's service and the
+    pipeline's care-team step (see dpiguard/access.py)."""
+    from .access import AccessDecider
+    from .breakglass import BreakGlassPolicy, BreakGlassService, BreakGlassStore
+    from .objections import ObjectionStore
+
+    bg_policy = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
+    grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
+    service = BreakGlassService(policy=bg_policy, store=grants, objections=objections, careteam=careteam,
+                                authenticator=authenticator, audit=audit,
+                                on_grant=lambda user, patient: (cache.invalidate_user(user),
+                                                                cache.invalidate_patient(patient)))
+    return service, AccessDecider(careteam, objections, grants, bg_policy)
+
+
 @dataclass
 class Services:
     config: Config
@@ -130,6 +146,7 @@ def build_services(cfg: Config) -> Services:
         ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
     ), prefix=cfg.redis.prefix)
     bus = InvalidationBus(cfg.redis.url, prefix=cfg.redis.prefix)
+    breakglass, access = emergency_access(cfg, policy, client, careteam, authenticator, audit, cache)
     services_ref: dict[str, Services] = {}
     pipeline = Pipeline(
         policy=policy,
@@ -137,11 +154,12 @@ def build_services(cfg: Config) -> Services:
         cookie_name=cfg.cookie_name, instance_id=cfg.instance_id, decision_ttl=cfg.decision_cache.ttl,
         max_header_bytes=cfg.limits.max_header_bytes, max_url_bytes=cfg.limits.max_url_bytes,
         extra_identity_headers=tuple(cfg.identity.strip_headers), require_tls=cfg.tls_enabled,
+        access=access,
     )
     portal = Portal(
         authenticator=authenticator, sessions=sessions, audit=audit, cookie_name=cfg.cookie_name,
         secure_cookies=cfg.tls_enabled, units_of=lambda u: careteam.user_units(u),
-        health=lambda: services_ref["s"].health(),
+        health=lambda: services_ref["s"].health(), breakglass=breakglass,
     )
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
     services_ref["s"] = services
