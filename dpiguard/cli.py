@@ -107,9 +107,13 @@ def cmd_config_check(args) -> int:
     from .policy import Policy
 
     cfg = _config(args)
+    from .fhir.enforce import load_enforcer
+
     policy = Policy.load(cfg.path(cfg.policies.dir))
+    fhir = load_enforcer(cfg.path(cfg.policies.dir), policy, cfg.upstream.url, None)
     print(f"configuration OK; policy version {policy.version}; "
-          f"{len(policy.roles)} roles, {len(policy.categories)} categories")
+          f"{len(policy.roles)} roles, {len(policy.categories)} categories"
+          + (f"; FHIR under {fhir.policy.base_path}, {len(fhir.policy.types)} resource types" if fhir else ""))
     return 0
 
 

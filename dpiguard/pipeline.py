@@ -75,6 +75,9 @@ class Verdict:
     source: str | None = None  # why the care-team check passed/failed
     retry_after: int = 0
     session: Session | None = None
+    fhir_context: object | None = None  # FHIR requests: what the response and body checks need
+    fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
+    pending: bool = False  # FHIR writes: decided (and traced) once the body is in
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class Pipeline:
         self.max_url_bytes = max_url_bytes
         self.extra_identity_headers = tuple(h.lower() for h in extra_identity_headers)
         self.require_tls = require_tls
+        self.fhir = None  # dpiguard.fhir.enforce.FhirEnforcer when policies/fhir.yaml is loaded
         # Units of each user, valid now (for the identity headers); dropped on `user:U` events.
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
@@ -141,6 +145,8 @@ class Pipeline:
             verdict.set_headers = {}
             self._trace(req, verdict, detail=f"{type(exc).__name__}: {exc}"[:500])
             return verdict
+        if verdict.pending:
+            return verdict  # traced by the FHIR body check
         try:
             self._trace(req, verdict)
         except AuditError:
@@ -170,6 +176,9 @@ class Pipeline:
         except HostileRequest as exc:
             return Verdict(False, exc.reason, 400, str(exc))
         policy = self.policy
+        fhir = self.fhir
+        if fhir is not None and fhir.policy.owns(path):
+            return fhir.decide(self, req, path, query, raw_query, io, now)
         try:
             match = policy.routes.match(req.method, path, query)
         except HostileRequest as exc:
@@ -209,6 +218,11 @@ class Pipeline:
                 verdict.message = "you are not in this patient's care team"
                 return verdict
 
+        return self._grant(req, verdict, session, token_source, forward_target, io, now)
+
+    def _grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
+               forward_target: str, io: bool, now: float) -> Verdict:
+        """Allow: identity headers and signed assertion for the upstream, session credentials removed."""
         units = self._user_units(session.user, io, now)
         verdict.allowed, verdict.reason, verdict.status = True, "allowed", 200
         verdict.forward_target = forward_target

@@ -37,7 +37,7 @@ LOINC = "http://loinc.org"
 DICOM_MODALITIES = "http://dicom.nema.org/resources/ontology/DCM"
 SNOMED = "http://snomed.info/sct"
 DEFAULT_COUNT = 20
-MAX_COUNT = 200
+MAX_COUNT = 500
 
 TYPES = ("Patient", "Encounter", "Observation", "MedicationRequest", "DocumentReference", "ImagingStudy",
          "AllergyIntolerance", "Condition")
