@@ -10,7 +10,6 @@ from fhirpy import AsyncFHIRClient
 
 from dpiguard.audit import read_records
 from dpiguard.demo.data import build_dataset
-from dpiguard.demo.runner import DEMO_PASSWORD
 from dpiguard.services import careteam_store
 
 from .stack import build_stack
@@ -338,9 +337,7 @@ def test_everything_is_patient_scoped_and_filtered(stack, proxy, pharmacist):
 # -- a real FHIR client -------------------------------------------------------------------------------
 
 def test_fhirpy_client_through_the_proxy(stack, proxy, cardio):
-    login = stack.login(proxy, "inf.durand")
-    token = login.post("/_dpiguard/api/login", json={
-        "username": "inf.durand", "password": DEMO_PASSWORD, "totp": stack.totp("inf.durand")}).json()["token"]
+    token = stack.client(proxy, "inf.durand").cookies["dpiguard_session"]  # the bearer token of the JSON login
 
     async def run():
         client = AsyncFHIRClient(f"{proxy.url}/fhir", authorization=f"Bearer {token}")
