@@ -19,6 +19,7 @@ from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
+from .fhir import hooks as fhir_hooks
 from .audit import utc_now_ms
 from .config import Config, ConfigError, load_config
 from .pipeline import Incoming, NeedIO, Verdict
@@ -28,6 +29,7 @@ from .services import Services, build_services
 log = logging.getLogger("dpiguard")
 
 PORTAL_KEY = "dpiguard_portal"
+FHIR_KEY = "dpiguard_fhir"  # (Incoming, Verdict) of a forwarded FHIR request: body and response checks
 
 
 class DpiGuard:
@@ -79,6 +81,10 @@ class DpiGuard:
             self._last_resort_trace(flow, exc)
 
     async def request(self, flow: http.HTTPFlow) -> None:
+        pending = flow.metadata.get(FHIR_KEY)
+        if pending is not None and pending[1].pending:
+            await fhir_hooks.request_body(self, flow, pending)
+            return
         req = flow.metadata.get(PORTAL_KEY)
         if req is None:
             return
@@ -113,10 +119,22 @@ class DpiGuard:
         if not verdict.allowed:
             self._respond(flow, s.portal.refusal(req, verdict))
             return
+        if verdict.fhir_context is not None:
+            flow.metadata[FHIR_KEY] = (req, verdict)  # checked again on the body and the response
+            if verdict.pending:
+                return  # a FHIR write: decided in the `request` hook once the body is in
         self._forward(flow, verdict)
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
             asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if FHIR_KEY in flow.metadata and flow.response is not None:
+            flow.response.stream = False  # FHIR answers are checked whole before they leave
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        if FHIR_KEY in flow.metadata:
+            await fhir_hooks.response(self, flow, flow.metadata[FHIR_KEY])
 
     def _touch(self, session) -> None:
         try:

@@ -111,13 +111,16 @@ def cmd_config_check(args) -> int:
 
     cfg = _config(args)
     from .breakglass import BreakGlassPolicy
+    from .fhir.enforce import load_enforcer
 
     policy = Policy.load(cfg.path(cfg.policies.dir))
     ct_policy = careteam_policy(cfg, policy.categories)
     bg = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
+    fhir = load_enforcer(cfg.path(cfg.policies.dir), policy, cfg.upstream.url, None)
     print(f"configuration OK; policy version {policy.version}; "
           f"{len(policy.roles)} roles, {len(policy.categories)} categories, "
-          f"{len(ct_policy.units)} transversal units; emergency access {'on' if bg.enabled else 'off'}")
+          f"{len(ct_policy.units)} transversal units; emergency access {'on' if bg.enabled else 'off'}"
+          + (f"; FHIR under {fhir.policy.base_path}, {len(fhir.policy.types)} resource types" if fhir else ""))
     return 0
 
 

@@ -133,6 +133,11 @@ class Limits:
 
 
 @dataclass
+class FhirSection:
+    public_origin: str | None = None  # scheme://host[:port] clients use to reach dpiguard (FHIR links)
+
+
+@dataclass
 class Config:
     instance_id: str = ""
     listen: Listen = field(default_factory=Listen)
@@ -149,6 +154,7 @@ class Config:
     audit: Audit = field(default_factory=Audit)
     identity: Identity = field(default_factory=Identity)
     limits: Limits = field(default_factory=Limits)
+    fhir: FhirSection = field(default_factory=FhirSection)
     base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
 
     @property
@@ -315,6 +321,10 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
         key = "tls.key_file" if cfg.tls.cert_file else "tls.cert_file"
         raise ConfigError(key, "tls.cert_file and tls.key_file go together")
+    if cfg.fhir.public_origin is not None:
+        o = urlsplit(cfg.fhir.public_origin)
+        if o.scheme not in ("http", "https") or not o.hostname or o.path not in ("", "/") or o.query:
+            raise ConfigError("fhir.public_origin", "must be an origin like https://dpi-proxy.example.org")
     if not check_files:
         return
     for dotted in ("tls.cert_file", "tls.key_file", "upstream.ca_file"):

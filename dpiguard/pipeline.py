@@ -46,15 +46,21 @@ REFUSAL_MESSAGES = {
 
 
 # -- the pure part of the decision (also used by `dpiguard policy test|explain|diff`) ---------------
+def parse_target(target: str) -> tuple[str, dict[str, list[str]], str]:
+    """Step 2a: (normalized path, parsed query, raw query) of a request target.
+
+    Raises HostileRequest (reason ``hostile_path``)."""
+    raw_path, _, raw_query = target.partition("?")
+    if "#" in raw_query or "#" in raw_path:
+        raise HostileRequest("hostile_path", "fragment in request target")
+    return normalize_path(raw_path), parse_query(raw_query), raw_query
+
+
 def map_request(policy: Policy, method: str, target: str) -> tuple[RouteMatch | None, str, str]:
     """Step 2: (route match or None, normalized path, raw query) of a request target.
 
     Raises HostileRequest (reason ``hostile_path`` or ``ambiguous_patient``)."""
-    raw_path, _, raw_query = target.partition("?")
-    if "#" in raw_query or "#" in raw_path:
-        raise HostileRequest("hostile_path", "fragment in request target")
-    path = normalize_path(raw_path)
-    query = parse_query(raw_query)
+    path, query, raw_query = parse_target(target)
     return policy.routes.match(method, path, query), path, raw_query
 
 
@@ -112,6 +118,9 @@ class Verdict:
     session: Session | None = None
     break_glass: object | None = None  # the emergency-access Grant the request relies on (access.py)
     objection_overridden: str | None = None
+    fhir_context: object | None = None  # FHIR requests: what the response and body checks need
+    fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
+    pending: bool = False  # FHIR writes: decided (and traced) once the body is in
 
 
 @dataclass(frozen=True)
@@ -157,6 +166,7 @@ class Pipeline:
         self.require_tls = require_tls
         # Objections + care team + emergency access in one round trip (dpiguard/access.py); None = care team only.
         self.access = access
+        self.fhir = None  # dpiguard.fhir.enforce.FhirEnforcer when policies/fhir.yaml is loaded
         # Units of each user, valid now (for the identity headers); dropped on `user:U` events.
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
@@ -185,6 +195,8 @@ class Pipeline:
             verdict.set_headers = {}
             self._trace(req, verdict, policy, detail=f"{type(exc).__name__}: {exc}"[:500])
             return verdict
+        if verdict.pending:
+            return verdict  # traced by the FHIR body check
         try:
             self._trace(req, verdict, policy)
         except AuditError:
@@ -206,7 +218,14 @@ class Pipeline:
                                f"header {name[:64]!r} may only be set by dpiguard")
 
         try:
-            match, path, raw_query = map_request(policy, req.method, req.target)
+            path, query, raw_query = parse_target(req.target)
+        except HostileRequest as exc:
+            return Verdict(False, exc.reason, 400, str(exc))
+        fhir = self.fhir
+        if fhir is not None and fhir.policy.owns(path):
+            return fhir.decide(self, req, path, query, raw_query, io, now)
+        try:
+            match = policy.routes.match(req.method, path, query)
         except HostileRequest as exc:
             return Verdict(False, exc.reason, 400, str(exc))
         forward_target = path + ("?" + raw_query if raw_query else "")
@@ -244,6 +263,11 @@ class Pipeline:
             verdict.break_glass = decision.break_glass
             verdict.objection_overridden = decision.objection_overridden
 
+        return self._grant(req, verdict, session, token_source, forward_target, io, now)
+
+    def _grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
+               forward_target: str, io: bool, now: float) -> Verdict:
+        """Allow: identity headers and signed assertion for the upstream, session credentials removed."""
         units = self._user_units(session.user, io, now)
         verdict.allowed, verdict.reason, verdict.status = True, "allowed", 200
         verdict.forward_target = forward_target

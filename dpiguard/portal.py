@@ -283,7 +283,7 @@ class Portal:
                 "resourceType": "OperationOutcome",
                 "issue": [{
                     "severity": "error",
-                    "code": FHIR_ISSUE_CODE.get(v.status, "forbidden"),
+                    "code": v.fhir_issue or FHIR_ISSUE_CODE.get(v.status, "forbidden"),
                     "details": {"coding": [{"system": REASON_SYSTEM, "code": v.reason}], "text": text},
                     "diagnostics": f"dpiguard refused the request ({v.reason}); request id {req.request_id}",
                 }],

@@ -156,6 +156,12 @@ def build_services(cfg: Config) -> Services:
         extra_identity_headers=tuple(cfg.identity.strip_headers), require_tls=cfg.tls_enabled,
         access=access,
     )
+    from .fhir.enforce import load_enforcer  # FHIR-aware enforcement when policies/fhir.yaml exists
+
+    pipeline.fhir = load_enforcer(cfg.path(cfg.policies.dir), policy, cfg.upstream.url,
+                                  str(cfg.path(cfg.upstream.ca_file)) if cfg.upstream.ca_file else None,
+                                  cfg.fhir.public_origin or f"{'https' if cfg.tls_enabled else 'http'}://"
+                                                            f"{cfg.listen.host}:{cfg.listen.port}")
     portal = Portal(
         authenticator=authenticator, sessions=sessions, audit=audit, cookie_name=cfg.cookie_name,
         secure_cookies=cfg.tls_enabled, units_of=lambda u: careteam.user_units(u),

@@ -198,12 +198,11 @@ def test_fhir_search_bundles(client, kind, pid):
         assert entry["fullUrl"].endswith(f"/fhir/{kind}/{resource['id']}")
 
 
-def test_fhir_observations_are_laboratory(client, dataset):
-    bundle = client.get("/fhir/Observation", params={"patient": "P0001"}).json()
-    assert bundle["total"] == len(dataset.records["P0001"].biology) > 0
-    for entry in bundle["entry"]:
-        category = entry["resource"]["category"][0]["coding"][0]
-        assert category["code"] == "laboratory"
+def test_fhir_observations_laboratory_and_vital_signs(client, dataset):
+    bundle = client.get("/fhir/Observation", params={"patient": "P0001", "_count": "100"}).json()
+    codes = [e["resource"]["category"][0]["coding"][0]["code"] for e in bundle["entry"]]
+    assert codes.count("laboratory") == len(dataset.records["P0001"].biology) > 0
+    assert codes.count("vital-signs") == 3
 
 
 def test_fhir_document_reference_carries_note_text(client, dataset):
@@ -219,18 +218,62 @@ def test_fhir_errors(client):
     unknown = client.get("/fhir/Patient/P9999")
     assert unknown.status_code == 404
     assert unknown.json()["resourceType"] == "OperationOutcome"
-    assert client.get("/fhir/Observation", params={"patient": "P9999"}).status_code == 404
-    assert client.get("/fhir/Observation").status_code == 400
-    ambiguous = client.get("/fhir/Observation?patient=P0001&patient=P0002")
-    assert ambiguous.status_code == 400
-    assert client.get("/fhir/Observation", params={"patient": "P0001,P0002"}).status_code == 400
+    assert client.get("/fhir/Observation", params={"patient": "P9999"}).json()["total"] == 0
     assert client.get("/fhir/Observation", params={"patient": "P0001", "x": "1"}).status_code == 400
+    assert client.get("/fhir/Practitioner").status_code == 404
 
 
-def test_fhir_search_accepts_patient_reference(client):
+def test_fhir_search_forms(client):
     bare = client.get("/fhir/Observation", params={"patient": "P0001"}).json()
-    reference = client.get("/fhir/Observation", params={"patient": "Patient/P0001"}).json()
-    assert reference["total"] == bare["total"]
+    for params in ({"patient": "Patient/P0001"}, {"subject": "Patient/P0001"}, {"subject:Patient": "P0001"}):
+        assert client.get("/fhir/Observation", params=params).json()["total"] == bare["total"]
+    both = client.get("/fhir/Observation", params={"patient": "P0001,P0002"}).json()
+    two = client.get("/fhir/Observation", params={"patient": "P0002"}).json()
+    assert both["total"] == bare["total"] + two["total"]
+    vitals = client.get("/fhir/Observation", params={"patient": "P0001", "category": "vital-signs"}).json()
+    assert vitals["total"] == 3
+
+
+def test_fhir_paging_links_carry_the_search(client):
+    bundle = client.get("/fhir/Observation", params={"code": "http://loinc.org|8867-4", "_count": "50"}).json()
+    assert bundle["total"] == 220 and len(bundle["entry"]) == 50
+    (nxt,) = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
+    assert "code=http%3A%2F%2Floinc.org%7C8867-4" in nxt and "_offset=50" in nxt and "_count=50" in nxt
+
+
+def test_fhir_resources_are_valid_r4(dataset):
+    from fhir.resources.R4B import get_fhir_model_class
+
+    from dpiguard.demo.fhir_server import build_resources
+
+    resources = build_resources(dataset)
+    kinds = {r["resourceType"] for r in resources}
+    assert kinds == {"Patient", "Encounter", "Observation", "MedicationRequest", "DocumentReference",
+                     "ImagingStudy", "AllergyIntolerance", "Condition"}
+    for resource in resources:
+        get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+
+
+def test_fhir_writes_and_transaction(client):
+    obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+           "subject": {"reference": "Patient/P0001"}}
+    created = client.post("/fhir/Observation", json=obs)
+    assert created.status_code == 201
+    ident = created.json()["id"]
+    assert client.put(f"/fhir/Observation/{ident}", json=dict(obs, id=ident, status="amended")).status_code == 200
+    assert client.get(f"/fhir/Observation/{ident}/_history/2").json()["status"] == "amended"
+    assert len(client.get(f"/fhir/Observation/{ident}/_history").json()["entry"]) == 2
+    assert client.delete(f"/fhir/Observation/{ident}").status_code == 204
+    assert client.get(f"/fhir/Observation/{ident}").status_code == 404
+    bad = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": obs, "request": {"method": "POST", "url": "Observation"}},
+        {"resource": {"resourceType": "Nope"}, "request": {"method": "POST", "url": "Nope"}}]}
+    before = client.get("/fhir/Observation", params={"patient": "P0001", "_count": "100"}).json()["total"]
+    assert client.post("/fhir", json=bad).status_code in (400, 404)
+    after = client.get("/fhir/Observation", params={"patient": "P0001", "_count": "100"}).json()["total"]
+    assert after == before  # all or nothing
+    everything = client.get("/fhir/Patient/P0001/$everything").json()
+    assert {e["resource"]["resourceType"] for e in everything["entry"]} >= {"Patient", "Observation"}
 
 
 # --- dataset ----------------------------------------------------------------------

@@ -252,10 +252,11 @@ def test_second_patient_in_query_refused(stack, proxy):
     stack.upstream_app.clear()
     r = c.get("/api/patients/P0001/biology", params={"patient": "P0002"})
     assert r.status_code == 400 and r.json()["error"] == "ambiguous_patient"
+    # FHIR: every listed patient must pass (see tests/test_e2e_fhir.py); P0002 is not hers.
     r = c.get("/fhir/Observation?patient=P0001&patient=P0002")
-    assert r.status_code == 400
+    assert r.status_code == 403 and "not_in_care_team" in r.text
     r = c.get("/fhir/Observation?patient=P0001,P0002")
-    assert r.status_code == 400
+    assert r.status_code == 403 and "not_in_care_team" in r.text
     assert stack.upstream_app.seen == []
 
 

@@ -115,9 +115,46 @@ def test_parse_query_accepts_exactly_the_limits():
 
 
 # -- route matching --------------------------------------------------------------------------------
+# FHIR-style routes with patient_query, as a hospital without policies/fhir.yaml could write them
+# (the demo decides /fhir with fhir.yaml instead, see tests/test_fhir_*.py); they keep the
+# patient_query and ambiguous-patient mechanisms of routes.yaml covered.
+PATIENT_QUERY_ROUTES = """
+  - name: FHIR Patient
+    path: /fhir/Patient/{patient}
+    methods: [GET]
+    category: administrative
+    fhir: true
+  - name: FHIR Observation (lab results)
+    path: /fhir/Observation
+    methods: [GET]
+    category: biology
+    patient_query: patient
+    fhir: true
+  - name: FHIR MedicationRequest (prescriptions)
+    path: /fhir/MedicationRequest
+    methods: [GET]
+    category: prescriptions
+    patient_query: patient
+    fhir: true
+  - name: FHIR DocumentReference (clinical documents)
+    path: /fhir/DocumentReference
+    methods: [GET]
+    category: clinical_notes
+    patient_query: patient
+    fhir: true
+  - name: FHIR ImagingStudy (imaging)
+    path: /fhir/ImagingStudy
+    methods: [GET]
+    category: imaging
+    patient_query: patient
+    fhir: true
+"""
+
+
 @pytest.fixture(scope="module")
 def demo_routes() -> RouteTable:
-    return RouteTable.from_file(POLICIES / "routes.yaml", DEMO_CATEGORIES)
+    text = (POLICIES / "routes.yaml").read_text(encoding="utf-8").rstrip() + "\n" + PATIENT_QUERY_ROUTES
+    return RouteTable.from_text(text, "routes.yaml", DEMO_CATEGORIES)
 
 
 def match(table: RouteTable, method: str, target: str) -> RouteMatch | None:

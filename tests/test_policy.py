@@ -11,7 +11,7 @@ import pytest
 from dpiguard.policy import Category, Policy, PolicyError
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
-PATIENT_CATEGORIES = ("administrative", "clinical_notes", "biology", "prescriptions", "imaging")
+PATIENT_CATEGORIES = ("administrative", "clinical_notes", "biology", "prescriptions", "imaging", "vital_signs")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,8 @@ def test_demo_declarations(demo):
 EXPECTED = {
     "doctor": {(c, a) for c in PATIENT_CATEGORIES for a in ("read", "write")} | {("portal", "read")},
     "nurse": {("administrative", "read"), ("clinical_notes", "read"), ("clinical_notes", "write"),
-              ("biology", "read"), ("prescriptions", "read"), ("imaging", "read"), ("portal", "read")},
+              ("biology", "read"), ("prescriptions", "read"), ("imaging", "read"), ("portal", "read"),
+              ("vital_signs", "read"), ("vital_signs", "write")},
     "secretary": {("administrative", "read"), ("administrative", "write"), ("clinical_notes", "read"),
                   ("portal", "read")},
     "pharmacist": {("administrative", "read"), ("prescriptions", "read"), ("prescriptions", "write"),
@@ -109,8 +110,9 @@ def test_policy_is_read_only(demo):
 
 
 def test_routes_are_loaded_with_the_policy(demo):
-    found = demo.routes.match("GET", "/fhir/Observation", {"patient": ["P1"]})
-    assert (found.category, found.patient, found.fhir) == ("biology", "P1", True)
+    found = demo.routes.match("GET", "/api/patients/P1/biology", {})
+    assert (found.category, found.patient, found.fhir) == ("biology", "P1", False)
+    assert demo.routes.match("GET", "/fhir/Observation", {"patient": ["P1"]}) is None  # fhir.yaml decides
 
 
 # -- version ---------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ Three faces over the same in-memory records:
 
 * HTML pages   ``/``, ``/patients``, ``/patients/<pid>[/notes|/biology|/prescriptions|/imaging]``
 * JSON API     ``/api/patients/<pid>[/notes|/biology|/prescriptions|/imaging]``
-* FHIR R4      ``/fhir/Patient/<pid>`` and searches ``/fhir/<Type>?patient=<pid>``
+* FHIR R4      ``/fhir/...``: read, search, history, writes, transactions (``fhir_server.py``)
 
 Care-team authorization is dpiguard's job: the application only uses the verified units
 to choose which patients to list on ``/patients``.
@@ -18,13 +18,10 @@ to choose which patients to list on ``/patients``.
 
 from __future__ import annotations
 
-import base64
 import copy
-import re
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -33,6 +30,7 @@ from jinja2 import DictLoader
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from dpiguard.demo.data import Dataset, PatientRecord
+from dpiguard.demo.fhir_server import register_fhir
 from dpiguard.identity import (
     HEADER_ASSERTION,
     HEADER_BREAK_GLASS,
@@ -148,7 +146,7 @@ def create_app(
 
     _register_pages(app, store)
     _register_api(app, store)
-    _register_fhir(app, store)
+    register_fhir(app, dataset)
     _register_errors(app)
     return app
 
@@ -323,59 +321,7 @@ def _json_not_found(pid: str) -> Response:
     return _json({"error": "unknown patient", "patient_id": pid}, 404)
 
 
-# --- FHIR R4 ----------------------------------------------------------------------
-
-PATIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9-]{1,64}$")
-OBSERVATION_CATEGORY = {
-    "system": "http://terminology.hl7.org/CodeSystem/observation-category",
-    "code": "laboratory",
-    "display": "Laboratory",
-}
-DICOM_MODALITIES = "http://dicom.nema.org/resources/ontology/DCM"
-
-
-def _register_fhir(app: Flask, store: RecordStore) -> None:
-    search_builders = {
-        "Observation": ("biology", _fhir_observation),
-        "MedicationRequest": ("prescriptions", _fhir_medication_request),
-        "DocumentReference": ("clinical_notes", _fhir_document_reference),
-        "ImagingStudy": ("imaging", _fhir_imaging_study),
-    }
-
-    @app.get("/fhir/Patient/<pid>")
-    def fhir_patient(pid: str):
-        if store.get(pid) is None:
-            return _fhir_outcome(404, "not-found", f"unknown patient {pid}")
-        return _json(_fhir_patient(store.snapshot(pid, "administrative")), mimetype=FHIR_JSON)
-
-    @app.get("/fhir/<any(Observation, MedicationRequest, DocumentReference, ImagingStudy):kind>")
-    def fhir_search(kind: str):
-        pid, problem = _search_patient_parameter()
-        if problem:
-            return _fhir_outcome(400, "invalid", problem)
-        if store.get(pid) is None:
-            return _fhir_outcome(404, "not-found", f"unknown patient {pid}")
-        category, build = search_builders[kind]
-        resources = [build(pid, item) for item in store.snapshot(pid, category)]
-        return _json(_fhir_bundle(kind, pid, resources), mimetype=FHIR_JSON)
-
-
-def _search_patient_parameter() -> tuple[str, str]:
-    """Exactly one ``patient=<id>`` (or ``patient=Patient/<id>``); nothing else.
-
-    Being strict (no other parameter, no list, no chaining) keeps the application
-    reading the same patient id as the proxy did.
-    """
-    unexpected = sorted(set(request.args) - {"patient"})
-    if unexpected:
-        return "", f"unsupported search parameters: {', '.join(unexpected)}"
-    values = request.args.getlist("patient")
-    if len(values) != 1:
-        return "", "exactly one 'patient' parameter is required"
-    pid = values[0].removeprefix("Patient/")
-    if not PATIENT_ID_PATTERN.match(pid):
-        return "", "the 'patient' parameter must be a patient id or Patient/<id>"
-    return pid, ""
+# --- FHIR R4 (dpiguard/demo/fhir_server.py) ---------------------------------------
 
 
 def _fhir_outcome(status: int, code: str, diagnostics: str) -> Response:
@@ -384,156 +330,6 @@ def _fhir_outcome(status: int, code: str, diagnostics: str) -> Response:
         "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
     }
     return _json(outcome, status, mimetype=FHIR_JSON)
-
-
-def _fhir_bundle(kind: str, pid: str, resources: list[dict]) -> dict:
-    base = request.host_url.rstrip("/") + "/fhir"
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": len(resources),
-        "link": [{"relation": "self", "url": f"{base}/{kind}?patient={pid}"}],
-        "entry": [
-            {
-                "fullUrl": f"{base}/{kind}/{resource['id']}",
-                "resource": resource,
-                "search": {"mode": "match"},
-            }
-            for resource in resources
-        ],
-    }
-
-
-def _fhir_time(epoch: int) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="seconds")
-
-
-def _subject(pid: str) -> dict:
-    return {"reference": f"Patient/{pid}"}
-
-
-def _fhir_patient(admin: dict) -> dict:
-    address = admin["address"]
-    return {
-        "resourceType": "Patient",
-        "id": admin["patient_id"],
-        "identifier": [
-            {"system": "urn:dpiguard:demo:patient-id", "value": admin["patient_id"]},
-            {"system": "urn:dpiguard:demo:insurance-number", "value": admin["insurance_number"]},
-        ],
-        "active": True,
-        "name": [{"use": "official", "family": admin["family_name"], "given": [admin["given_name"]]}],
-        "telecom": [{"system": "phone", "value": admin["phone"], "use": "home"}],
-        "gender": "female" if admin["sex"] == "F" else "male",
-        "birthDate": admin["birth_date"],
-        "address": [
-            {
-                "use": "home",
-                "line": [address["line"]],
-                "city": address["city"],
-                "postalCode": address["postal_code"],
-                "country": address["country"],
-            }
-        ],
-    }
-
-
-def _fhir_observation(pid: str, result: dict) -> dict:
-    interpretation = _interpretation(result)
-    observation = {
-        "resourceType": "Observation",
-        "id": result["id"],
-        "status": "final",
-        "category": [{"coding": [OBSERVATION_CATEGORY]}],
-        "code": {
-            "coding": [{"system": "http://loinc.org", "code": result["code"], "display": result["label"]}],
-            "text": result["label"],
-        },
-        "subject": _subject(pid),
-        "effectiveDateTime": _fhir_time(result["date"]),
-        "valueQuantity": {
-            "value": result["value"],
-            "unit": result["unit"],
-            "system": "http://unitsofmeasure.org",
-            "code": result["unit"],
-        },
-        "referenceRange": [
-            {
-                "low": {"value": result["low"], "unit": result["unit"]},
-                "high": {"value": result["high"], "unit": result["unit"]},
-            }
-        ],
-    }
-    if interpretation:
-        observation["interpretation"] = [
-            {
-                "coding": [
-                    {
-                        "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
-                        "code": interpretation,
-                    }
-                ]
-            }
-        ]
-    return observation
-
-
-def _interpretation(result: dict) -> str:
-    if result["value"] < result["low"]:
-        return "L"
-    if result["value"] > result["high"]:
-        return "H"
-    return ""
-
-
-def _fhir_medication_request(pid: str, prescription: dict) -> dict:
-    dosage = f"{prescription['dose']}, voie {prescription['route']}, {prescription['frequency']}"
-    return {
-        "resourceType": "MedicationRequest",
-        "id": prescription["id"],
-        "status": "active",
-        "intent": "order",
-        "medicationCodeableConcept": {"text": prescription["drug"]},
-        "subject": _subject(pid),
-        "authoredOn": _fhir_time(prescription["date"]),
-        "requester": {"display": prescription["prescriber_name"]},
-        "dosageInstruction": [{"text": dosage}],
-    }
-
-
-def _fhir_document_reference(pid: str, note: dict) -> dict:
-    return {
-        "resourceType": "DocumentReference",
-        "id": note["id"],
-        "status": "current",
-        "type": {
-            "coding": [{"system": "http://loinc.org", "code": "11506-3", "display": "Progress note"}]
-        },
-        "subject": _subject(pid),
-        "date": _fhir_time(note["date"]),
-        "author": [{"display": note["author_name"]}],
-        "content": [
-            {
-                "attachment": {
-                    "contentType": "text/plain; charset=utf-8",
-                    "data": base64.b64encode(note["text"].encode("utf-8")).decode("ascii"),
-                }
-            }
-        ],
-    }
-
-
-def _fhir_imaging_study(pid: str, study: dict) -> dict:
-    return {
-        "resourceType": "ImagingStudy",
-        "id": study["id"],
-        "status": "available",
-        "modality": [{"system": DICOM_MODALITIES, "code": study["modality"]}],
-        "subject": _subject(pid),
-        "started": _fhir_time(study["date"]),
-        "description": study["description"],
-        "note": [{"text": study["report"]}],
-    }
 
 
 # --- errors -----------------------------------------------------------------------

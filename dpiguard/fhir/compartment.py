@@ -1,0 +1,418 @@
+"""The FHIR R4 Patient compartment, and what a FHIR request asks for.
+
+``PATIENT_COMPARTMENT`` is the table of the official R4 (4.0.1) CompartmentDefinition ``patient``:
+for each resource type, the search parameters that link a resource to the patient. Types mapped to
+``()`` exist in R4 but are never in the Patient compartment.
+
+:func:`analyze` reads a request under the FHIR base path (method, path segments, decoded query) and
+returns a :class:`FhirRequest`: the interaction, the resource type, the patients the request names
+(every one must pass the care-team check), whether a search is scoped to those patients, and the
+``_include``/``_revinclude`` asked for. Anything it cannot read with certainty is a
+:class:`FhirRefusal` (fail closed): unknown control parameters, ``_has``, ``_filter``, chains outside
+the compartment, conditional writes, operations that are not allowed...
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+# R4 4.0.1 CompartmentDefinition/patient: resource type -> params linking it to the patient.
+PATIENT_COMPARTMENT: dict[str, tuple[str, ...]] = {
+    "Account": ("subject",),
+    "AdverseEvent": ("subject",),
+    "AllergyIntolerance": ("patient", "recorder", "asserter"),
+    "Appointment": ("actor",),
+    "AppointmentResponse": ("actor",),
+    "AuditEvent": ("patient",),
+    "Basic": ("patient", "author"),
+    "BodyStructure": ("patient",),
+    "CarePlan": ("patient", "performer"),
+    "CareTeam": ("patient", "participant"),
+    "ChargeItem": ("subject",),
+    "Claim": ("patient", "payee"),
+    "ClaimResponse": ("patient",),
+    "ClinicalImpression": ("subject",),
+    "Communication": ("subject", "sender", "recipient"),
+    "CommunicationRequest": ("subject", "sender", "recipient", "requester"),
+    "Composition": ("subject", "author", "attester"),
+    "Condition": ("patient", "asserter"),
+    "Consent": ("patient",),
+    "Coverage": ("policy-holder", "subscriber", "beneficiary", "payor"),
+    "CoverageEligibilityRequest": ("patient",),
+    "CoverageEligibilityResponse": ("patient",),
+    "DetectedIssue": ("patient",),
+    "DeviceRequest": ("subject", "performer"),
+    "DeviceUseStatement": ("subject",),
+    "DiagnosticReport": ("subject",),
+    "DocumentManifest": ("subject", "author", "recipient"),
+    "DocumentReference": ("subject", "author"),
+    "Encounter": ("patient",),
+    "EnrollmentRequest": ("subject",),
+    "EpisodeOfCare": ("patient",),
+    "ExplanationOfBenefit": ("patient", "payee"),
+    "FamilyMemberHistory": ("patient",),
+    "Flag": ("patient",),
+    "Goal": ("patient",),
+    "Group": ("member",),
+    "ImagingStudy": ("patient",),
+    "Immunization": ("patient",),
+    "ImmunizationEvaluation": ("patient",),
+    "ImmunizationRecommendation": ("patient",),
+    "Invoice": ("subject", "patient", "recipient"),
+    "List": ("subject", "source"),
+    "MeasureReport": ("patient",),
+    "Media": ("subject",),
+    "MedicationAdministration": ("patient", "performer", "subject"),
+    "MedicationDispense": ("subject", "patient", "receiver"),
+    "MedicationRequest": ("subject",),
+    "MedicationStatement": ("subject",),
+    "MolecularSequence": ("patient",),
+    "NutritionOrder": ("patient",),
+    "Observation": ("subject", "performer"),
+    "Patient": ("link",),
+    "Person": ("patient",),
+    "Procedure": ("patient", "performer"),
+    "Provenance": ("patient",),
+    "QuestionnaireResponse": ("subject", "author"),
+    "RelatedPerson": ("patient",),
+    "RequestGroup": ("subject", "participant"),
+    "ResearchSubject": ("individual",),
+    "RiskAssessment": ("subject",),
+    "Schedule": ("actor",),
+    "ServiceRequest": ("subject", "performer"),
+    "Specimen": ("subject",),
+    "SupplyDelivery": ("patient",),
+    "SupplyRequest": ("subject",),
+    "VisionPrescription": ("patient",),
+}
+_NEVER_IN_COMPARTMENT = (
+    "ActivityDefinition", "Binary", "BiologicallyDerivedProduct", "Bundle", "CapabilityStatement",
+    "CatalogEntry", "ChargeItemDefinition", "CodeSystem", "CompartmentDefinition", "ConceptMap", "Contract",
+    "Device", "DeviceDefinition", "DeviceMetric", "EffectEvidenceSynthesis", "Endpoint", "EnrollmentResponse",
+    "EventDefinition", "Evidence", "EvidenceVariable", "ExampleScenario", "GraphDefinition",
+    "GuidanceResponse", "HealthcareService", "ImplementationGuide", "InsurancePlan", "Library", "Linkage",
+    "Location", "Measure", "Medication", "MedicationKnowledge", "MedicinalProduct",
+    "MedicinalProductAuthorization", "MedicinalProductContraindication", "MedicinalProductIndication",
+    "MedicinalProductIngredient", "MedicinalProductInteraction", "MedicinalProductManufactured",
+    "MedicinalProductPackaged", "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect",
+    "MessageDefinition", "MessageHeader", "NamingSystem", "ObservationDefinition", "OperationDefinition",
+    "OperationOutcome", "Organization", "OrganizationAffiliation", "PaymentNotice", "PaymentReconciliation",
+    "PlanDefinition", "Practitioner", "PractitionerRole", "Questionnaire", "ResearchDefinition",
+    "ResearchElementDefinition", "ResearchStudy", "RiskEvidenceSynthesis", "SearchParameter", "Slot",
+    "SpecimenDefinition", "StructureDefinition", "StructureMap", "Subscription", "Substance",
+    "SubstanceNucleicAcid", "SubstancePolymer", "SubstanceProtein", "SubstanceReferenceInformation",
+    "SubstanceSourceMaterial", "SubstanceSpecification", "Task", "TerminologyCapabilities", "TestReport",
+    "TestScript", "ValueSet", "VerificationResult",
+)
+R4_TYPES = frozenset(PATIENT_COMPARTMENT) | frozenset(_NEVER_IN_COMPARTMENT)
+
+# Search parameters that name the patient on most types even when the compartment lists ``subject``.
+PATIENT_PARAMS = frozenset({"patient", "subject"})
+PATIENT_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+FHIR_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+
+# Result and paging controls that never select or reveal other data.
+HARMLESS_CONTROLS = frozenset({"_count", "_offset", "_sort", "_total", "_pretty", "_lastUpdated", "_tag",
+                               "_security", "_profile", "_text", "_content", "_source"})
+# Refused unless policies/fhir.yaml allows them (allow_parameters): they probe or reshape results.
+PROBING_CONTROLS = frozenset({"_has", "_filter", "_query", "_contained", "_containedType", "_elements",
+                              "_list", "_type", "_getpages"})
+JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json"})
+
+
+class FhirRefusal(Exception):
+    """The request is refused before anything is forwarded."""
+
+    def __init__(self, reason: str, message: str, status: int = 403, issue: str = "forbidden"):
+        self.reason, self.message, self.status, self.issue = reason, message, status, issue
+        super().__init__(message)
+
+
+def forbidden_param(name: str, why: str) -> FhirRefusal:
+    return FhirRefusal("fhir_forbidden_parameter", f"search parameter {name!r} is not allowed: {why}",
+                       403, "forbidden")
+
+
+def invalid(message: str) -> FhirRefusal:
+    return FhirRefusal("fhir_invalid_request", message, 400, "invalid")
+
+
+def not_supported(message: str) -> FhirRefusal:
+    return FhirRefusal("fhir_not_supported", message, 403, "not-supported")
+
+
+@dataclass
+class FhirRequest:
+    """What a FHIR request is about, as far as the request alone tells."""
+
+    interaction: str  # read vread history search create update patch delete bundle operation capabilities
+    resource_type: str | None
+    resource_id: str | None = None
+    patients: list[str] = field(default_factory=list)  # every one must pass
+    scoped: bool = False  # a search whose matches are limited to `patients`
+    includes: list[str] = field(default_factory=list)
+    revincludes: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)  # search parameter names (base names)
+    action: str = "read"
+    needs_body: bool = False
+    needs_stored: bool = False  # update/patch/delete: the stored resource's patients must pass too
+    filtered_search: bool = False  # unscoped search answered with a filtered Bundle
+
+    def add_patient(self, patient: str) -> None:
+        if patient not in self.patients:
+            self.patients.append(patient)
+
+
+def patient_of_reference(value: str, *, bare_is_patient: bool) -> str | None | bool:
+    """The patient id a reference value names; None if it names no patient; False if unreadable.
+
+    Accepted: ``P1`` (when ``bare_is_patient``), ``Patient/P1``, ``Patient/P1/_history/2``,
+    ``http(s)://host/base/Patient/P1``.
+    """
+    value = value.strip()
+    if not value:
+        return False
+    parts = value.split("/")
+    if len(parts) == 1:
+        if not bare_is_patient:
+            return None
+        return value if PATIENT_ID_RE.match(value) else False
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    kind, ident = parts[-2], parts[-1]
+    if kind != "Patient":
+        if TYPE_RE.match(kind) and FHIR_ID_RE.match(ident):
+            return None
+        return False
+    return ident if PATIENT_ID_RE.match(ident) else False
+
+
+def _split_name(name: str) -> tuple[str, str | None, str | None]:
+    """``subject:Patient.name`` -> ('subject', 'Patient', 'name')."""
+    head, dot, chain = name.partition(".")
+    base, colon, modifier = head.partition(":")
+    return base, (modifier if colon else None), (chain if dot else None)
+
+
+def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *, types: Iterable[str],
+            allowed_params: frozenset[str] = frozenset(), operations: frozenset[str] = frozenset()) -> FhirRequest:
+    """Analyze a request under the FHIR base path. ``segments``: the path after the base, split."""
+    known = frozenset(types)
+    if method not in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+        raise not_supported(f"{method[:16]} is not supported on the FHIR API")
+
+    def check_type(kind: str) -> str:
+        if not TYPE_RE.match(kind) or kind not in R4_TYPES:
+            raise not_supported(f"{kind[:64]!r} is not a FHIR R4 resource type")
+        if kind not in known:
+            raise FhirRefusal("fhir_type_not_mapped", f"resource type {kind} is not open through dpiguard "
+                                                      "(policies/fhir.yaml)")
+        return kind
+
+    def check_id(ident: str) -> str:
+        if not FHIR_ID_RE.match(ident):
+            raise invalid("malformed resource id")
+        return ident
+
+    for segment in segments:
+        if segment.startswith("$") and segment not in operations:
+            raise FhirRefusal("fhir_operation_not_allowed", f"operation {segment[:64]} is not allowed", 403,
+                              "forbidden")
+    n = len(segments)
+    if n == 0:
+        if method == "POST":
+            if query:
+                raise invalid("a transaction or batch takes no query parameters")
+            return FhirRequest("bundle", None, action="write", needs_body=True)
+        raise not_supported("system-wide searches are not allowed; search one resource type")
+    if segments == ["metadata"]:
+        if method != "GET":
+            raise not_supported("metadata is read-only")
+        return FhirRequest("capabilities", "CapabilityStatement")
+    if segments[0].startswith("_"):
+        raise not_supported(f"{segments[0][:32]} at the system level is not allowed")
+    kind = check_type(segments[0])
+
+    if n == 1:
+        if method == "GET":
+            req = FhirRequest("search", kind)
+            _search_params(req, query, allowed_params)
+            return req
+        if method == "POST":
+            _no_query(query, "create")
+            return FhirRequest("create", kind, action="write", needs_body=True)
+        if method in ("PUT", "DELETE", "PATCH"):
+            raise not_supported("conditional update, patch and delete are not allowed through dpiguard")
+        raise not_supported(f"{method} is not supported on a resource type")
+    if n == 2 and segments[1] == "_search":
+        raise not_supported("POST/GET _search is not supported; use GET with the parameters in the URL")
+    if n == 2 and segments[1] == "_history":
+        if method != "GET":
+            raise not_supported("history is read-only")
+        req = FhirRequest("search", kind)
+        _search_params(req, query, allowed_params)
+        return req
+    ident = check_id(segments[1])
+    if n == 2:
+        if method == "GET":
+            _no_query(query, "read", allow=("_format", "_pretty", "_summary"))
+            req = FhirRequest("read", kind, ident)
+        elif method in ("PUT", "PATCH"):
+            _no_query(query, "update")
+            req = FhirRequest("update" if method == "PUT" else "patch", kind, ident, action="write",
+                              needs_body=True, needs_stored=True)
+        elif method == "DELETE":
+            _no_query(query, "delete")
+            req = FhirRequest("delete", kind, ident, action="write", needs_stored=True)
+        else:
+            raise not_supported(f"{method} is not supported on a resource")
+        if kind == "Patient":
+            patient = patient_of_reference(ident, bare_is_patient=True)
+            if not patient:
+                raise invalid("malformed patient id")
+            req.add_patient(patient)
+        _check_format(query)
+        return req
+    if segments[2] == "_history":
+        if method != "GET":
+            raise not_supported("history is read-only")
+        _no_query(query, "history", allow=("_format", "_pretty", "_count"))
+        if n == 3:
+            req = FhirRequest("history", kind, ident)
+        elif n == 4:
+            req = FhirRequest("vread", kind, ident)
+            check_id(segments[3])
+        else:
+            raise not_supported("unknown history form")
+        if kind == "Patient":
+            req.add_patient(ident)
+        return req
+    if kind == "Patient" and n == 3 and segments[2] == "$everything":
+        if method != "GET":
+            raise not_supported("$everything is read with GET")
+        _no_query(query, "$everything", allow=("_format", "_pretty", "_count"))
+        patient = patient_of_reference(ident, bare_is_patient=True)
+        if not patient:
+            raise invalid("malformed patient id")
+        req = FhirRequest("operation", "Patient", ident, scoped=True)
+        req.add_patient(patient)
+        return req
+    if kind == "Patient" and n == 3 and not segments[2].startswith("$"):
+        # Compartment search: GET /Patient/P/Observation?...
+        if method != "GET":
+            raise not_supported("compartment searches are read-only")
+        patient = patient_of_reference(ident, bare_is_patient=True)
+        if not patient:
+            raise invalid("malformed patient id")
+        req = FhirRequest("search", check_type(segments[2]))
+        _search_params(req, query, allowed_params)
+        req.add_patient(patient)
+        req.scoped = True
+        return req
+    raise not_supported("this FHIR interaction is not open through dpiguard")
+
+
+def _no_query(query: Mapping[str, list[str]], what: str, allow: tuple[str, ...] = ("_format", "_pretty")) -> None:
+    for name in query:
+        if name not in allow:
+            raise invalid(f"parameter {name[:64]!r} is not accepted on {what}")
+    _check_format(query)
+
+
+def _check_format(query: Mapping[str, list[str]]) -> None:
+    for value in query.get("_format", []):
+        if value.strip().lower() not in JSON_FORMATS:
+            raise not_supported("only JSON is served through dpiguard (_format)")
+    for value in query.get("_summary", []):
+        if value != "false":
+            raise forbidden_param("_summary", "summaries can drop the elements dpiguard checks")
+
+
+def _search_params(req: FhirRequest, query: Mapping[str, list[str]], allowed: frozenset[str]) -> None:
+    kind = req.resource_type
+    links = set(PATIENT_COMPARTMENT.get(kind, ())) | (PATIENT_PARAMS if kind in PATIENT_COMPARTMENT else set())
+    _check_format(query)
+    scoped_by: list[str] = []
+    for name, values in query.items():
+        base, modifier, chain = _split_name(name)
+        if base not in req.params:
+            req.params.append(base)
+        if base.startswith("_"):
+            if base in ("_format", "_summary", "_pretty"):
+                continue
+            if base in ("_include", "_revinclude"):
+                if modifier or chain:
+                    raise forbidden_param(name, "iterate/recurse includes are not allowed")
+                for value in values:
+                    _include_value(req, base, value, allowed)
+                continue
+            if base == "_id":
+                if modifier or chain:
+                    raise forbidden_param(name, "modifiers on _id are not allowed")
+                if kind == "Patient":
+                    for value in values:
+                        ids = [patient_of_reference(v, bare_is_patient=True) for v in value.split(",")]
+                        if not all(ids):
+                            raise invalid("malformed patient id in _id")
+                        for patient in ids:
+                            req.add_patient(patient)
+                    scoped_by.append(name)
+                continue
+            if base in HARMLESS_CONTROLS:
+                continue
+            if base in PROBING_CONTROLS and base in allowed:
+                continue
+            raise forbidden_param(name, "it can probe patients outside your care team"
+                                  if base in PROBING_CONTROLS else "unknown control parameter")
+        if base in links:
+            if chain is not None:
+                if modifier not in (None, "Patient"):
+                    raise forbidden_param(name, "chains are only allowed through Patient")
+                continue  # selects patients by their data: unscoped, the response is filtered
+            if modifier not in (None, "Patient"):
+                continue  # :missing, :identifier, :not... do not scope the search
+            scope = True
+            for value in values:
+                for item in value.split(","):
+                    patient = patient_of_reference(item, bare_is_patient=True)
+                    if patient is False:
+                        raise invalid(f"malformed reference in {name!r}")
+                    if patient is None:
+                        scope = False  # e.g. performer=Practitioner/D1
+                    else:
+                        req.add_patient(patient)
+            if scope:
+                scoped_by.append(name)
+            continue
+        if chain is not None:
+            if f"{base}." not in allowed and name not in allowed:
+                raise forbidden_param(name, "chained parameters outside the Patient compartment can probe "
+                                            "other patients")
+            continue
+        # Any other parameter that names a patient (focus=Patient/P2...) must pass too.
+        for value in values:
+            for item in value.split(","):
+                patient = patient_of_reference(item, bare_is_patient=False)
+                if patient:
+                    req.add_patient(patient)
+    req.scoped = bool(scoped_by)
+
+
+def _include_value(req: FhirRequest, base: str, value: str, allowed: frozenset[str]) -> None:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not TYPE_RE.match(parts[0]) or not parts[1] or parts[1] == "*":
+        raise forbidden_param(base, f"{value[:64]!r}: use Type:parameter (no wildcard)")
+    if parts[0] not in R4_TYPES:
+        raise forbidden_param(base, f"unknown resource type {parts[0][:64]!r}")
+    if base == "_include":
+        req.includes.append(value)
+        return
+    if req.resource_type != "Patient" and "_revinclude" not in allowed:
+        raise forbidden_param(base, "reverse includes are only allowed on Patient searches")
+    if parts[1] not in set(PATIENT_COMPARTMENT.get(parts[0], ())) | PATIENT_PARAMS:
+        if "_revinclude" not in allowed:
+            raise forbidden_param(base, f"{value[:64]!r} does not point at the patient")
+    req.revincludes.append(value)

@@ -1,0 +1,290 @@
+"""FHIR responses: which patients a returned resource is about, Bundle filtering, masking.
+
+Pure functions over parsed JSON. The care-team question is asked through a ``Judge`` built by
+:mod:`.enforce`; its ``decide`` may raise ``NeedIO`` when a decision is not cached, and the whole
+processing is then re-run in a worker thread (the same pattern as the request pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .categories import FhirPolicy
+from .compartment import patient_of_reference
+
+NO_PATIENT = "fhir_no_patient"
+
+
+def patient_links(resource: Any) -> tuple[set[str], bool]:
+    """(patient ids the resource refers to, whether some patient reference could not be read).
+
+    Every ``reference`` anywhere in the resource (contained resources included) counts, which is a
+    superset of the compartment links: a resource is shown only if every patient it mentions passes.
+    A ``Patient`` resource is about itself.
+    """
+    found: set[str] = set()
+    unreadable = False
+    if isinstance(resource, dict) and resource.get("resourceType") == "Patient" and "id" in resource:
+        patient = patient_of_reference(str(resource["id"]), bare_is_patient=True)
+        if patient:
+            found.add(patient)
+        else:
+            unreadable = True
+    stack = [resource]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                patient = patient_of_reference(ref, bare_is_patient=False)
+                if patient:
+                    found.add(patient)
+                elif patient is False or (patient is None and item.get("type") == "Patient"):
+                    unreadable = True
+            elif item.get("type") == "Patient" and "identifier" in item:
+                unreadable = True  # a logical reference to a patient we cannot name
+            stack.extend(v for k, v in item.items() if k != "reference")
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found, unreadable
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    reason: str
+    category: str | None
+    patients: tuple[str, ...] = ()
+
+
+class Judge:
+    """Decides, resource by resource, for one user."""
+
+    def __init__(self, *, fhir: FhirPolicy, policy, roles: tuple[str, ...],
+                 member: Callable[[str, str, str], bool]):
+        self.fhir, self.policy, self.roles, self.member = fhir, policy, roles, member
+
+    def resource(self, resource: Any, action: str = "read") -> Verdict:
+        if not isinstance(resource, dict):
+            return Verdict(False, "fhir_invalid_response", None)
+        kind = resource.get("resourceType")
+        if kind == "OperationOutcome":
+            return Verdict(True, "allowed", None)
+        category = self.fhir.category_of(resource)
+        if category is None:
+            return Verdict(False, "fhir_type_not_mapped", None)
+        if not self.policy.permits(self.roles, category, action):
+            return Verdict(False, "category_not_permitted", category)
+        patients, unreadable = patient_links(resource)
+        if self.policy.category(category).care_team_required:
+            if unreadable:
+                return Verdict(False, NO_PATIENT, category, tuple(sorted(patients)))
+            if not patients:
+                return Verdict(False, NO_PATIENT, category)
+            for patient in sorted(patients):
+                if not self.member(patient, category, action):
+                    return Verdict(False, "not_in_care_team", category, tuple(sorted(patients)))
+        return Verdict(True, "allowed", category, tuple(sorted(patients)))
+
+    def masks(self, category: str) -> dict[str, list[str]]:
+        return self.fhir.masked(self.roles, category, lambda role: self.policy.permits([role], category, "read"))
+
+
+def remove_path(node: Any, path: list[str]) -> int:
+    """Remove ``a.b.c`` from a resource (through lists); number of elements removed."""
+    if isinstance(node, list):
+        return sum(remove_path(item, path) for item in node)
+    if not isinstance(node, dict) or not path:
+        return 0
+    head = path[0]
+    removed = 0
+    # FHIR primitive extensions live in "_name": remove them with the value.
+    if len(path) == 1:
+        for key in (head, "_" + head):
+            if key in node:
+                del node[key]
+                removed += 1
+        return removed
+    return remove_path(node.get(head), path[1:])
+
+
+def apply_masks(resource: dict, judge: Judge, category: str | None) -> list[str]:
+    """Mask a kept resource (and its contained resources) for the user; the element names removed."""
+    removed: list[str] = []
+    targets = [(resource, category)]
+    for contained in resource.get("contained") or []:
+        if isinstance(contained, dict):
+            targets.append((contained, judge.fhir.category_of(contained)))
+    for target, cat in targets:
+        if cat is None:
+            continue
+        for element in judge.masks(cat).get(target.get("resourceType"), []):
+            if remove_path(target, element.split(".")):
+                removed.append(f"{target.get('resourceType')}.{element}")
+    return removed
+
+
+@dataclass
+class Outcome:
+    """The result of processing one response body."""
+
+    body: Any
+    status: int
+    refused_reason: str | None = None
+    returned: int = 0
+    hidden: int = 0
+    hidden_reasons: dict[str, int] = field(default_factory=dict)
+    masked: set[str] = field(default_factory=set)
+    patients: set[str] = field(default_factory=set)
+
+
+class BundleRewriter:
+    """Rewrites links of a Bundle so they point at the proxy, never at the upstream."""
+
+    def __init__(self, upstream_origin: str, proxy_origin: str):
+        self.upstream = upstream_origin.rstrip("/")
+        self.proxy = proxy_origin.rstrip("/")
+
+    def url(self, url: Any) -> Any:
+        if isinstance(url, str) and self.upstream and (url == self.upstream or url.startswith(self.upstream + "/")):
+            return self.proxy + url[len(self.upstream):]
+        return url
+
+
+def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, filtered_search: bool) -> Outcome:
+    """Check, filter and mask a parsed FHIR response body."""
+    out = Outcome(body, status)
+    if not isinstance(body, dict) or "resourceType" not in body:
+        raise ValueError("the FHIR response is not a resource")
+    if body["resourceType"] == "Bundle":
+        _bundle(body, judge, rewriter, out, filtered_search)
+        return out
+    verdict = judge.resource(body)
+    if not verdict.ok:
+        out.refused_reason = verdict.reason
+        out.hidden = 1
+        out.hidden_reasons[verdict.reason] = 1
+        return out
+    if body["resourceType"] != "OperationOutcome":
+        out.returned = 1
+        out.patients.update(verdict.patients)
+        out.masked.update(apply_masks(body, judge, verdict.category))
+    return out
+
+
+def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: Outcome, filtered_search: bool) -> None:
+    kind = bundle.get("type")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise ValueError("Bundle.entry is not a list")
+    kept: list = []
+    hidden_matches = 0
+    visible_matches = 0
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError("a Bundle entry is not an object")
+        if "fullUrl" in entry:
+            entry["fullUrl"] = rewriter.url(entry["fullUrl"])
+        resource = entry.get("resource")
+        is_match = (entry.get("search") or {}).get("mode", "match") == "match"
+        if resource is None:
+            kept.append(entry)
+            continue
+        if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
+            _bundle(resource, judge, rewriter, out, filtered_search=True)
+            kept.append(entry)
+            continue
+        verdict = judge.resource(resource)
+        if verdict.ok:
+            if resource.get("resourceType") != "OperationOutcome":
+                out.returned += 1
+                out.patients.update(verdict.patients)
+                out.masked.update(apply_masks(resource, judge, verdict.category))
+            visible_matches += is_match
+            kept.append(entry)
+            continue
+        out.hidden += 1
+        out.hidden_reasons[verdict.reason] = out.hidden_reasons.get(verdict.reason, 0) + 1
+        hidden_matches += is_match
+        if kind in ("batch-response", "transaction-response"):
+            kept.append({"response": {"status": "403", "outcome": {
+                "resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "forbidden",
+                           "diagnostics": f"dpiguard withheld this resource ({verdict.reason})"}]}}})
+    if kind == "searchset" and out.hidden:
+        kept = _prune_includes(kept)
+    if entries:
+        bundle["entry"] = kept
+    links = bundle.get("link") or []
+    for link in links:
+        if isinstance(link, dict) and "url" in link:
+            link["url"] = rewriter.url(link["url"])
+    if kind in ("searchset", "history") and (filtered_search or hidden_matches):
+        paged = any(isinstance(l, dict) and l.get("relation") in ("next", "previous", "prev") for l in links)
+        if paged:
+            bundle.pop("total", None)  # the real count would reveal hidden matches
+        else:
+            bundle["total"] = visible_matches
+
+
+def _key(resource: Any) -> str | None:
+    if isinstance(resource, dict) and "resourceType" in resource and "id" in resource:
+        return f"{resource['resourceType']}/{resource['id']}"
+    return None
+
+
+def _references(resource: Any) -> set[str]:
+    found: set[str] = set()
+    stack = [resource]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str) and "/" in ref:
+                parts = ref.split("/")
+                if len(parts) >= 4 and parts[-2] == "_history":
+                    parts = parts[:-2]
+                found.add("/".join(parts[-2:]))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _prune_includes(entries: list) -> list:
+    """Keep an included entry only if it is linked to a match that is still there.
+
+    Otherwise ``_include`` would show, for instance, the Patient of a hidden Observation (telling that
+    this patient has such a result) and ``_revinclude`` the resources pointing at hidden matches.
+    """
+    matches = [e for e in entries if (e.get("search") or {}).get("mode", "match") == "match"]
+    match_keys = {_key(e.get("resource")) for e in matches} - {None}
+    referenced = set().union(*(_references(e.get("resource")) for e in matches)) if matches else set()
+    kept = []
+    for entry in entries:
+        if (entry.get("search") or {}).get("mode", "match") == "match":
+            kept.append(entry)
+            continue
+        resource = entry.get("resource")
+        if _key(resource) in referenced or _references(resource) & match_keys:
+            kept.append(entry)
+    return kept
+
+
+def operation_outcome(reason: str, status: int, message: str, request_id: str, issue: str = "forbidden") -> dict:
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": "error",
+            "code": issue,
+            "details": {"coding": [{"system": "urn:dpiguard:reason", "code": reason}], "text": message},
+            "diagnostics": f"dpiguard refused the request ({reason}); request id {request_id}",
+        }],
+    }
+
+
+def iter_resources(bundle: dict) -> Iterable[dict]:
+    for entry in bundle.get("entry") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+            yield entry["resource"]
