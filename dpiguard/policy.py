@@ -26,13 +26,17 @@ import casbin
 
 from .httpmap import ACTIONS, LineDict, PolicyError, RouteTable, load_yaml, read_policy_file
 
-__all__ = ["ACTIONS", "Category", "Policy", "PolicyError", "POLICY_FILES"]
+__all__ = ["ACTIONS", "Category", "Policy", "PolicyError", "POLICY_FILES", "COMPANION_FILES", "VERSIONED_FILES"]
 
 MODEL_FILE = "model.conf"
 POLICY_FILE = "policy.csv"
 CATEGORIES_FILE = "categories.yaml"
 ROUTES_FILE = "routes.yaml"
 POLICY_FILES = (CATEGORIES_FILE, MODEL_FILE, POLICY_FILE, ROUTES_FILE)
+#: Other RSSI files of the same folder, loaded by their own modules (FHIR, emergency access, transversal
+#: units). They are part of the policy version and of hot reload; each is optional.
+COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml")
+VERSIONED_FILES = POLICY_FILES + COMPANION_FILES
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CASBIN_LINE_RE = re.compile(r"line (\d+)")
@@ -251,6 +255,13 @@ class Policy:
                                        _line_of(texts[MODEL_FILE], "m ="), labels[POLICY_FILE])
         routes = RouteTable.from_text(texts[ROUTES_FILE], labels[ROUTES_FILE],
                                       {name: c.patient_bound for name, c in categories.items()})
+        for name in COMPANION_FILES:  # validated by their own loaders; here only versioned
+            try:
+                contents[name] = (directory / name).read_bytes()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise PolicyError(str(directory / name), None, f"cannot read: {exc}") from None
         return cls(directory=directory, roles=roles, categories=categories, permitted=permitted,
                    routes=routes, version=_policy_version(contents), rule_lines=rules,
                    role_lines=reader.role_lines, category_lines=reader.category_lines)

@@ -39,6 +39,24 @@ def _policy_dir(args) -> Path:
 
 
 # -- check -----------------------------------------------------------------------------------------
+def _check_companions(directory: Path, policy: Policy) -> set[tuple[str, str]]:
+    """Validate fhir.yaml, breakglass.yaml and careteam.yaml (PolicyError naming file and line); return
+    the (category, action) pairs the FHIR resource types open."""
+    from .breakglass import BreakGlassPolicy
+    from .fhir.categories import FHIR_FILE, FhirPolicy
+    from .transversal import CARETEAM_FILE, CareTeamPolicy
+
+    BreakGlassPolicy.load(directory, policy.roles, policy.categories)
+    CareTeamPolicy.load(directory / CARETEAM_FILE, policy.categories)
+    routed: set[tuple[str, str]] = set()
+    if (directory / FHIR_FILE).exists():
+        fhir = FhirPolicy.load(directory / FHIR_FILE, policy.roles, policy.categories)
+        for rule in fhir.types.values():
+            for category in rule.categories:
+                routed |= {(category, "read"), (category, "write")}
+    return routed
+
+
 def cmd_check(args) -> int:
     from .policylint import lint
 
@@ -49,7 +67,13 @@ def cmd_check(args) -> int:
         print(f"{exc.file}{':' + str(exc.line) if exc.line else ''}: error: {exc.message}")
         print(f"policy NOT valid: dpiguard refuses it (a running proxy keeps its current version)")
         return 1
-    findings = lint(policy)
+    try:
+        extra_routed = _check_companions(directory, policy)
+    except PolicyError as exc:
+        print(f"{exc.file}{':' + str(exc.line) if exc.line else ''}: error: {exc.message}")
+        print(f"policy NOT valid: dpiguard refuses it (a running proxy keeps its current version)")
+        return 1
+    findings = lint(policy, extra_routed)
     for finding in findings:
         print(finding)
     warnings = len(findings)

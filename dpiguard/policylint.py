@@ -86,8 +86,11 @@ def _describe(route: Route) -> str:
     return f"route '{route.name}' ({route.method} {route.pattern} -> {route.category} {route.action})"
 
 
-def lint(policy: Policy) -> list[Finding]:
-    """Warnings about a loaded policy (see the module docstring), sorted by file and line."""
+def lint(policy: Policy, extra_routed: set[tuple[str, str]] = frozenset()) -> list[Finding]:
+    """Warnings about a loaded policy (see the module docstring), sorted by file and line.
+
+    ``extra_routed``: (category, action) pairs reachable by other means than routes.yaml, e.g. the
+    FHIR resource types of policies/fhir.yaml (read, and write through create/update)."""
     found: list[Finding] = []
     cat_file, rules_file, routes_file = (policy.file(n) for n in (CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE))
 
@@ -96,7 +99,8 @@ def lint(policy: Policy) -> list[Finding]:
 
     permitted = policy.permitted
     routes = [r for r in policy.routes.routes if not r.public]
-    routed = {(r.category, r.action) for r in routes}
+    routed = {(r.category, r.action) for r in routes} | set(extra_routed)
+    used = {r.category for r in routes} | {category for category, _ in extra_routed}
     for role in policy.roles:
         if not any(p[0] == role for p in permitted):
             warn(cat_file, policy.role_lines.get(role),
@@ -105,11 +109,11 @@ def lint(policy: Policy) -> list[Finding]:
         line = policy.category_lines.get(name)
         if not any(p[1] == name for p in permitted):
             warn(cat_file, line, f"category '{name}': no role may read or write it ({POLICY_FILE} has no rule)")
-        if not any(r.category == name for r in routes):
-            warn(cat_file, line, f"category '{name}': no route in {ROUTES_FILE} uses it, so its rules "
-                                 "protect nothing")
+        if name not in used:
+            warn(cat_file, line, f"category '{name}': no route in {ROUTES_FILE} (nor FHIR type) uses it, "
+                                 "so its rules protect nothing")
     for (role, category, action), line in sorted(policy.rule_lines.items(), key=lambda kv: kv[1]):
-        if (category, action) not in routed and any(r.category == category for r in routes):
+        if (category, action) not in routed and category in used:
             methods = "POST/PUT/PATCH/DELETE" if action == "write" else "GET/HEAD"
             warn(rules_file, line, f"rule 'p, {role}, {category}, {action}' can never match: no route "
                                    f"{action}s '{category}' (no {methods} route, or 'action: {action}', "

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import redis
 
 from .audit import AuditLog
-from .policy import POLICY_FILES, Policy
+from .policy import VERSIONED_FILES, Policy
 
 log = logging.getLogger("dpiguard")
 
@@ -41,7 +41,7 @@ log = logging.getLogger("dpiguard")
 def files_fingerprint(directory: Path) -> str:
     """sha256 over the bytes of the policy files (a missing or unreadable file counts as a state)."""
     digest = hashlib.sha256()
-    for name in sorted(POLICY_FILES):
+    for name in sorted(VERSIONED_FILES):
         digest.update(name.encode() + b"\0")
         try:
             data = (directory / name).read_bytes()
@@ -67,7 +67,8 @@ class PolicyReloader:
     def __init__(self, *, target: Any, directory: Path, interval: float, audit: AuditLog,
                  on_swap: Callable[[], Any] = lambda: None, redis_client: redis.Redis | None = None,
                  prefix: str = "dpiguard", instance_id: str = "", publish: Callable[[str], Any] | None = None,
-                 loaded_fingerprint: str | None = None):
+                 loaded_fingerprint: str | None = None,
+                 load_companions: Callable[[Policy], Callable[[], Any]] | None = None):
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.target = target
@@ -79,6 +80,9 @@ class PolicyReloader:
         self.prefix = prefix
         self.instance_id = instance_id
         self.publish = publish
+        # Loads and validates the companion files (fhir.yaml...) for a new policy and returns the
+        # function that puts them in service; raising refuses the whole edit.
+        self.load_companions = load_companions or (lambda policy: (lambda: None))
         self._lock = threading.Lock()  # one reload at a time
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -142,6 +146,7 @@ class PolicyReloader:
             old = self.target.policy
             try:
                 new = Policy.load(self.directory)
+                apply_companions = self.load_companions(new)
             except Exception as exc:  # PolicyError, or anything unexpected: keep the running policy
                 self._refuse(old, exc)
                 return False
@@ -152,6 +157,7 @@ class PolicyReloader:
             if new.version == old.version:
                 self._clear_error(old)  # an invalid edit was undone
                 return None
+            apply_companions()  # companion files first: each is complete and valid on its own
             self.target.policy = new  # the swap: one attribute assignment
             self.error, self.error_since = None, None
             self.last_reload, self.reloads = time.time(), self.reloads + 1

@@ -21,7 +21,7 @@ import orjson
 from .careteam import Membership, compute_membership
 from .httpmap import (ACTIONS, HostileRequest, LineDict, LineList, PolicyError, RouteMatch, load_yaml,
                       read_policy_file)
-from .pipeline import KNOWN_METHODS, authorize, map_request, needs_care_team
+from .pipeline import KNOWN_METHODS, authorize, map_request, needs_care_team, parse_target
 from .policy import CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE, Policy
 
 DEFAULT_GRACE = 86400.0
@@ -73,6 +73,50 @@ def _route_line(policy: Policy, name: str) -> int | None:
     return None
 
 
+# -- FHIR requests: mapped by the same analyzer as the proxy (policies/fhir.yaml) ---------------------
+_FHIR_POLICIES: dict[tuple[str, str], Any] = {}
+
+
+def _fhir_policy(policy: Policy):
+    """The FHIR policy of the policy's folder (None without fhir.yaml), loaded once per version."""
+    from .fhir.categories import FHIR_FILE, FhirPolicy
+
+    key = (str(policy.directory), policy.version)
+    if key not in _FHIR_POLICIES:
+        path = policy.directory / FHIR_FILE
+        _FHIR_POLICIES[key] = FhirPolicy.load(path, policy.roles, policy.categories) if path.exists() else None
+    return _FHIR_POLICIES[key]
+
+
+def map_any(policy: Policy, method: str, target: str) -> RouteMatch | None:
+    """Like pipeline.map_request, but FHIR addresses go through the FHIR analyzer as in the proxy.
+
+    Raises HostileRequest, or FhirRefusal for a FHIR request the proxy refuses before forwarding. A FHIR
+    search without patient gives a match without patient (the proxy filters the answer)."""
+    from .fhir.compartment import FhirRefusal, analyze
+
+    fhir = _fhir_policy(policy)
+    if fhir is not None:
+        path, query, _ = parse_target(target)
+        if fhir.owns(path):
+            freq = analyze(method, fhir.segments(path), query, types=fhir.types,
+                           allowed_params=fhir.allow_parameters, operations=fhir.operations)
+            rule = fhir.types.get(freq.resource_type or "")
+            if rule is None:
+                raise FhirRefusal("fhir_not_supported", "no resource type in this FHIR request")
+            if not freq.patients and freq.interaction == "search" and rule.search == "refuse":
+                raise FhirRefusal("fhir_search_not_scoped",
+                                  f"a {freq.resource_type} search must name the patient (patient=...)")
+            if len(freq.patients) > 1:
+                raise FhirRefusal("fhir_not_supported", "the simulator decides one patient at a time")
+            patient = freq.patients[0] if freq.patients else None
+            return RouteMatch(route_name=f"FHIR {freq.interaction} {freq.resource_type} (fhir.yaml)",
+                              public=False, category=rule.category, action=freq.action, patient=patient,
+                              fhir=True)
+    match, _, _ = map_request(policy, method, target)
+    return match
+
+
 def decide_request(policy: Policy, roles: Iterable[str], method: str, target: str, *, user: str,
                    units: tuple[str, ...], careteam: CareTeamSource, now: float) -> Decision:
     """Decide a raw request line as the proxy would for a logged-in user with ``roles``."""
@@ -81,9 +125,11 @@ def decide_request(policy: Policy, roles: Iterable[str], method: str, target: st
     if method not in KNOWN_METHODS:
         d.reason, d.message = "method_not_allowed", f"method {method!r} is not allowed"
         return d
+    from .fhir.compartment import FhirRefusal
+
     try:
-        match, _, _ = map_request(policy, method, target)
-    except HostileRequest as exc:
+        match = map_any(policy, method, target)
+    except (HostileRequest, FhirRefusal) as exc:
         d.reason, d.message = exc.reason, exc.message
         return d
     if match is not None and match.public:
@@ -532,9 +578,11 @@ def _example_requests(policy: Policy) -> set[tuple[str, str]]:
 
 
 def _mapped_as(policy: Policy, method: str, target: str) -> str:
+    from .fhir.compartment import FhirRefusal
+
     try:
-        match, _, _ = map_request(policy, method, target)
-    except HostileRequest as exc:
+        match = map_any(policy, method, target)
+    except (HostileRequest, FhirRefusal) as exc:
         return exc.reason
     if match is None:
         return "no route"

@@ -76,6 +76,39 @@ def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticato
     return service, AccessDecider(careteam, objections, grants, bg_policy)
 
 
+def companions_loader(cfg: Config, pipeline: Pipeline, careteam: CareTeamStore, breakglass, access):
+    """For hot reload: load and validate fhir.yaml, breakglass.yaml and careteam.yaml for a new policy,
+    and return the function that puts them in service (see PolicyReloader.load_companions)."""
+    from .breakglass import BreakGlassPolicy
+    from .fhir.categories import FHIR_FILE, FhirPolicy
+
+    directory = cfg.path(cfg.policies.dir)
+
+    def load(policy: Policy):
+        bg = BreakGlassPolicy.load(directory, policy.roles, policy.categories)
+        ct = careteam_policy(cfg, policy.categories)
+        grace = cfg.careteam.grace_seconds if ct.grace_seconds is None else ct.grace_seconds
+        fhir_path = directory / FHIR_FILE
+        fhir_policy = FhirPolicy.load(fhir_path, policy.roles, policy.categories) if fhir_path.exists() else None
+        if (fhir_policy is None) != (pipeline.fhir is None):
+            from .policy import PolicyError
+
+            raise PolicyError(str(fhir_path), None, "adding or removing fhir.yaml needs a restart of dpiguard")
+
+        def apply() -> None:
+            if access is not None:
+                access.policy = bg
+            if breakglass is not None:
+                breakglass.policy = bg
+            careteam.transversal, careteam.grace = dict(ct.units), grace
+            if fhir_policy is not None:
+                pipeline.fhir.policy = fhir_policy
+
+        return apply
+
+    return load
+
+
 @dataclass
 class Services:
     config: Config
@@ -178,7 +211,8 @@ def build_services(cfg: Config) -> Services:
         services.reloader = PolicyReloader(
             target=pipeline, directory=cfg.path(cfg.policies.dir), interval=cfg.policies.reload_interval,
             audit=audit, on_swap=drop_decisions, redis_client=client, prefix=cfg.redis.prefix,
-            instance_id=cfg.instance_id, publish=bus.publish, loaded_fingerprint=fingerprint)
+            instance_id=cfg.instance_id, publish=bus.publish, loaded_fingerprint=fingerprint,
+            load_companions=companions_loader(cfg, pipeline, careteam, breakglass, access))
         bus.subscribe(services.reloader.on_bus_event)
     return services
 

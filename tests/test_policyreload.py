@@ -127,3 +127,44 @@ def test_bus_all_event_triggers_an_immediate_look(setup):
     while target.policy.version == old and time.monotonic() < deadline:
         time.sleep(0.02)
     assert target.policy.version != old
+
+
+# -- companion files (fhir.yaml, breakglass.yaml, careteam.yaml), through the real service wiring ----
+@pytest.fixture
+def services(tmp_path, redis_server, r):
+    from dpiguard.config import load_config
+    from dpiguard.demo.runner import write_demo_config
+    from dpiguard.redis_server import free_port
+    from dpiguard.services import build_services
+
+    directory = tmp_path / "policies"
+    shutil.copytree(POLICIES, directory)
+    config_path = write_demo_config(tmp_path, host="127.0.0.1", port=free_port(), upstream_port=free_port(),
+                                    redis_url=redis_server.url, policies_dir=directory,
+                                    extra={"policies": {"dir": str(directory), "reload_interval": 5}})
+    s = build_services(load_config(config_path))
+    yield directory, s
+    s.stop()
+
+
+def test_companion_file_edit_is_versioned_validated_and_applied(services):
+    directory, s = services
+    old_version = s.policy.version
+    assert s.portal.breakglass.policy.duration_seconds == 14400
+    edit(directory / "breakglass.yaml", "duration_seconds: 14400", "duration_seconds: 3600")
+    assert s.reloader.check() is True
+    assert s.policy.version != old_version  # every decision record shows the change
+    assert s.portal.breakglass.policy.duration_seconds == 3600
+    assert s.pipeline.access.policy.duration_seconds == 3600
+
+
+def test_broken_companion_file_keeps_everything_running(services):
+    directory, s = services
+    old_policy, old_fhir = s.policy, s.pipeline.fhir.policy
+    edit(directory / "fhir.yaml", "category: biology", "category: biolgy")
+    assert s.reloader.check() is False
+    assert s.policy is old_policy and s.pipeline.fhir.policy is old_fhir
+    assert "fhir.yaml" in s.reloader.error and "biolgy" in s.reloader.error
+    (directory / "fhir.yaml").unlink()
+    assert s.reloader.check() is False and "restart" in s.reloader.error
+    assert s.pipeline.fhir.policy is old_fhir
