@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .audit import AuditLog
+from .audit import AuditLog, from_config as audit_from_config
 from .auth import Authenticator, LoginPolicy
 from .bus import InvalidationBus
 from .cache import DecisionCache
@@ -81,13 +81,16 @@ class Services:
             self.redis.ping()
         except redis.RedisError:
             redis_ok = False
-        audit_ok = self.audit._fd is not None
+        audit_ok = self.audit.writable
+        refuse = self.config.audit.on_failure == "refuse"
         return {
-            "ready": redis_ok and audit_ok and self.policy is not None,
+            "ready": redis_ok and (audit_ok or not refuse) and self.policy is not None,
             "instance": self.config.instance_id,
             "redis": redis_ok,
             "cache_coherent": self.bus.coherent,
             "audit_writable": audit_ok,
+            "audit": dict(self.audit.status(), on_failure=self.config.audit.on_failure,
+                          serving_patient_data=audit_ok or not refuse),
             "policy_version": self.policy.version,
             "decision_cache": self.cache.stats(),
         }
@@ -101,7 +104,7 @@ def build_services(cfg: Config) -> Services:
     sessions = session_store(cfg, client)
     careteam = careteam_store(cfg, client)
     cache = DecisionCache(max_entries=cfg.decision_cache.max_entries, ttl=cfg.decision_cache.ttl)
-    audit = AuditLog(cfg.path(cfg.audit.path), cfg.instance_id).open()
+    audit = audit_from_config(cfg).open()
     signer = AssertionSigner.from_pem_file(cfg.path(cfg.secrets.assertion_private_key_file), audience=cfg.audience,
                                            ttl=cfg.secrets.assertion_ttl)
     authenticator = Authenticator(client, users, LoginPolicy(

@@ -96,7 +96,7 @@ class Stack:
 
     @property
     def audit_path(self) -> Path:
-        return self.workdir / "audit.jsonl"
+        return self.workdir / "audit"
 
     def start_proxy(self, instance: str, env: dict | None = None) -> Proxy:
         port = free_port()
