@@ -566,7 +566,7 @@ class AuditLog:
             self.writable = False
             self.last_error = f"{type(exc).__name__}: {exc}"
             print(f"dpiguard: AUDIT WRITE FAILED ({self.last_error}); refusing requests", file=sys.stderr)
-            if future is not None:
+            if future is not None and not future.done():
                 future.set_exception(AuditError(f"cannot write audit chain {self._segment}: {exc}"))
             return False
         if cp_seq != self._cp_seq:
@@ -577,7 +577,7 @@ class AuditLog:
         self.writable = True
         self.records_written += len(lines)
         self.batches += 1
-        if future is not None:
+        if future is not None and not future.done():
             future.set_result(seq)
         try:
             self._write_head(durable=force_checkpoint)
