@@ -120,9 +120,6 @@ def register(sub, with_config) -> None:
     sp.add_argument("--dry-run", action="store_true")
     sp.set_defaults(func=cmd_prune, dir=None, public_key=None, no_signatures=False)
 
-    for module in ("dpiguard.auditreport", "dpiguard.auditcollect", "dpiguard.auditexport"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError:
-            continue
-        mod.register(asub, with_config)
+    from . import auditreport
+
+    auditreport.register(asub, with_config)
