@@ -120,7 +120,8 @@ def register(sub, with_config) -> None:
     sp.add_argument("--dry-run", action="store_true")
     sp.set_defaults(func=cmd_prune, dir=None, public_key=None, no_signatures=False)
 
-    from . import auditcollect, auditreport
+    from . import auditcollect, auditexport, auditreport
 
     auditreport.register(asub, with_config)
     auditcollect.register(asub, with_config)
+    auditexport.register(asub, with_config)
