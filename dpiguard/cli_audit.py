@@ -102,6 +102,27 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_unthrottle(args) -> int:
+    from .auditcollect import _client
+    from .massaccess import unthrottle
+
+    cfg = _cfg(args)
+    removed = unthrottle(_client(cfg), cfg.redis.prefix, args.login)
+    import getpass
+
+    from .audit import admin_log
+
+    log = admin_log(cfg)
+    try:
+        log.write({"event": "admin", "action": "mass_access_unthrottle", "outcome": "allow", "reason": "ok",
+                   "operator": getpass.getuser(), "user": args.login})
+    finally:
+        log.close()
+    print(f"{args.login}: " + ("throttle lifted (all instances within mass_access.refresh_seconds)" if removed
+                               else "was not throttled; counters reset"))
+    return 0
+
+
 def register(sub, with_config) -> None:
     audit = sub.add_parser("audit", help="audit trail: verify, prune, query, report, collect, export")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
@@ -119,6 +140,10 @@ def register(sub, with_config) -> None:
     sp.add_argument("--instance", help="only this chain")
     sp.add_argument("--dry-run", action="store_true")
     sp.set_defaults(func=cmd_prune, dir=None, public_key=None, no_signatures=False)
+
+    sp = with_config(asub.add_parser("unthrottle", help="lift a mass-access throttle on a user"))
+    sp.add_argument("login")
+    sp.set_defaults(func=cmd_unthrottle)
 
     from . import auditcollect, auditexport, auditreport
 

@@ -115,6 +115,15 @@ class Audit:
 
 
 @dataclass
+class MassAccess:
+    max_patients: int = 50
+    window_seconds: int = 600
+    action: str = "alert"
+    throttle_seconds: int = 900
+    refresh_seconds: float = 1.0
+
+
+@dataclass
 class Identity:
     strip_headers: list[str] = field(default_factory=list)
 
@@ -139,6 +148,7 @@ class Config:
     careteam: CareTeam = field(default_factory=CareTeam)
     decision_cache: DecisionCacheSection = field(default_factory=DecisionCacheSection)
     audit: Audit = field(default_factory=Audit)
+    mass_access: MassAccess = field(default_factory=MassAccess)
     identity: Identity = field(default_factory=Identity)
     limits: Limits = field(default_factory=Limits)
     base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
@@ -176,6 +186,7 @@ _POSITIVE_INTS = {
     "login.ip_max_failures", "login.ip_window", "login.ip_block_seconds", "decision_cache.max_entries",
     "limits.max_header_bytes", "limits.max_url_bytes",
     "audit.rotate_bytes", "audit.rotate_seconds", "audit.checkpoint_records", "audit.group_commit_max",
+    "mass_access.window_seconds", "mass_access.throttle_seconds",
 }
 
 
@@ -318,6 +329,13 @@ def _validate_audit(cfg: Config) -> None:
         raise ConfigError("audit.checkpoint_seconds", "must be greater than 0")
     if not 0 <= a.group_commit_ms <= 100:
         raise ConfigError("audit.group_commit_ms", "must be between 0 and 100 (milliseconds)")
+    m = cfg.mass_access
+    if m.max_patients < 0:
+        raise ConfigError("mass_access.max_patients", "must be 0 (off) or more")
+    if m.action not in ("alert", "throttle"):
+        raise ConfigError("mass_access.action", f"must be 'alert' or 'throttle', got {m.action!r}")
+    if m.refresh_seconds <= 0:
+        raise ConfigError("mass_access.refresh_seconds", "must be greater than 0")
     store = cfg.path(a.path).resolve()
     key = cfg.path(a.signing_key_file).resolve()
     if key == store or store in key.parents:

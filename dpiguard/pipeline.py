@@ -121,6 +121,7 @@ class Pipeline:
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
         self.units_ttl = 60.0
+        self.mass_access = None  # MassAccessMonitor (dpiguard/massaccess.py): in-process checks only
 
     # -- invalidation hooks (called by the bus thread) ---------------------------------------------
     def drop_user(self, user: str) -> None:
@@ -212,7 +213,14 @@ class Pipeline:
                 verdict.message = "you are not in this patient's care team"
                 return verdict
 
+        mass = self.mass_access
+        if mass is not None and match.patient and mass.blocked(session.user, now):
+            verdict.reason = "mass_access"
+            verdict.message = "too many different patients opened in a short time; access paused, contact your supervisor"
+            return verdict
         units = self._user_units(session.user, io, now)
+        if mass is not None and match.patient:
+            mass.note(session.user, match.patient, now)
         verdict.units = units
         verdict.allowed, verdict.reason, verdict.status = True, "allowed", 200
         verdict.forward_target = forward_target

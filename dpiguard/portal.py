@@ -59,6 +59,7 @@ REASON_TEXT = {
     "csrf_origin_mismatch": "Cross-site request refused.",
     "header_too_large": "The request headers are too large.",
     "internal_error": "dpiguard could not take a safe decision; access refused. Contact IT support.",
+    "mass_access": "you opened many different patients' records in a short time; access is paused. Contact your supervisor.",
     "audit_unavailable": "the access trace could not be written, so no patient data is served. Contact IT support.",
     "tls_required": "This service is only served over HTTPS.",
     "method_not_allowed": "This HTTP method is not allowed.",

@@ -15,6 +15,7 @@ from .cache import DecisionCache
 from .careteam import CareTeamStore
 from .config import Config
 from .identity import AssertionSigner
+from .massaccess import MassAccessMonitor
 from .pipeline import Pipeline
 from .policy import Policy
 from .portal import Portal
@@ -61,18 +62,23 @@ class Services:
     audit: AuditLog
     pipeline: Pipeline
     portal: Portal
+    mass_access: MassAccessMonitor | None = None
 
     @property
     def policy(self) -> Policy:
         return self.pipeline.policy
 
     def start(self, wait: float = 5.0) -> None:
+        if self.mass_access is not None:
+            self.mass_access.start()
         self.bus.start()
         if not self.bus.wait_coherent(wait):
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
 
     def stop(self) -> None:
         self.bus.stop()
+        if self.mass_access is not None:
+            self.mass_access.stop()
         self.audit.close()
 
     def health(self) -> dict:
@@ -127,6 +133,11 @@ def build_services(cfg: Config) -> Services:
         health=lambda: services_ref["s"].health(),
     )
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
+    m = cfg.mass_access
+    if m.max_patients > 0:
+        services.mass_access = pipeline.mass_access = MassAccessMonitor(
+            client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
+            action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds)
     services_ref["s"] = services
     _wire_invalidation(services)
     return services

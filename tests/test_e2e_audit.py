@@ -137,3 +137,29 @@ def test_unwritable_audit_store_refuses_patient_data_and_says_so(stack):
     # What was written still verifies: failed batches were truncated away, never left half-written.
     rep = verify_store(stack.audit_path, verifier(stack), instance="full")[0]
     assert rep.ok, rep.describe()
+
+
+def test_mass_access_alert_then_throttle_through_the_proxy(stack):
+    proxy = stack.start_proxy("m", env={"DPIGUARD_MASS_ACCESS__MAX_PATIENTS": "3",
+                                        "DPIGUARD_MASS_ACCESS__ACTION": "throttle",
+                                        "DPIGUARD_MASS_ACCESS__REFRESH_SECONDS": "0.1"})
+    try:
+        c = stack.login(proxy, "acc.rousseau")  # reception: administrative data of any patient
+        for p in ("P0001", "P0002", "P0003", "P0004"):
+            assert c.get(f"/api/patients/{p}").status_code == 200
+        deadline = time.monotonic() + 10
+        while True:
+            r = c.get("/api/patients/P0005")
+            if r.status_code == 403:
+                break
+            assert time.monotonic() < deadline, "no throttle 10 s after the threshold was passed"
+            time.sleep(0.05)
+        assert r.json()["error"] == "mass_access"
+        assert c.get("/api/patients/P0001").json()["error"] == "mass_access"
+        records = [rec for rec in read_records(stack.audit_path / "m")]
+        alerts = [rec for rec in records if rec["event"] == "mass_access"]
+        assert len(alerts) == 1 and alerts[0]["user"] == "acc.rousseau" and alerts[0]["patients"] == 4
+        assert any(rec.get("reason") == "mass_access" and rec["outcome"] == "deny" for rec in records)
+    finally:
+        proxy.stop()
+        stack.proxies.remove(proxy)
