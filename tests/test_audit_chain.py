@@ -12,7 +12,8 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dpiguard.audit import (AuditError, AuditLog, AuditSigner, AuditVerifier, list_segments, read_records)
+from dpiguard.audit import (AuditError, AuditLog, AuditSigner, AuditVerifier, iter_chain, list_segments,
+                            read_records)
 from dpiguard.auditverify import prune_chain, verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +276,7 @@ def test_write_failure_fails_the_future_then_leaves_a_gap_record(tmp_path, key):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
-    events = [r["event"] for r in read_records(tmp_path)]
+    events = [r["event"] for _, _, r in iter_chain(tmp_path / "px1")]  # chain order
     assert "during" not in events
     assert events[:3] == ["before", "audit_gap", "after"]
     gap = [r for r in read_records(tmp_path) if r["event"] == "audit_gap"][0]
