@@ -22,7 +22,7 @@ from mitmproxy import ctx, exceptions, http
 from .fhir import hooks as fhir_hooks
 from .audit import utc_now_ms
 from .config import Config, ConfigError, load_config
-from .pipeline import Incoming, NeedIO, Verdict
+from .pipeline import Incoming, NeedIO, Verdict, audit_unavailable
 from .portal import PREFIX, MAX_BODY, Reply, SECURITY_HEADERS
 from .services import Services, build_services
 
@@ -30,6 +30,8 @@ log = logging.getLogger("dpiguard")
 
 PORTAL_KEY = "dpiguard_portal"
 FHIR_KEY = "dpiguard_fhir"  # (Incoming, Verdict) of a forwarded FHIR request: body and response checks
+REQUEST_ID_KEY = "dpiguard_request_id"
+REQUEST_ID_HEADER = "X-DPIGuard-Request-Id"
 
 
 class DpiGuard:
@@ -104,6 +106,7 @@ class DpiGuard:
             self._respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
             return
         req = self._incoming(flow)
+        flow.metadata[REQUEST_ID_KEY] = req.request_id
         plaintext_refused = s.pipeline.require_tls and not req.tls  # no password over plain HTTP either
         if req.target.startswith(PREFIX) and not plaintext_refused:
             length = flow.request.headers.get("content-length", "0")
@@ -116,6 +119,9 @@ class DpiGuard:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
             verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+        # No answer and no forwarding before the decision's record is on disk (group commit).
+        if not await self._durable(verdict, req):
+            verdict = audit_unavailable()
         if not verdict.allowed:
             self._respond(flow, s.portal.refusal(req, verdict))
             return
@@ -128,9 +134,28 @@ class DpiGuard:
         if session is not None and s.sessions.needs_touch(session, time.time()):
             asyncio.get_running_loop().run_in_executor(None, self._touch, session)
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
+    async def _durable(self, verdict: Verdict, req: Incoming) -> bool:
+        """Wait, without blocking the event loop, until the verdict's trace record is durable."""
+        future = verdict.audit
+        if future is None:  # no record could even be queued: decide() already made this a refusal
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.services.audit.write_timeout)
+            return True
+        except Exception as exc:
+            if self.services.config.audit.on_failure == "serve":
+                log.error("dpiguard: AUDIT RECORD LOST for request %s (%s %s by %s): %s; serving anyway "
+                          "(audit.on_failure=serve)", req.request_id, req.method, req.target[:200], verdict.user, exc)
+                return True
+            log.error("dpiguard: audit record of request %s not durable (%s); refusing", req.request_id, exc)
+            return False
+
+    async def responseheaders(self, flow: http.HTTPFlow) -> None:
         if FHIR_KEY in flow.metadata and flow.response is not None:
             flow.response.stream = False  # FHIR answers are checked whole before they leave
+        request_id = flow.metadata.get(REQUEST_ID_KEY)
+        if request_id and flow.response is not None and REQUEST_ID_HEADER not in flow.response.headers:
+            flow.response.headers[REQUEST_ID_HEADER] = request_id
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if FHIR_KEY in flow.metadata:
@@ -188,15 +213,19 @@ class DpiGuard:
     @staticmethod
     def _respond(flow: http.HTTPFlow, reply: Reply) -> None:
         headers = [(b"Content-Type", reply.content_type.encode())]
+        request_id = flow.metadata.get(REQUEST_ID_KEY)
+        if request_id:
+            headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
         headers += [(k.encode(), v.encode("latin-1")) for k, v in SECURITY_HEADERS]
         headers += [(k.encode(), v.encode("latin-1")) for k, v in reply.headers]
         flow.response = http.Response.make(reply.status, reply.body, headers)
 
     def _last_resort_trace(self, flow: http.HTTPFlow, exc: Exception) -> None:
-        try:
-            self.services.audit.write({
+        try:  # queued without waiting: this runs on the event loop, and the answer is a refusal anyway
+            self.services.audit.submit({
                 "event": "access", "outcome": "deny", "reason": "internal_error", "time": utc_now_ms(),
-                "method": flow.request.method[:16], "path": flow.request.path[:512],
+                "request_id": flow.metadata.get(REQUEST_ID_KEY),
+                "method": flow.request.method[:16], "target": flow.request.path[:512],
                 "detail": f"{type(exc).__name__}: {exc}"[:300],
             })
         except Exception:

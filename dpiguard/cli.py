@@ -29,7 +29,7 @@ import orjson
 from .config import ConfigError, load_config
 
 #: Modules adding command groups (one line each); see register() in each.
-COMMAND_MODULES: list[str] = ["dpiguard.cli_adt", "dpiguard.policycli", "dpiguard.cli_breakglass"]
+COMMAND_MODULES: list[str] = ["dpiguard.cli_adt", "dpiguard.policycli", "dpiguard.cli_breakglass", "dpiguard.cli_audit"]
 
 
 def _config(args, check_files: bool = True):
@@ -60,9 +60,9 @@ def parse_time(value: str | None) -> float | None:
 
 def _audit_admin(cfg, action: str, **fields) -> None:
     """User and care-team management leave a trace too."""
-    from .audit import AuditLog
+    from .audit import admin_log
 
-    log = AuditLog(cfg.path(cfg.audit.path), f"cli-{os.getpid()}").open()
+    log = admin_log(cfg)
     try:
         log.write({"event": "admin", "action": action, "outcome": "allow", "reason": "ok",
                    "operator": getpass.getuser(), **fields})
@@ -132,7 +132,8 @@ def cmd_keys_init(args) -> int:
     data_key = cfg.path(cfg.secrets.data_key_file)
     private = cfg.path(cfg.secrets.assertion_private_key_file)
     public = private.with_name(private.stem + ".pub.pem")
-    for path in (data_key, private):
+    audit_key = cfg.path(cfg.audit.signing_key_file)
+    for path in (data_key, private, audit_key):
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if data_key.exists():
         print(f"kept existing data key {data_key}")
@@ -144,6 +145,14 @@ def cmd_keys_init(args) -> int:
     else:
         generate_keypair(private, public)
         print(f"created assertion signing key {private} and public key {public} (give the public key to the DPI)")
+    if audit_key.exists():
+        print(f"kept existing audit signing key {audit_key}")
+    else:
+        from .audit import public_key_path
+
+        generate_keypair(audit_key, public_key_path(audit_key))
+        print(f"created audit signing key {audit_key} and public key {public_key_path(audit_key)} "
+              f"(signs audit checkpoints; keep it outside the audit folder, give the public key to auditors)")
     return 0
 
 

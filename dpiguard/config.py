@@ -118,7 +118,24 @@ class DecisionCacheSection:
 
 @dataclass
 class Audit:
-    path: str = "var/audit/dpiguard.jsonl"
+    path: str = "var/audit"
+    signing_key_file: str = "secrets/audit-ed25519.pem"
+    rotate_bytes: int = 64 << 20
+    rotate_seconds: int = 86400
+    checkpoint_records: int = 1000
+    checkpoint_seconds: float = 60.0
+    group_commit_ms: float = 0.0
+    group_commit_max: int = 1024
+    on_failure: str = "refuse"
+
+
+@dataclass
+class MassAccess:
+    max_patients: int = 50
+    window_seconds: int = 600
+    action: str = "alert"
+    throttle_seconds: int = 900
+    refresh_seconds: float = 1.0
 
 
 @dataclass
@@ -152,6 +169,7 @@ class Config:
     adt: Adt = field(default_factory=Adt)
     decision_cache: DecisionCacheSection = field(default_factory=DecisionCacheSection)
     audit: Audit = field(default_factory=Audit)
+    mass_access: MassAccess = field(default_factory=MassAccess)
     identity: Identity = field(default_factory=Identity)
     limits: Limits = field(default_factory=Limits)
     fhir: FhirSection = field(default_factory=FhirSection)
@@ -190,6 +208,8 @@ _POSITIVE_INTS = {
     "login.ip_max_failures", "login.ip_window", "login.ip_block_seconds", "decision_cache.max_entries",
     "limits.max_header_bytes", "limits.max_url_bytes",
     "adt.listen_port", "adt.max_message_bytes", "adt.dedup_ttl",
+    "audit.rotate_bytes", "audit.rotate_seconds", "audit.checkpoint_records", "audit.group_commit_max",
+    "mass_access.window_seconds", "mass_access.throttle_seconds",
 }
 
 
@@ -318,6 +338,7 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("policies.reload_interval", "must be 0 (no reload) or more seconds")
     if cfg.decision_cache.ttl <= 0:
         raise ConfigError("decision_cache.ttl", "must be greater than 0")
+    _validate_audit(cfg)
     if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
         key = "tls.key_file" if cfg.tls.cert_file else "tls.cert_file"
         raise ConfigError(key, "tls.cert_file and tls.key_file go together")
@@ -334,10 +355,32 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError(dotted, f"file not found: {cfg.path(value)}")
     if not cfg.path(cfg.policies.dir).is_dir():
         raise ConfigError("policies.dir", f"folder not found: {cfg.path(cfg.policies.dir)}")
-    for dotted in ("secrets.data_key_file", "secrets.assertion_private_key_file"):
-        value = getattr(cfg.secrets, dotted.split(".")[1])
+    for dotted in ("secrets.data_key_file", "secrets.assertion_private_key_file", "audit.signing_key_file"):
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
         if not cfg.path(value).is_file():
             raise ConfigError(dotted, f"file not found: {cfg.path(value)} (create it with 'dpiguard keys init')")
+
+
+def _validate_audit(cfg: Config) -> None:
+    a = cfg.audit
+    if a.on_failure not in ("refuse", "serve"):
+        raise ConfigError("audit.on_failure", f"must be 'refuse' or 'serve', got {a.on_failure!r}")
+    if a.checkpoint_seconds <= 0:
+        raise ConfigError("audit.checkpoint_seconds", "must be greater than 0")
+    if not 0 <= a.group_commit_ms <= 100:
+        raise ConfigError("audit.group_commit_ms", "must be between 0 and 100 (milliseconds)")
+    m = cfg.mass_access
+    if m.max_patients < 0:
+        raise ConfigError("mass_access.max_patients", "must be 0 (off) or more")
+    if m.action not in ("alert", "throttle"):
+        raise ConfigError("mass_access.action", f"must be 'alert' or 'throttle', got {m.action!r}")
+    if m.refresh_seconds <= 0:
+        raise ConfigError("mass_access.refresh_seconds", "must be greater than 0")
+    store = cfg.path(a.path).resolve()
+    key = cfg.path(a.signing_key_file).resolve()
+    if key == store or store in key.parents:
+        raise ConfigError("audit.signing_key_file", "must be kept outside the audit folder (audit.path)")
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *, check_files: bool = True) -> Config:

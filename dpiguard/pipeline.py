@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -121,6 +122,8 @@ class Verdict:
     fhir_context: object | None = None  # FHIR requests: what the response and body checks need
     fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
     pending: bool = False  # FHIR writes: decided (and traced) once the body is in
+    units: tuple[str, ...] | None = None
+    audit: Future | None = None  # resolves once the decision's trace record is on disk
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Pipeline:
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
         self.units_ttl = 60.0
+        self.mass_access = None  # MassAccessMonitor (dpiguard/massaccess.py): in-process checks only
 
     # -- invalidation hooks (called by the bus thread) ---------------------------------------------
     def drop_user(self, user: str) -> None:
@@ -193,14 +197,15 @@ class Pipeline:
         except Exception as exc:  # fail closed: any unexpected error is a refusal
             verdict = Verdict(False, "internal_error", 503, f"dpiguard could not decide: {type(exc).__name__}")
             verdict.set_headers = {}
-            self._trace(req, verdict, policy, detail=f"{type(exc).__name__}: {exc}"[:500])
-            return verdict
-        if verdict.pending:
-            return verdict  # traced by the FHIR body check
+            detail = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            detail = None
+            if verdict.pending:
+                return verdict  # traced by the FHIR body check, once the body is in
         try:
-            self._trace(req, verdict, policy)
+            verdict.audit = self._trace(req, verdict, policy, detail)
         except AuditError:
-            return Verdict(False, "internal_error", 503, "the access trace could not be written; request refused")
+            return audit_unavailable()
         return verdict
 
     def _decide(self, req: Incoming, io: bool, now: float, policy: Policy) -> Verdict:
@@ -268,7 +273,15 @@ class Pipeline:
     def _grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
                forward_target: str, io: bool, now: float) -> Verdict:
         """Allow: identity headers and signed assertion for the upstream, session credentials removed."""
+        mass = self.mass_access
+        if mass is not None and verdict.patient and mass.blocked(session.user, now):
+            verdict.reason = "mass_access"
+            verdict.message = "too many different patients opened in a short time; access paused, contact your supervisor"
+            return verdict
         units = self._user_units(session.user, io, now)
+        if mass is not None and verdict.patient:
+            mass.note(session.user, verdict.patient, now)
+        verdict.units = units
         verdict.allowed, verdict.reason, verdict.status = True, "allowed", 200
         verdict.forward_target = forward_target
         verdict.set_headers = {
@@ -358,21 +371,36 @@ class Pipeline:
         return "; ".join(kept)
 
     # -- trace -------------------------------------------------------------------------------------
-    def _trace(self, req: Incoming, v: Verdict, policy: Policy | None = None, detail: str | None = None) -> None:
+    def _trace(self, req: Incoming, v: Verdict, policy: Policy | None = None, detail: str | None = None) -> Future:
+        """Queue the decision's record (schema: docs/audit.md); the caller awaits the future."""
         if v.user is None and not v.public:
             v.user = self._known_user(req)  # attribute early refusals (hostile paths...) when we can
-        self.audit.write({
+        if v.forward_target:
+            path = v.forward_target.partition("?")[0]
+        else:  # refusals: the normalized path when there is one (hostile paths have none)
+            try:
+                path = normalize_path(req.target.partition("?")[0]) if len(req.target) <= self.max_url_bytes else None
+            except HostileRequest:
+                path = None
+        fhir_type, fhir_id = fhir_resource(path) if v.fhir and path else (None, None)
+        return self.audit.submit({
             "event": "access",
             "request_id": req.request_id,
             "outcome": "allow" if v.allowed else "deny",
             "reason": v.reason,
             "user": v.user,
             "roles": list(v.roles),
+            "units": list(v.units) if v.units is not None else None,
             "patient": v.patient,
             "category": v.category,
             "action": v.action,
             "method": req.method[:16],
-            "path": req.target[:512],
+            "path": path,
+            "target": req.target[:512],
+            "fhir_type": fhir_type,
+            "fhir_id": fhir_id,
+            "break_glass": None,
+            "break_glass_reason": None,
             "client": req.client_ip,
             "care_team": v.source,
             "policy_version": getattr(policy, "version", None) or self._policy_version(),
@@ -399,3 +427,18 @@ class Pipeline:
 
     def _policy_version(self) -> str | None:
         return getattr(self.policy, "version", None)
+
+
+def audit_unavailable() -> Verdict:
+    """The refusal given when a decision's trace cannot be made durable (audit.on_failure: refuse)."""
+    return Verdict(False, "audit_unavailable", 503, "the access trace could not be written; request refused")
+
+
+def fhir_resource(path: str) -> tuple[str | None, str | None]:
+    """(resource type, id) of a FHIR REST path such as /fhir/Patient/P0001/_history/2 or /fhir/Observation."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if part[:1].isupper() and part.isalnum():
+            ident = parts[i + 1] if i + 1 < len(parts) and not parts[i + 1].startswith(("_", "$")) else None
+            return part, ident
+    return None, None

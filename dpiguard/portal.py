@@ -62,6 +62,8 @@ REASON_TEXT = {
     "csrf_origin_mismatch": "Cross-site request refused.",
     "header_too_large": "The request headers are too large.",
     "internal_error": "dpiguard could not take a safe decision; access refused. Contact IT support.",
+    "mass_access": "you opened many different patients' records in a short time; access is paused. Contact your supervisor.",
+    "audit_unavailable": "the access trace could not be written, so no patient data is served. Contact IT support.",
     "tls_required": "This service is only served over HTTPS.",
     "method_not_allowed": "This HTTP method is not allowed.",
     "patient_objection": "The patient has objected to your access to their record.",
@@ -151,7 +153,7 @@ class Portal:
                 return self._json(200 if info.get("ready") else 503, info)
             return self._json(404, {"error": "not_found", "request_id": req.request_id})
         except AuditError:
-            return self._json(503, {"error": "internal_error", "message": "the access trace could not be written",
+            return self._json(503, {"error": "audit_unavailable", "message": "the access trace could not be written",
                                     "request_id": req.request_id})
         except Exception as exc:  # fail closed, and say so
             try:

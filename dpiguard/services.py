@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 import redis
 
-from .audit import AuditLog
+from .audit import AuditLog, from_config as audit_from_config
 from .auth import Authenticator, LoginPolicy
 from .bus import InvalidationBus
 from .cache import DecisionCache
 from .careteam import CareTeamStore
 from .config import Config
 from .identity import AssertionSigner
+from .massaccess import MassAccessMonitor
 from .pipeline import Pipeline
 from .policy import Policy
 from .policyreload import PolicyReloader, files_fingerprint
@@ -122,12 +123,15 @@ class Services:
     pipeline: Pipeline
     portal: Portal
     reloader: PolicyReloader | None = None  # hot reload of policies/ (None when policies.reload_interval is 0)
+    mass_access: MassAccessMonitor | None = None
 
     @property
     def policy(self) -> Policy:
         return self.pipeline.policy
 
     def start(self, wait: float = 5.0) -> None:
+        if self.mass_access is not None:
+            self.mass_access.start()
         self.bus.start()
         if not self.bus.wait_coherent(wait):
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
@@ -138,6 +142,8 @@ class Services:
         if self.reloader is not None:
             self.reloader.stop()
         self.bus.stop()
+        if self.mass_access is not None:
+            self.mass_access.stop()
         self.audit.close()
 
     def health(self) -> dict:
@@ -146,13 +152,16 @@ class Services:
             self.redis.ping()
         except redis.RedisError:
             redis_ok = False
-        audit_ok = self.audit._fd is not None
+        audit_ok = self.audit.writable
+        refuse = self.config.audit.on_failure == "refuse"
         info = {
-            "ready": redis_ok and audit_ok and self.policy is not None,
+            "ready": redis_ok and (audit_ok or not refuse) and self.policy is not None,
             "instance": self.config.instance_id,
             "redis": redis_ok,
             "cache_coherent": self.bus.coherent,
             "audit_writable": audit_ok,
+            "audit": dict(self.audit.status(), on_failure=self.config.audit.on_failure,
+                          serving_patient_data=audit_ok or not refuse),
             "policy_version": self.policy.version,
             "decision_cache": self.cache.stats(),
         }
@@ -170,7 +179,7 @@ def build_services(cfg: Config) -> Services:
     sessions = session_store(cfg, client)
     careteam = careteam_store(cfg, client, policy.categories)
     cache = DecisionCache(max_entries=cfg.decision_cache.max_entries, ttl=cfg.decision_cache.ttl)
-    audit = AuditLog(cfg.path(cfg.audit.path), cfg.instance_id).open()
+    audit = audit_from_config(cfg).open()
     signer = AssertionSigner.from_pem_file(cfg.path(cfg.secrets.assertion_private_key_file), audience=cfg.audience,
                                            ttl=cfg.secrets.assertion_ttl)
     authenticator = Authenticator(client, users, LoginPolicy(
@@ -201,6 +210,11 @@ def build_services(cfg: Config) -> Services:
         health=lambda: services_ref["s"].health(), breakglass=breakglass,
     )
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
+    m = cfg.mass_access
+    if m.max_patients > 0:
+        services.mass_access = pipeline.mass_access = MassAccessMonitor(
+            client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
+            action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds)
     services_ref["s"] = services
     _wire_invalidation(services)
     if cfg.policies.reload_interval > 0:

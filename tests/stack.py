@@ -96,16 +96,17 @@ class Stack:
 
     @property
     def audit_path(self) -> Path:
-        return self.workdir / "audit.jsonl"
+        return self.workdir / "audit"
 
-    def start_proxy(self, instance: str, env: dict | None = None) -> Proxy:
+    def start_proxy(self, instance: str, env: dict | None = None, preexec_fn=None) -> Proxy:
         port = free_port()
         log_path = self.workdir / f"proxy-{instance}.log"
         full_env = dict(os.environ, DPIGUARD_INSTANCE_ID=instance, DPIGUARD_LISTEN__PORT=str(port),
                         DPIGUARD_RUNTIME_DIR=str(self.workdir / f"runtime-{instance}"), **(env or {}))
         log = open(log_path, "wb")
         proc = subprocess.Popen([sys.executable, "-m", "dpiguard.cli", "run", "--config", str(self.config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT))
+                                stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=str(ROOT),
+                                preexec_fn=preexec_fn)
         proxy = Proxy(port, proc, log_path, instance)
         deadline = time.monotonic() + 30
         while True:

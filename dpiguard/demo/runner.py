@@ -2,7 +2,7 @@
 
 Everything lives in one working folder (default ``.dpiguard-demo/``): the generated configuration
 ``dpiguard.yaml`` (usable with every other ``dpiguard`` command), keys, the Redis data, the trace
-``audit.jsonl`` and ``demo-accounts.json`` with each account's TOTP secret and otpauth URI.
+``audit/`` (the audit chains) and ``demo-accounts.json`` with each account's TOTP secret and otpauth URI.
 The demo data is re-seeded at every start, so TOTP secrets change at every start.
 """
 
@@ -45,6 +45,8 @@ def write_demo_config(workdir: Path, *, host: str, port: int, upstream_port: int
         SecretBox.generate_key_file(secrets_dir / "data.key")
     if not (secrets_dir / "assertion-ed25519.pem").exists():
         generate_keypair(secrets_dir / "assertion-ed25519.pem", secrets_dir / "assertion-ed25519.pub.pem")
+    if not (secrets_dir / "audit-ed25519.pem").exists():
+        generate_keypair(secrets_dir / "audit-ed25519.pem", secrets_dir / "audit-ed25519.pub.pem")
     config = {
         "listen": {"host": host, "port": port},
         "upstream": {"url": f"http://{host}:{upstream_port}"},
@@ -52,7 +54,7 @@ def write_demo_config(workdir: Path, *, host: str, port: int, upstream_port: int
         "policies": {"dir": str(policies_dir)},
         "secrets": {"data_key_file": "secrets/data.key",
                     "assertion_private_key_file": "secrets/assertion-ed25519.pem"},
-        "audit": {"path": "audit.jsonl"},
+        "audit": {"path": "audit", "signing_key_file": "secrets/audit-ed25519.pem"},
     }
     for section, values in (extra or {}).items():
         if isinstance(values, dict):
@@ -126,7 +128,7 @@ def _print_banner(host, port, workdir, config_path, accounts, redis_url) -> None
    open        http://{host}:{port}/            (the demo DPI, behind dpiguard)
    demo DPI    http://{host}:{port + 1}/            (refuses anything that did not come through dpiguard)
    Redis       {redis_url}
-   trace       {workdir / 'audit.jsonl'}
+   trace       {workdir / 'audit'}/  (one chain per instance; dpiguard audit verify)
    accounts    {workdir / 'demo-accounts.json'} (TOTP secrets and otpauth URIs)
    password    {DEMO_PASSWORD}   (every demo account)
    TOTP code   python -m uv run dpiguard totp-code SECRET

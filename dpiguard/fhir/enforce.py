@@ -149,7 +149,7 @@ class FhirEnforcer:
             detail = f"{type(exc).__name__}: {exc}"[:500]
         v.pending = False
         try:
-            pipe._trace(req, v, detail=detail)
+            v.audit = pipe._trace(req, v, detail=detail)  # the addon awaits its durability
         except Exception:
             _refuse(v, "internal_error", "the access trace could not be written; request refused", 503, "exception")
         return v

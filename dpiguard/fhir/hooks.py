@@ -14,7 +14,7 @@ import logging
 import orjson
 from mitmproxy import http
 
-from ..pipeline import NeedIO
+from ..pipeline import NeedIO, audit_unavailable
 from ..portal import SECURITY_HEADERS
 from .response import operation_outcome
 
@@ -35,6 +35,8 @@ async def request_body(addon, flow: http.HTTPFlow, pending) -> None:
                                               req.request_id, "exception"))
         addon._last_resort_trace(flow, exc)
         return
+    if not await addon._durable(verdict, req):  # nothing forwarded before its record is on disk
+        verdict = audit_unavailable()
     if not verdict.allowed:
         flow.metadata.pop("dpiguard_fhir", None)
         addon._respond(flow, s.portal.refusal(req, verdict))
@@ -57,7 +59,8 @@ async def response(addon, flow: http.HTTPFlow, pending) -> None:
         except NeedIO:
             status, out, record = await asyncio.to_thread(enforcer.process_response, s.pipeline, req, verdict,
                                                           code, ctype, body, io=True)
-        s.audit.write(record)
+        # The answer leaves only once its record is on disk (group commit), without blocking the loop.
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(s.audit.submit(record))), s.audit.write_timeout)
     except Exception as exc:  # fail closed: the original body never leaves
         log.exception("dpiguard: error while checking a FHIR response")
         _replace(flow, 503, operation_outcome("internal_error", 503, "dpiguard could not check this answer",

@@ -1,0 +1,160 @@
+"""Mass-access detection: a professional opening more than N distinct patients in T minutes.
+
+Off the hot path: the pipeline only appends (user, patient, time) to an in-process queue
+(:meth:`MassAccessMonitor.note`, no I/O) and reads an in-process set of throttled users
+(:meth:`MassAccessMonitor.blocked`). A worker thread does the Redis work in batches:
+
+- ``P:mass:{USER}`` (sorted set, patient → last access time, TTL = window): ZADD, trim what is older
+  than the window, ZCARD — shared by every instance, so accesses spread over instances add up;
+- above the threshold, once per window (``P:mass-alert:{USER}``, SET NX), it writes a ``mass_access``
+  alert record to the audit chain, and with ``mass_access.action: throttle`` adds the user to
+  ``P:mass-blocked`` (sorted set, user → blocked until);
+- every ``mass_access.refresh_seconds`` it reloads ``P:mass-blocked`` into the local set.
+
+So a throttle decided on one instance applies on every instance within ``refresh_seconds`` plus the
+batch delay (bounded, documented), while the common request still does no Redis round trip. Throttled
+users are refused ``mass_access`` (403) on patient-bound data until the block expires or
+``dpiguard audit unthrottle USER`` lifts it. If Redis is unavailable, counting pauses (the request path
+is unaffected; Redis outages already refuse through the cache-coherence rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import redis
+
+log = logging.getLogger("dpiguard")
+
+
+def counter_key(prefix: str, user: str) -> str:
+    return f"{prefix}:mass:{{{user}}}"
+
+
+def alert_key(prefix: str, user: str) -> str:
+    return f"{prefix}:mass-alert:{{{user}}}"
+
+
+def blocked_key(prefix: str) -> str:
+    return f"{prefix}:mass-blocked"
+
+
+class MassAccessMonitor:
+    def __init__(self, client: redis.Redis, audit, *, prefix: str = "dpiguard", max_patients: int = 50,
+                 window_seconds: float = 600.0, action: str = "alert", throttle_seconds: float = 900.0,
+                 refresh_seconds: float = 1.0):
+        self.r = client
+        self.audit = audit
+        self.prefix = prefix
+        self.max_patients = max_patients
+        self.window = window_seconds
+        self.action = action
+        self.throttle_seconds = throttle_seconds
+        self.refresh_seconds = refresh_seconds
+        self._queue: deque = deque(maxlen=200_000)
+        self._blocked: dict[str, float] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.alerts = 0
+
+    # -- hot path (no I/O) -------------------------------------------------------------------------
+    def note(self, user: str, patient: str, now: float) -> None:
+        self._queue.append((user, patient, now))
+        self._wake.set()
+
+    def blocked(self, user: str, now: float) -> bool:
+        until = self._blocked.get(user)
+        return until is not None and until > now
+
+    # -- worker ------------------------------------------------------------------------------------
+    def start(self) -> "MassAccessMonitor":
+        self._thread = threading.Thread(target=self._run, name="mass-access", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread:
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        next_refresh = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(self.refresh_seconds)
+            self._wake.clear()
+            try:
+                self.process()
+                if time.monotonic() >= next_refresh:
+                    self.refresh()
+                    next_refresh = time.monotonic() + self.refresh_seconds
+            except redis.RedisError as exc:
+                log.warning("dpiguard: mass-access counting paused (Redis: %s)", exc)
+                time.sleep(self.refresh_seconds)
+            except Exception:
+                log.exception("dpiguard: mass-access worker error")
+
+    def process(self) -> None:
+        """Count what was noted since the last pass (one pipelined round trip per batch)."""
+        batch = []
+        while self._queue and len(batch) < 5000:
+            batch.append(self._queue.popleft())
+        if not batch:
+            return
+        latest: dict[tuple[str, str], float] = {}
+        for user, patient, t in batch:
+            latest[(user, patient)] = max(t, latest.get((user, patient), 0.0))
+        users: dict[str, float] = {}
+        pipe = self.r.pipeline(transaction=False)
+        for (user, patient), t in latest.items():
+            pipe.zadd(counter_key(self.prefix, user), {patient: t})
+            users[user] = max(t, users.get(user, 0.0))
+        order = sorted(users)
+        for user in order:
+            key = counter_key(self.prefix, user)
+            pipe.zremrangebyscore(key, "-inf", users[user] - self.window)
+            pipe.zcard(key)
+            pipe.expire(key, int(self.window) + 1)
+        results = pipe.execute()[len(latest):]
+        for i, user in enumerate(order):
+            count = results[i * 3 + 1]
+            if count > self.max_patients:
+                self._over(user, count, users[user])
+
+    def _over(self, user: str, count: int, now: float) -> None:
+        if not self.r.set(alert_key(self.prefix, user), int(now), nx=True, ex=int(self.window) + 1):
+            return  # already alerted in this window (by this or another instance)
+        throttle = self.action == "throttle"
+        until = now + self.throttle_seconds
+        if throttle:
+            self.r.zadd(blocked_key(self.prefix), {user: until})
+            self._blocked[user] = until
+        self.alerts += 1
+        try:
+            self.audit.submit({
+                "event": "mass_access", "outcome": "alert", "reason": "mass_access", "user": user,
+                "patients": count, "window_seconds": self.window, "threshold": self.max_patients,
+                "throttled_until": until if throttle else None,
+                "detail": f"{count} distinct patients in {self.window / 60:g} min (threshold {self.max_patients})"
+                          + ("; further patient access refused" if throttle else ""),
+            })
+        except Exception as exc:
+            log.error("dpiguard: mass-access alert for %s not recorded: %s", user, exc)
+
+    def refresh(self) -> None:
+        now = time.time()
+        self.r.zremrangebyscore(blocked_key(self.prefix), "-inf", now)
+        rows = self.r.zrangebyscore(blocked_key(self.prefix), now, "+inf", withscores=True)
+        self._blocked = {(u.decode() if isinstance(u, bytes) else u): until for u, until in rows}
+
+
+def unthrottle(client: redis.Redis, prefix: str, user: str) -> bool:
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(blocked_key(prefix), user)
+    pipe.delete(alert_key(prefix, user), counter_key(prefix, user))
+    removed, _ = pipe.execute()
+    return bool(removed)

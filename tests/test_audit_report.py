@@ -1,0 +1,142 @@
+"""Reports for people: query, who-accessed, summaries, and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import orjson
+import png
+import pytest
+
+from dpiguard.audit import AuditLog
+from dpiguard.auditreport import Filter, html_report, summarize, who_accessed, iter_store
+from dpiguard.cli import main
+
+
+def rec(t, user, patient, outcome="allow", reason="allowed", category="biology", **extra):
+    base = {"event": "access", "time": t, "user": user, "roles": ["nurse"], "units": ["CARDIO"],
+            "patient": patient, "category": category, "action": "read", "outcome": outcome, "reason": reason,
+            "break_glass": None, "break_glass_reason": None, "request_id": f"{user}-{patient}-{t}"}
+    base.update(extra)
+    return base
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report") / "audit"
+    with AuditLog(root, "px1") as a, AuditLog(root, "px2") as b:
+        a.write(rec("2026-03-01T08:00:00.000Z", "inf.durand", "P0001"))
+        a.write(rec("2026-03-01T09:00:00.000Z", "inf.durand", "P0002", "deny", "not_in_care_team"))
+        b.write(rec("2026-03-02T10:00:00.000Z", "dr.martin", "P0001", category="notes", care_team="unit:CARDIO"))
+        b.write(rec("2026-03-02T11:00:00.000Z", "dr.martin", "P0003"))
+        b.write(rec("2026-03-02T11:30:00.000Z", "dr.martin", "P0004", break_glass=True,
+                    break_glass_reason="cardiac arrest, patient unconscious"))
+        a.write(rec("2026-03-03T12:00:00.000Z", "acc.robert", "P0001", "deny", "category_not_permitted", category="notes"))
+        a.write({"event": "login", "time": "2026-03-01T07:59:00.000Z", "user": "inf.durand", "outcome": "allow",
+                 "reason": "ok"})
+    return root
+
+
+def test_query_filters_and_formats(store, capsys):
+    assert main(["audit", "query", "--source", str(store), "--patient", "P0001", "--format", "json"]) == 0
+    rows = orjson.loads(capsys.readouterr().out)
+    assert [r["user"] for r in rows] == ["inf.durand", "dr.martin", "acc.robert"]  # time order across chains
+    assert main(["audit", "query", "--source", str(store), "--outcome", "deny", "--format", "csv"]) == 0
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["reason"] for r in table} == {"not_in_care_team", "category_not_permitted"}
+    assert main(["audit", "query", "--source", str(store), "--user", "dr.martin",
+                 "--from", "2026-03-02T10:30", "--to", "2026-03-03"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("TIME") and len(out) == 3 and "P0003" in out[1] and "P0004" in out[2]
+
+
+def test_who_accessed_hides_names_unless_asked(store, capsys):
+    assert main(["audit", "who-accessed", "P0001", "--source", str(store), "--format", "json"]) == 0
+    rows = orjson.loads(capsys.readouterr().out)
+    assert len(rows) == 2  # allowed accesses only
+    assert all("user" not in r and "name" not in r for r in rows)
+    assert rows[0]["units"] == ["CARDIO"] and rows[0]["purpose"] == "care"
+    assert "inf.durand" not in orjson.dumps(rows).decode()
+    named = who_accessed(iter_store(store), "P0001", with_names=True, names={"dr.martin": "Dr Paul Martin"})
+    assert [(r["user"], r["name"]) for r in named] == [("inf.durand", ""), ("dr.martin", "Dr Paul Martin")]
+    bg = who_accessed(iter_store(store), "P0004")
+    assert bg[0]["break_glass"] and bg[0]["purpose"].startswith("emergency access: cardiac arrest")
+
+
+def test_summaries(store, capsys):
+    s = summarize(iter_store(store), Filter())
+    assert s["refusals_by_reason"] == [{"reason": "not_in_care_team", "count": 1},
+                                       {"reason": "category_not_permitted", "count": 1}] or \
+        sorted(r["reason"] for r in s["refusals_by_reason"]) == ["category_not_permitted", "not_in_care_team"]
+    assert s["top_users_by_distinct_patients"][0] == {"user": "dr.martin", "patients": 3}
+    assert [b["patient"] for b in s["break_glass"]] == ["P0004"]
+    assert [p["period"] for p in s["accesses_over_time"]] == ["2026-03-01", "2026-03-02", "2026-03-03"]
+    assert main(["audit", "summary", "--source", str(store), "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    assert "# break-glass accesses" in out and "cardiac arrest" in out
+
+
+class _Collect(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[str] = []
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        for name, value in attrs:
+            if name in ("src", "href") and value:
+                self.urls.append(value)
+
+
+def test_html_report_is_self_contained_with_charts(store, tmp_path):
+    out = tmp_path / "report.html"
+    assert main(["audit", "report", "--source", str(store), "--out", str(out)]) == 0
+    text = out.read_text()
+    parser = _Collect()
+    parser.feed(text)
+    assert parser.urls == []  # no external asset, no script
+    assert "script" not in parser.tags and parser.tags.count("svg") == 3
+    start = 0
+    for _ in range(3):  # every chart is well-formed SVG with one bar per item
+        start = text.index("<svg", start)
+        end = text.index("</svg>", start) + 6
+        svg = ET.fromstring(text[start:end])
+        assert svg.findall(".//{http://www.w3.org/2000/svg}rect")
+        start = end
+    assert "cardiac arrest" in text and "not_in_care_team" in text
+
+
+def test_empty_period_still_renders(store):
+    page = html_report(summarize(iter_store(store), Filter(since="2030-01-01T00:00:00.000Z")))
+    assert page.count("nothing in this period") == 3
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")
+def test_html_report_renders_charts_in_headless_chromium(store, tmp_path):
+    out = tmp_path / "report.html"
+    main(["audit", "report", "--source", str(store), "--out", str(out)])
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=900,1400", out.as_uri()],
+                   capture_output=True, timeout=90, check=False)
+    assert shot.exists(), "chromium produced no screenshot"
+    width, height, rows, info = png.Reader(filename=str(shot)).asRGBA8()
+    colors = {"green": 0, "red": 0, "blue": 0}
+    for row in rows:
+        row = bytes(row)
+        for x in range(0, len(row), 4):
+            px = row[x:x + 3]
+            if px == bytes((0x2e, 0x7d, 0x32)):
+                colors["green"] += 1
+            elif px == bytes((0xc6, 0x28, 0x28)):
+                colors["red"] += 1
+            elif px == bytes((0x1b, 0x5f, 0xa8)):
+                colors["blue"] += 1
+    assert all(n > 200 for n in colors.values()), colors  # the three charts' bars are painted
