@@ -20,7 +20,9 @@ import orjson
 
 from .audit import iter_chain, list_chains, list_segments, utc_now_ms
 
-DATA_EVENTS = ("access",)
+#: Records about access to patient data: request decisions, and FHIR answers (whose patients are
+#: only known from the response for reads by id and filtered searches).
+DATA_EVENTS = ("access", "fhir_response")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Filter:
             return False
         t = r.get("time") or ""
         return not (
-            (self.patient is not None and r.get("patient") != self.patient)
+            (self.patient is not None and self.patient not in record_patients(r))
             or (self.user is not None and r.get("user") != self.user)
             or (self.since is not None and t < self.since)
             or (self.until is not None and t >= self.until)
@@ -78,6 +80,15 @@ def select(records: Iterable[dict[str, Any]], flt: Filter, limit: int | None = N
 
 
 # -- output formats ---------------------------------------------------------------------------------
+
+def record_patients(r: dict[str, Any]) -> set[str]:
+    """Patients a record is about: ``patient`` (request decisions) and ``patients`` (FHIR answers,
+    where a read by id or a filtered search only shows its patients in the response)."""
+    found = {r["patient"]} if r.get("patient") else set()
+    if isinstance(r.get("patients"), list):
+        found.update(p for p in r["patients"] if isinstance(p, str))
+    return found
+
 
 QUERY_COLUMNS = ("time", "instance", "event", "outcome", "reason", "user", "roles", "patient", "category",
                  "action", "method", "path", "break_glass", "client", "request_id")
@@ -125,9 +136,17 @@ def who_accessed(records: Iterable[dict[str, Any]], patient: str, since: str | N
 
     Professionals are described by role, unit and purpose; their identity appears only with
     ``with_names`` (an explicit request, e.g. when the patient asks who exactly)."""
-    flt = Filter(patient=patient, since=since, until=until, outcome="allow", event="access")
+    flt = Filter(patient=patient, since=since, until=until, outcome="allow")
     rows = []
+    seen: set[str] = set()  # one row per request (a FHIR read has a request and an answer record)
     for r in select(records, flt):
+        if r.get("event") not in DATA_EVENTS:
+            continue
+        request_id = r.get("request_id")
+        if request_id:
+            if request_id in seen:
+                continue
+            seen.add(request_id)
         bg = bool(r.get("break_glass"))
         row = {
             "time": r.get("time"),
@@ -166,6 +185,8 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
         t = r.get("time") or ""
         first = t if first is None or t < first else first
         last = t if last is None or t > last else last
+        if r.get("event") == "fhir_response" and r.get("outcome") == "allow" and r.get("user"):
+            patients_per_user[r["user"]].update(record_patients(r))  # patients only the answer showed
         if r.get("event") != "access":
             continue
         day = t[:13] if flt.since and flt.until and flt.until[:10] == flt.since[:10] else t[:10]
@@ -175,8 +196,8 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
             refusals[r.get("reason") or "?"] += 1
             if r.get("user"):
                 refusal_users[r["user"]] += 1
-        elif r.get("outcome") == "allow" and r.get("user") and r.get("patient"):
-            patients_per_user[r["user"]].add(r["patient"])
+        elif r.get("outcome") == "allow" and r.get("user") and record_patients(r):
+            patients_per_user[r["user"]].update(record_patients(r))
         if r.get("break_glass"):
             break_glass.append({k: r.get(k) for k in ("time", "user", "roles", "units", "patient", "category",
                                                        "break_glass_reason", "outcome", "request_id")})

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import orjson
 
 from ..httpmap import HostileRequest, normalize_path, parse_query
-from ..pipeline import UNSAFE_METHODS, Incoming, Pipeline, Verdict
+from ..pipeline import UNSAFE_METHODS, Incoming, Pipeline, Verdict, fhir_resource
 from .categories import FhirPolicy
 from .compartment import FhirRefusal, FhirRequest, analyze
 from .response import BundleRewriter, Judge, patient_links, process
@@ -262,8 +262,11 @@ class FhirEnforcer:
         is cold; raises on anything unexpected (the addon then answers 503)."""
         now = time.time() if now is None else now
         ctx: FhirContext = v.fhir_context
+        fhir_type, fhir_id = fhir_resource(req.target.partition("?")[0])
         record = {"event": "fhir_response", "request_id": req.request_id, "user": v.user,
-                  "roles": list(v.roles), "method": req.method[:16], "path": req.target[:512],
+                  "roles": list(v.roles), "units": list(v.units or ()), "method": req.method[:16],
+                  "path": req.target[:512], "fhir_type": fhir_type, "fhir_id": fhir_id,
+                  "category": v.category, "action": v.action, "client": req.client_ip,
                   "interaction": ctx.request.interaction, "resource_type": ctx.request.resource_type,
                   "upstream_status": status, "policy_version": pipe._policy_version(),
                   "fhir_policy_version": self.policy.version}
