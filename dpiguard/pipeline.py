@@ -77,7 +77,7 @@ class Verdict:
     session: Session | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedDecision:
     member: bool
     source: str
