@@ -419,6 +419,12 @@ class CareTeamStore:
 
     def membership(self, login: str, patient: str, now: float | None = None) -> Membership:
         """Is ``login`` in ``patient``'s care team at ``now``? One pipelined round trip."""
+        return self.membership_and_units(login, patient, now)[0]
+
+    def membership_and_units(self, login: str, patient: str,
+                             now: float | None = None) -> tuple[Membership, list[str]]:
+        """:meth:`membership`, and the units ``login`` is a member of at ``now`` (as :meth:`user_units`),
+        from the same round trip: the user's units hash is read for the decision anyway."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
         now = _now(now)
         pipe = self.redis.pipeline(transaction=False)
@@ -426,7 +432,10 @@ class CareTeamStore:
         pipe.hgetall(self.key_stays(patient))
         pipe.hget(self.key_assign(patient), login)
         user_units, stays, assignment = pipe.execute()
-        return compute_membership(user_units, stays, assignment, now, self.grace)
+        membership = compute_membership(user_units, stays, assignment, now, self.grace)
+        units = sorted(_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, _text(u)).contains(now))
+        return membership, units
 
     def user_units(self, login: str, now: float | None = None) -> list[str]:
         """Units ``login`` is a member of at ``now`` (sorted)."""

@@ -260,12 +260,13 @@ class Pipeline:
         if not io:
             raise NeedIO()
         generation = self.cache.generation()
-        membership = self.careteam.membership(user, patient, now)
+        membership, units = self.careteam.membership_and_units(user, patient, now)
         decision = CachedDecision(membership.member, membership.source)
         expires = now + self.decision_ttl
         if membership.valid_until is not None:
             expires = min(expires, membership.valid_until)
         self.cache.put(key, decision, expires, generation)
+        self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 
     def _user_units(self, user: str, io: bool, now: float) -> tuple[str, ...]:
@@ -277,10 +278,13 @@ class Pipeline:
             raise NeedIO()
         generation = self.cache.generation()
         units = tuple(self.careteam.user_units(user, now))
+        self._remember_units(user, units, now, generation)
+        return units
+
+    def _remember_units(self, user: str, units: tuple[str, ...], now: float, generation: int) -> None:
         if self.cache.enabled and self.cache.generation() == generation:
             with self._units_lock:
                 self._units[user] = (units, now + self.units_ttl)
-        return units
 
     @staticmethod
     def _same_origin(req: Incoming) -> bool:
