@@ -148,7 +148,8 @@ def write_plot(r: dict, path: Path) -> None:
     ax = axes[0]
     ax.bar([LABELS[n] for n in names], [s[n]["throughput"]["rps"] for n in names], color=colors)
     ax.set_title(f"Throughput ({r['profile_parameters']['connections']} connections)")
-    ax.set_ylabel("requests/s")
+    ax.set_ylabel("requests/s (log)")
+    ax.set_yscale("log")
     ax.tick_params(axis="x", rotation=20)
     for idx, (kind, title) in enumerate((("throughput", "Latency at saturation"),
                                         ("latency", "Latency, one connection (service time)")), start=1):
