@@ -46,6 +46,12 @@ class AccessDecider:
 
     def decide(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
                now: float) -> tuple[AccessDecision, float | None]:
+        decision, valid_until, _ = self.decide_with_units(login, patient, category, action, care_team_required, now)
+        return decision, valid_until
+
+    def decide_with_units(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
+                          now: float) -> tuple[AccessDecision, float | None, list[str]]:
+        """:meth:`decide`, plus the user's units valid at ``now`` from the same round trip."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
         ct = self.careteam
         pipe = ct.redis.pipeline(transaction=False)
@@ -55,8 +61,12 @@ class AccessDecider:
         pipe.hgetall(self.objections.key(patient))
         pipe.hget(self.grants.key_user(login), patient)
         user_units, stays, assignment, objections, grant_raw = pipe.execute()
-        return decide_from(login, patient, category, action, care_team_required, now, user_units, stays,
-                           assignment, objections, grant_raw, ct.grace, self.policy, ct.transversal)
+        decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
+                                            stays, assignment, objections, grant_raw, ct.grace, self.policy,
+                                            ct.transversal)
+        units = sorted(_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, _text(u)).contains(now))
+        return decision, valid_until, units
 
 
 def decide_from(login, patient, category, action, care_team_required, now, user_units, stays, assignment,

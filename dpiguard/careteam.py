@@ -445,6 +445,12 @@ class CareTeamStore:
                    category: str | None = None) -> Membership:
         """Is ``login`` in ``patient``'s care team at ``now`` (for data of ``category``, which
         matters for transversal units)? One pipelined round trip."""
+        return self.membership_and_units(login, patient, now, category)[0]
+
+    def membership_and_units(self, login: str, patient: str, now: float | None = None,
+                             category: str | None = None) -> tuple[Membership, list[str]]:
+        """:meth:`membership`, and the units ``login`` is a member of at ``now`` (as :meth:`user_units`),
+        from the same round trip: the user's units hash is read for the decision anyway."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
         now = _now(now)
         pipe = self.redis.pipeline(transaction=False)
@@ -452,7 +458,10 @@ class CareTeamStore:
         pipe.hgetall(self.key_stays(patient))
         pipe.hget(self.key_assign(patient), login)
         user_units, stays, assignment = pipe.execute()
-        return compute_membership(user_units, stays, assignment, now, self.grace, category, self.transversal)
+        membership = compute_membership(user_units, stays, assignment, now, self.grace, category, self.transversal)
+        units = sorted(_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, _text(u)).contains(now))
+        return membership, units
 
     def user_units(self, login: str, now: float | None = None) -> list[str]:
         """Units ``login`` is a member of at ``now`` (sorted)."""

@@ -136,12 +136,24 @@ def _check_decoded_segment(text: str) -> None:
         raise _hostile("look-alike of '.', '/', '\\', ';' or '%' in path")
 
 
+# Paths made only of segments of unreserved ASCII characters that do not start with "." (so no dot
+# segment, nothing to decode or fold): their canonical form is themselves, minus one trailing "/".
+# Nearly every real request is one; anything else takes the full check below.
+_PLAIN_PATH = re.compile(r"(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)+/?")
+
+
 def normalize_path(raw: str) -> str:
     """Canonical form of a request path (without query), or HostileRequest('hostile_path').
 
     The result starts with "/", has no trailing "/" (except "/" itself), no empty or dot segment,
     and unreserved characters percent-decoded (``%41`` -> ``A``); other escapes are kept, upper-cased.
     """
+    if len(raw) <= MAX_PATH_BYTES and _PLAIN_PATH.fullmatch(raw):
+        return raw[:-1] if raw.endswith("/") else raw
+    return _normalize_path_full(raw)
+
+
+def _normalize_path_full(raw: str) -> str:
     if not raw.startswith("/"):
         raise _hostile("path must start with '/'")
     if len(raw.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:

@@ -126,7 +126,7 @@ class Verdict:
     audit: Future | None = None  # resolves once the decision's trace record is on disk
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CachedDecision:
     member: bool
     source: str
@@ -336,14 +336,16 @@ class Pipeline:
             raise NeedIO()
         generation = self.cache.generation()
         if self.access is not None:
-            decision, valid_until = self.access.decide(user, patient, category, action, care_team_required, now)
+            decision, valid_until, units = self.access.decide_with_units(
+                user, patient, category, action, care_team_required, now)
         else:
-            membership = self.careteam.membership(user, patient, now, category=category)
+            membership, units = self.careteam.membership_and_units(user, patient, now, category)
             decision, valid_until = CachedDecision(membership.member, membership.source), membership.valid_until
         expires = now + self.decision_ttl
         if valid_until is not None:
             expires = min(expires, valid_until)
         self.cache.put(key, decision, expires, generation)
+        self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 
     def _user_units(self, user: str, io: bool, now: float) -> tuple[str, ...]:
@@ -355,10 +357,13 @@ class Pipeline:
             raise NeedIO()
         generation = self.cache.generation()
         units = tuple(self.careteam.user_units(user, now))
+        self._remember_units(user, units, now, generation)
+        return units
+
+    def _remember_units(self, user: str, units: tuple[str, ...], now: float, generation: int) -> None:
         if self.cache.enabled and self.cache.generation() == generation:
             with self._units_lock:
                 self._units[user] = (units, now + self.units_ttl)
-        return units
 
     @staticmethod
     def _same_origin(req: Incoming) -> bool:

@@ -1,0 +1,246 @@
+"""Decision microbenchmarks and the memory of one instance, with the real services and a real Redis.
+
+Run by :mod:`benchmarks.run` in its own process (pinned to one core) against the Redis the harness
+loaded: ``python -m benchmarks.micro --config FILE --scale STAFF,PATIENTS,LINKS,ACCOUNTS --seed S --now T``.
+Prints one JSON object.
+
+What is timed is :meth:`dpiguard.pipeline.Pipeline.decide` exactly as the addon calls it (trace record
+written to the configured file, identity headers and assertion built):
+
+- **hit**: session and care-team decision in the in-process caches: ``decide(io=False)``;
+- **redis_tier**: session cached, decision not: ``decide(io=False)`` raises ``NeedIO``, then
+  ``decide(io=True)`` reads the care team in one pipelined round trip (the addon runs this second call
+  in a worker thread; the thread hop is not included);
+- **cold**: neither session nor decision cached: same sequence, plus the session read from Redis.
+
+Memory: RSS of this process once built and started (policy, keys, clients, bus), then after opening a
+session for every staff member and filling the decision cache with ``--fill`` distinct decisions.
+The mitmproxy part of an instance is measured under load by the harness (peak RSS of (c)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+
+from dpiguard.config import load_config
+from dpiguard.pipeline import Incoming, NeedIO
+from dpiguard.services import build_services
+
+from .dataset import Scale, assignment_rows, build_hospital, stay_rows
+from .workload import API, CARE_TEAM, FHIR, PAGE, READS
+
+
+def rss_kib() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def percentiles(samples_ns: list[int], cpu_ns: list[int] | None = None) -> dict:
+    out = _pcts(samples_ns)
+    if cpu_ns:
+        cpu = _pcts(cpu_ns)
+        out["cpu"] = {k: v for k, v in cpu.items() if k != "n"}
+    return out
+
+
+def _pcts(samples_ns: list[int]) -> dict[str, float]:
+    s = sorted(samples_ns)
+
+    def pct(p: float) -> float:
+        return round(s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000, 1)
+
+    return {"n": len(s), "p50_us": pct(50), "p90_us": pct(90), "p99_us": pct(99), "max_us": round(s[-1] / 1000, 1),
+            "mean_us": round(sum(s) / len(s) / 1000, 1)}
+
+
+def cache_structure_bytes(max_entries: int, n: int = 50_000) -> float:
+    """Bytes per entry of a DecisionCache itself (tracemalloc), keys and values shaped like real ones."""
+    import tracemalloc
+
+    from dpiguard.cache import DecisionCache
+    from dpiguard.pipeline import CachedDecision
+
+    rng = random.Random(3)
+    now = time.time()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    cache = DecisionCache(max_entries=max_entries)
+    for i in range(n):
+        key = (f"inf.{rng.randrange(5000):05d}", f"P{rng.randrange(100_000):06d}",
+               rng.choice(("clinical_notes", "biology", "prescriptions", "imaging")), "read")
+        cache.put(key, CachedDecision(i % 3 == 0, f"unit:U{i % 60:03d} stay:S{i:07d}" if i % 3 == 0 else "none"),
+                  now + 60, cache.generation(), now=now)
+    size = (tracemalloc.get_traced_memory()[0] - before) / len(cache)
+    tracemalloc.stop()
+    return size
+
+
+def incoming(path: str, token: str, accept: str = "application/json") -> Incoming:
+    return Incoming("GET", path, {"host": "dpi.bench", "accept": accept, "authorization": f"Bearer {token}",
+                                  "user-agent": "dpiguard-bench"}, "127.0.0.1", False, header_bytes=200)
+
+
+def addon_decide(pipeline, req: Incoming):
+    """What the addon does: in-process attempt, then the I/O attempt if needed."""
+    try:
+        return pipeline.decide(req, io=False)
+    except NeedIO:
+        return pipeline.decide(req, io=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.micro")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scale", required=True, help="STAFF,PATIENTS,LINKS,ACCOUNTS")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--now", type=float, required=True)
+    parser.add_argument("--samples", type=int, default=3000, help="timed decisions per tier (hits: 10x)")
+    parser.add_argument("--fill", type=int, default=20000, help="decisions in the cache for the memory figure")
+    args = parser.parse_args(argv)
+    scale = Scale(*(int(x) for x in args.scale.split(",")))
+    rng = random.Random(11)
+
+    h = build_hospital(scale, args.seed, args.now)
+    for _ in stay_rows(h, (scale.links - sum(len(s.units) for s in h.staff)) // 4):
+        pass  # regenerates h.current (who stays where now) without writing
+    rest = scale.links - sum(len(s.units) for s in h.staff)
+    for _ in assignment_rows(h, rest - rest // 4):
+        pass
+
+    cfg = load_config(args.config)
+    gc.collect()
+    mem0 = rss_kib()
+    s = build_services(cfg)
+    s.start()
+    if not s.bus.coherent:
+        raise SystemExit("invalidation bus not coherent: caches would be off")
+    p = s.pipeline
+    gc.collect()
+    mem_started = rss_kib()
+
+    # Sessions: opened with SessionStore.create, the step the login endpoint takes once password and
+    # TOTP are verified (the argon2 cost of logins is measured separately by the harness).
+    tokens = {}
+    for member in h.staff:
+        tokens[member.login], _ = s.sessions.create(member.login, [member.role])
+    accounts = [a for a in h.accounts if a.role != "reception" and h.team_of(a)]
+
+    def allowed_request(a, now_rng) -> Incoming:
+        team = h.team_of(a)
+        cat = now_rng.choice([c for c in READS[a.role] if c in CARE_TEAM])
+        table = now_rng.choice((PAGE, API, FHIR))
+        return incoming(table[cat].format(p=team[now_rng.randrange(len(team))]), tokens[a.login])
+
+    # ---- hits
+    hit_reqs = [allowed_request(accounts[i % len(accounts)], rng) for i in range(1000)]
+    for req in hit_reqs:
+        v = addon_decide(p, req)
+        assert v.allowed, (req.target, v.reason)
+    samples, cpu = [], []
+    for i in range(args.samples * 10):
+        req = hit_reqs[i % len(hit_reqs)]
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+        v = p.decide(req, io=False)
+        samples.append(time.perf_counter_ns() - t0)
+        cpu.append(time.thread_time_ns() - c0)
+    hit = percentiles(samples, cpu)
+
+    # ---- Redis tier: session cached (above), decision never asked before
+    seen = {(r.headers["authorization"], r.target) for r in hit_reqs}
+    samples, cpu, outcomes = [], [], {}
+    while len(samples) < args.samples:
+        a = accounts[rng.randrange(len(accounts))]
+        cat = rng.choice([c for c in READS[a.role] if c in CARE_TEAM])
+        patient = h.patients[rng.randrange(len(h.patients))] if rng.random() < 0.5 else \
+            rng.choice(h.team_of(a))
+        req = incoming(API[cat].format(p=patient), tokens[a.login])
+        if (req.headers["authorization"], req.target) in seen:
+            continue
+        seen.add((req.headers["authorization"], req.target))
+        p.decide(incoming("/patients", tokens[a.login]), io=True)  # session and units cached
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+        v = addon_decide(p, req)
+        samples.append(time.perf_counter_ns() - t0)
+        cpu.append(time.thread_time_ns() - c0)
+        outcomes[v.reason] = outcomes.get(v.reason, 0) + 1
+    redis_tier = {**percentiles(samples, cpu), "outcomes": outcomes}
+
+    # ---- cold: session not in this instance's cache either
+    samples, cpu, outcomes = [], [], {}
+    while len(samples) < args.samples:
+        a = accounts[rng.randrange(len(accounts))]
+        cat = rng.choice([c for c in READS[a.role] if c in CARE_TEAM])
+        patient = h.patients[rng.randrange(len(h.patients))]
+        req = incoming(API[cat].format(p=patient), tokens[a.login])
+        if (req.headers["authorization"], req.target) in seen:
+            continue
+        seen.add((req.headers["authorization"], req.target))
+        s.sessions.clear_local()
+        p.drop_all()
+        c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+        v = addon_decide(p, req)
+        samples.append(time.perf_counter_ns() - t0)
+        cpu.append(time.thread_time_ns() - c0)
+        outcomes[v.reason] = outcomes.get(v.reason, 0) + 1
+    cold = {**percentiles(samples, cpu), "outcomes": outcomes}
+
+    # ---- memory at scale: every staff session cached, decision cache filled with --fill entries
+    gc.collect()
+    mem_before_fill = rss_kib()
+    staff = h.staff
+    fill = min(args.fill, s.cache.max_entries)
+
+    def one(i: int) -> None:
+        r = random.Random(i)
+        member = staff[i % len(staff)]
+        cat = r.choice(("clinical_notes", "biology", "prescriptions", "imaging"))
+        addon_decide(p, incoming(API[cat].format(p=h.patients[r.randrange(len(h.patients))]), tokens[member.login]))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(fill * 11 // 10), chunksize=256))
+    fill_seconds = time.perf_counter() - t0
+    gc.collect()
+    mem_filled = rss_kib()
+    entries = len(s.cache)
+    per_entry = (mem_filled["VmRSS"] - mem_before_fill["VmRSS"]) * 1024 / max(1, entries)
+    at_max = mem_filled["VmRSS"] + per_entry * (s.cache.max_entries - entries) / 1024
+    structure = cache_structure_bytes(s.cache.max_entries)
+    result = {
+        "scale": scale.describe(),
+        "hit": hit, "redis_tier": redis_tier, "cold": cold,
+        "memory": {
+            "rss_python_start_mib": round(mem0["VmRSS"] / 1024, 1),
+            "rss_services_started_mib": round(mem_started["VmRSS"] / 1024, 1),
+            "sessions_cached": s.sessions.local_size(),
+            "rss_sessions_cached_mib": round(mem_before_fill["VmRSS"] / 1024, 1),
+            "decisions_cached": entries,
+            "fill_seconds": round(fill_seconds, 1),
+            "rss_filled_mib": round(mem_filled["VmRSS"] / 1024, 1),
+            "bytes_per_decision": round(per_entry),
+            "max_entries": s.cache.max_entries,
+            "rss_at_max_entries_mib": round(at_max / 1024, 1),
+            "cache_structure_bytes_per_decision": round(structure),
+            "cache_structure_at_max_entries_mib": round(structure * s.cache.max_entries / 2**20, 1),
+            "extrapolated": entries < s.cache.max_entries,
+        },
+        "cache_stats": s.cache.stats(),
+    }
+    s.stop()
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
