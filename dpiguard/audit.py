@@ -265,6 +265,10 @@ def _fsync_dir(path: Path) -> None:
 
 # -- the writer -------------------------------------------------------------------------------------
 
+#: Longest time the signed head file may lag the chain (it is re-signed at most this often, and at
+#: every checkpoint, rotation and close). Tail truncation is detected for records older than this.
+HEAD_INTERVAL = 0.5
+
 class AuditLog:
     """Group-commit writer of one instance's chain; safe to share between threads."""
 
@@ -312,6 +316,8 @@ class AuditLog:
         self._segment_started = 0.0
         self._cp_seq = 0
         self._cp_time = 0.0
+        self._head_seq = 0  # seq the signed head file covers
+        self._head_time = 0.0
         self._lost = 0
         self._lost_since: str | None = None
         self.last_error: str | None = None
@@ -508,9 +514,12 @@ class AuditLog:
                 return
 
     def _idle_timeout(self) -> float:
+        timeout = 1.0
+        if self._seq > self._head_seq:  # the head lags: catch it up soon
+            timeout = min(timeout, max(0.01, self._head_time + HEAD_INTERVAL - time.monotonic()))
         if self._seq > self._cp_seq:
-            return max(0.01, self._cp_time + self.checkpoint_seconds - time.monotonic())
-        return 1.0
+            timeout = min(timeout, max(0.01, self._cp_time + self.checkpoint_seconds - time.monotonic()))
+        return timeout
 
     def _checkpoint_fields(self, seq: int, prev: str) -> bytes:
         sig = self.signer.sign(checkpoint_message(self.instance_id, seq, prev)) if self.signer else None
@@ -579,11 +588,19 @@ class AuditLog:
         self.batches += 1
         if future is not None and not future.done():
             future.set_result(seq)
+        if force_checkpoint or time.monotonic() - self._head_time >= HEAD_INTERVAL:
+            self._refresh_head(durable=force_checkpoint)
+        return True
+
+    def _refresh_head(self, durable: bool) -> None:
+        """Re-sign the head (last seq + hash). Throttled to HEAD_INTERVAL: an Ed25519 signature and a
+        file replace per batch would cost more CPU than the request itself under load."""
+        self._head_time = time.monotonic()
         try:
-            self._write_head(durable=force_checkpoint)
+            self._write_head(durable=durable)
+            self._head_seq = self._seq
         except OSError as exc:
             self.last_error = f"head not written: {exc}"
-        return True
 
     def _write_head(self, durable: bool) -> None:
         data = {"instance": self.instance_id, "seq": self._seq, "hash": self._prev, "segment": self._segment.name,
@@ -593,6 +610,8 @@ class AuditLog:
 
     def _maintenance(self, final: bool) -> None:
         now = time.monotonic()
+        if self._seq > self._head_seq and now - self._head_time >= HEAD_INTERVAL and self._fd is not None:
+            self._refresh_head(durable=False)
         rotate = self._size >= self.rotate_bytes or (
             self._size > 0 and time.time() - self._segment_started >= self.rotate_seconds)
         due = self._seq > self._cp_seq and now - self._cp_time >= self.checkpoint_seconds
