@@ -18,6 +18,7 @@ from .identity import AssertionSigner
 from .pipeline import Pipeline
 from .policy import Policy
 from .portal import Portal
+from .redisconn import client_for, spec_of
 from .sessions import SessionStore
 from .users import SecretBox, UserDirectory
 
@@ -25,12 +26,8 @@ log = logging.getLogger("dpiguard")
 
 
 def redis_client(cfg: Config) -> redis.Redis:
-    return redis.Redis.from_url(
-        cfg.redis.url,
-        socket_timeout=cfg.redis.socket_timeout,
-        socket_connect_timeout=cfg.redis.socket_timeout,
-        health_check_interval=30,
-    )
+    """The command client for the configured topology (standalone, Sentinel or Cluster)."""
+    return client_for(cfg, health_check_interval=30)
 
 
 def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirectory:
@@ -109,7 +106,7 @@ def build_services(cfg: Config) -> Services:
         lock_seconds=cfg.login.lock_seconds, ip_max_failures=cfg.login.ip_max_failures,
         ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
     ), prefix=cfg.redis.prefix)
-    bus = InvalidationBus(cfg.redis.url, prefix=cfg.redis.prefix)
+    bus = InvalidationBus(spec_of(cfg), prefix=cfg.redis.prefix)
     services_ref: dict[str, Services] = {}
     pipeline = Pipeline(
         policy=policy,
