@@ -19,6 +19,7 @@ from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
+from . import metrics, ops
 from .audit import utc_now_ms
 from .config import Config, ConfigError, load_config
 from .pipeline import Incoming, NeedIO, Verdict
@@ -75,6 +76,7 @@ class DpiGuard:
             await self._requestheaders(flow)
         except Exception as exc:  # fail closed
             log.exception("dpiguard: error while deciding")
+            metrics.observe_decision(False, "internal_error", 0.0, True)
             self._respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
             self._last_resort_trace(flow, exc)
 
@@ -99,16 +101,23 @@ class DpiGuard:
             return
         req = self._incoming(flow)
         if req.target.startswith(PREFIX):
+            op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
+            if op is not None:
+                self._respond(flow, Reply(*op))
+                return
             length = flow.request.headers.get("content-length", "0")
             if not length.isdigit() or int(length) > MAX_BODY:
                 self._respond(flow, Reply(413, b'{"error":"body_too_large"}', "application/json"))
                 return
             flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
             return
+        started, used_io = time.perf_counter(), False
         try:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
+            used_io = True
             verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+        metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
         if not verdict.allowed:
             self._respond(flow, s.portal.refusal(req, verdict))
             return

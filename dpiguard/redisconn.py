@@ -158,8 +158,13 @@ class RedisSpec:
         return Sentinel(list(self.nodes), sentinel_kwargs=skw, **self._conn_kwargs(socket_timeout))
 
     def client(self, socket_timeout: float = 0.5, **extra) -> Any:
-        """A command client for the whole topology (``redis.Redis`` or ``redis.cluster.RedisCluster``)."""
+        """A command client for the whole topology (``redis.Redis`` or ``redis.cluster.RedisCluster``).
+
+        Retries are bounded (3, backoff 20 ms .. 250 ms): enough to ride over a dropped connection
+        or a cluster redirection, short enough that a request during an outage gets its 503 within
+        about a second instead of hanging (redis-py's default is 10 retries)."""
         kw = self._conn_kwargs(socket_timeout)
+        kw["retry"] = default_retry()
         kw.update(extra)
         if self.mode == "cluster":
             from redis.cluster import ClusterNode, RedisCluster
@@ -220,6 +225,12 @@ class RedisSpec:
         hosts = ",".join(f"{h}:{p}" for h, p in self.nodes) or self.unix_path or "?"
         extra = f" service {self.service}" if self.service else ""
         return f"{self.mode} {hosts}{extra}{' TLS' if self.tls else ''}{' user ' + self.username if self.username else ''}"
+
+
+def default_retry() -> Retry:
+    from redis.backoff import ExponentialWithJitterBackoff
+
+    return Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), 3)
 
 
 def _int(text: str, what: str) -> int:

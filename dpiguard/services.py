@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -18,6 +19,8 @@ from .identity import AssertionSigner
 from .pipeline import Pipeline
 from .policy import Policy
 from .portal import Portal
+from . import metrics
+from .ops import Monitor, allowed_networks
 from .redisconn import client_for, spec_of
 from .sessions import SessionStore
 from .users import SecretBox, UserDirectory
@@ -58,6 +61,8 @@ class Services:
     audit: AuditLog
     pipeline: Pipeline
     portal: Portal
+    monitor: Any = None  # dpiguard.ops.Monitor: readiness probe behind /_dpiguard/health/ready
+    metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
 
     @property
     def policy(self) -> Policy:
@@ -65,10 +70,14 @@ class Services:
 
     def start(self, wait: float = 5.0) -> None:
         self.bus.start()
+        if self.monitor is not None:
+            self.monitor.start()
         if not self.bus.wait_coherent(wait):
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
 
     def stop(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         self.bus.stop()
         self.audit.close()
 
@@ -106,7 +115,8 @@ def build_services(cfg: Config) -> Services:
         lock_seconds=cfg.login.lock_seconds, ip_max_failures=cfg.login.ip_max_failures,
         ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
     ), prefix=cfg.redis.prefix)
-    bus = InvalidationBus(spec_of(cfg), prefix=cfg.redis.prefix)
+    spec = spec_of(cfg)
+    bus = InvalidationBus(spec, prefix=cfg.redis.prefix, on_event_hook=metrics.bus_event)
     services_ref: dict[str, Services] = {}
     pipeline = Pipeline(
         policy=policy,
@@ -122,6 +132,9 @@ def build_services(cfg: Config) -> Services:
     )
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
     services_ref["s"] = services
+    services.monitor = Monitor(services, redis_mode=spec.mode)
+    services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
+    metrics.bind(services, services.monitor)
     _wire_invalidation(services)
     return services
 
