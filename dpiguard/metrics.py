@@ -109,7 +109,7 @@ class _StateCollector:
         if s is None:
             return
         info = InfoMetricFamily("dpiguard_build", "Instance and policy of this process")
-        info.add_metric([], {"instance": str(s.config.instance_id), "policy_version": str(s.policy.version),
+        info.add_metric([], {"dpiguard_instance": str(s.config.instance_id), "policy_version": str(s.policy.version),
                              "redis_mode": m.redis_mode if m is not None else ""})
         yield info
         stats = s.cache.stats()

@@ -80,7 +80,7 @@ def test_metrics_count_decisions_and_logins(stack):
     assert value(after, "dpiguard_ready") == 1
     assert value(after, "dpiguard_redis_ping_seconds_count") >= 1
     info = [k for k in after if k[0] == "dpiguard_build_info"]
-    assert info and ("instance", "o1") in info[0][1]
+    assert info and ("dpiguard_instance", "o1") in info[0][1]
     # no per-user or per-patient label anywhere
     for name, labels in after:
         assert not {k for k, _ in labels} & {"user", "patient", "path", "login"}, name
