@@ -43,6 +43,7 @@ class LocalRedis:
                  extra_args: list[str] | None = None):
         self.host = host
         self.extra_args = list(extra_args or [])  # e.g. --replicaof, --cluster-enabled (redis_topology.py)
+        self.ping_kwargs: dict = {}  # credentials for the readiness PING when the server requires them
         self.port = port or free_port(host)
         self._own_dir = persist_dir is None
         self.dir = Path(persist_dir) if persist_dir else Path(tempfile.mkdtemp(prefix="dpiguard-redis-"))
@@ -69,7 +70,7 @@ class LocalRedis:
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, **self.ping_kwargs)
         while True:
             try:
                 if client.ping():
