@@ -162,6 +162,13 @@ class LocalSentinel:
                                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def start(self, timeout: float = 20.0) -> "LocalSentinel":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.close()  # never leave half a setup running
+            raise
+
+    def _start(self, timeout: float) -> "LocalSentinel":
         if self._first_start:
             self._start_node(self.nodes[0], None)
             self._start_node(self.nodes[1], self.nodes[0])
@@ -274,6 +281,13 @@ class LocalCluster:
         return redis.Redis(host=node.host, port=node.port, socket_timeout=2, socket_connect_timeout=2)
 
     def start(self, timeout: float = 20.0) -> "LocalCluster":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.kill()  # never leave half a cluster running
+            raise
+
+    def _start(self, timeout: float) -> "LocalCluster":
         for node, bus_port in zip(self.nodes, self.bus_ports):
             if node.proc is None:
                 node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
