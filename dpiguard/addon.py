@@ -19,6 +19,7 @@ from typing import Optional
 
 from mitmproxy import ctx, exceptions, http
 
+from . import metrics, ops
 from .fhir import hooks as fhir_hooks
 from .audit import utc_now_ms
 from .config import Config, ConfigError, load_config
@@ -79,6 +80,7 @@ class DpiGuard:
             await self._requestheaders(flow)
         except Exception as exc:  # fail closed
             log.exception("dpiguard: error while deciding")
+            metrics.observe_decision(False, "internal_error", 0.0, True)
             self._respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
             self._last_resort_trace(flow, exc)
 
@@ -107,6 +109,11 @@ class DpiGuard:
             return
         req = self._incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
+        if req.target.startswith(PREFIX):
+            op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
+            if op is not None:
+                self._respond(flow, Reply(*op))
+                return
         plaintext_refused = s.pipeline.require_tls and not req.tls  # no password over plain HTTP either
         if req.target.startswith(PREFIX) and not plaintext_refused:
             length = flow.request.headers.get("content-length", "0")
@@ -115,10 +122,13 @@ class DpiGuard:
                 return
             flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
             return
+        started, used_io = time.perf_counter(), False
         try:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
+            used_io = True
             verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+        metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
         # No answer and no forwarding before the decision's record is on disk (group commit).
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()

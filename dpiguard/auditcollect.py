@@ -257,8 +257,10 @@ class Collector:
 # -- CLI --------------------------------------------------------------------------------------------
 
 def _client(cfg) -> redis.Redis:
-    return redis.Redis.from_url(cfg.redis.url, socket_timeout=max(cfg.redis.socket_timeout, 2.0),
-                                socket_connect_timeout=cfg.redis.socket_timeout)
+    """The configured Redis (any topology: standalone, Sentinel, Cluster), with a longer timeout."""
+    from .redisconn import spec_of
+
+    return spec_of(cfg).client(max(cfg.redis.socket_timeout, 2.0))
 
 
 def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False) -> int:

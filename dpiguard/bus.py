@@ -28,6 +28,12 @@ nothing at all (message or PONG) arrived for ``2 * health_interval + 0.5`` secon
 ``health_check_interval`` is not used for this because it swallows the PONG, so a missing reply
 would go unnoticed. redis-py's transparent reconnect (which would resubscribe without telling us
 and hide lost messages) is disabled by giving the connection zero retries.
+
+Topologies (:mod:`dpiguard.redisconn`): standalone subscribes to the server; Redis Cluster to any
+reachable node (classic PUBLISH is broadcast to every node of a cluster, so one node sees all);
+Sentinel to the current master, and the thread asks the sentinels every ``health_interval`` which
+node is master: when it changed (failover, even one where the old master is still alive), the
+subscription is dropped and made again on the new master, which is a resync (caches cleared).
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ import time
 from typing import Any, Callable
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from .redisconn import RedisSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +98,13 @@ def parse_event(raw: bytes | str) -> tuple[str, str]:
 class InvalidationBus:
     """One subscriber thread per instance plus a publisher client. See the module docstring."""
 
-    def __init__(self, redis_url: str, prefix: str = "dpiguard", health_interval: float = 1.0):
+    def __init__(self, redis_url: "str | RedisSpec", prefix: str = "dpiguard", health_interval: float = 1.0,
+                 on_event_hook: Callable[[str], Any] | None = None):
         if health_interval <= 0:
             raise ValueError("health_interval must be positive")
-        self.redis_url = redis_url
+        self.spec = RedisSpec.from_url(redis_url) if isinstance(redis_url, str) else redis_url
+        self._hook = on_event_hook  # metrics: called with "reconnect", "master_changed", "message"
+        self._sentinel = None
         self.channel = events_channel(prefix)
         self.health_interval = float(health_interval)
         self._dead_after = 2 * self.health_interval + 0.5
@@ -145,9 +154,7 @@ class InvalidationBus:
         parse_event(message)
         with self._publisher_lock:
             if self._publisher is None:
-                self._publisher = redis.Redis.from_url(
-                    self.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-                )
+                self._publisher = self.spec.client(2.0)
             publisher = self._publisher
         return int(publisher.publish(self.channel, message))
 
@@ -181,6 +188,9 @@ class InvalidationBus:
             if self._publisher is not None:
                 self._publisher.close()
                 self._publisher = None
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                s.close()
 
     # ----------------------------------------------------------------- subscriber thread
 
@@ -191,6 +201,7 @@ class InvalidationBus:
                 self._session()
             except Exception as exc:  # noqa: BLE001 - any failure means: reconnect
                 log.warning("invalidation bus: subscription lost (%s: %s)", type(exc).__name__, exc)
+                self._notify("reconnect")
             finally:
                 self._lose_coherence()
             if self._session_was_live:
@@ -199,23 +210,51 @@ class InvalidationBus:
                 break
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
-    def _new_client(self) -> redis.Redis:
-        timeout = self._dead_after
-        return redis.Redis.from_url(
-            self.redis_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+    def _notify(self, what: str) -> None:
+        if self._hook is not None:
+            try:
+                self._hook(what)
+            except Exception:  # noqa: BLE001 - metrics never break the bus
+                log.exception("invalidation bus: hook failed")
+
+    def _current_master(self) -> tuple[str, int] | None:
+        if self._sentinel is None:
+            self._sentinel = self.spec.sentinel(self._dead_after)
+        try:
+            host, port = self._sentinel.discover_master(self.spec.service)
+            return host, int(port)
+        except redis.RedisError:  # includes MasterNotFoundError
+            return None
+
+    def _connect(self):
+        """A subscribed (client, pubsub, node address) on the first node that accepts it."""
+        if self.spec.mode == "sentinel":
+            master = self._current_master()
+            if master is None:
+                raise redis.ConnectionError(f"no sentinel gives a master for {self.spec.service!r}")
+            endpoints = [(self.spec.node_client(master, self._dead_after, subscriber=True), master)]
+        else:
+            endpoints = self.spec.pubsub_endpoints(self._dead_after)
+        last_exc: Exception | None = None
+        for client, address in endpoints:
+            pubsub = client.pubsub()
+            try:
+                pubsub.subscribe(self.channel)
+                for other, _ in endpoints:
+                    if other is not client:
+                        other.close()
+                return client, pubsub, address
+            except redis.RedisError as exc:
+                last_exc = exc
+                pubsub.close()
+                client.close()
+        raise last_exc or redis.ConnectionError("no Redis node to subscribe to")
 
     def _session(self) -> None:
         """One subscription, from connect to first error (or stop)."""
         self._session_was_live = False
-        client = self._new_client()
-        pubsub = client.pubsub()
+        client, pubsub, address = self._connect()
         try:
-            pubsub.subscribe(self.channel)
             last_seen = last_ping = time.monotonic()
             while not self._stopping.is_set():
                 message = pubsub.get_message(timeout=self._poll)
@@ -226,6 +265,11 @@ class InvalidationBus:
                 if now - last_ping >= self.health_interval:
                     pubsub.ping(_PING_TOKEN)
                     last_ping = now
+                    if self.spec.mode == "sentinel" and self._session_was_live:
+                        master = self._current_master()
+                        if master is not None and master != address:
+                            self._notify("master_changed")
+                            raise ConnectionError(f"Redis master moved from {address} to {master}")
                 if now - last_seen > self._dead_after:
                     raise ConnectionError(f"no data from Redis for {now - last_seen:.1f} s")
         finally:
@@ -244,6 +288,7 @@ class InvalidationBus:
             self._set_coherent(True)
         elif kind == "message":
             self._dispatch(message.get("data"))
+            self._notify("message")
         elif kind in ("unsubscribe", "punsubscribe"):
             raise ConnectionError("unexpectedly unsubscribed")
         # "pong" only refreshes liveness

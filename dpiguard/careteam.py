@@ -24,8 +24,13 @@ docs/architecture.md:
 
 Unit names are case-insensitive: they are normalised to upper case on every write and read.
 
-Every write is one MULTI/EXEC transaction (WATCH when it must read first), *then* publishes its
-invalidation on the bus channel (``patient:P`` for stays; ``user:U`` for memberships; both for
+Writes touch the authoritative key of one user or one patient (``{LOGIN}``/``{PATIENT}`` hash tag)
+in one command or one WATCH/MULTI/EXEC transaction, so they work unchanged on Redis Cluster. The
+unit and user indexes (``unit-members``, ``unit-patients``, ``user-assign``) live in other slots
+and are written in separate commands in a safe order: added *before* the authoritative write,
+removed *after* it (and re-checked), so an index may hold a stale entry (harmless: every reader
+checks the authoritative key) but never misses a live one. Decisions read only authoritative keys.
+Each write *then* publishes its invalidation on the bus channel (``patient:P`` for stays; ``user:U`` for memberships; both for
 assignments, as the architecture table says). :meth:`CareTeamStore.membership` reads with one
 pipelined round trip and decides in the pure function :func:`compute_membership`. Malformed data
 raises :class:`CareTeamDataError`; it is never read as "member" (callers fail closed).
@@ -309,19 +314,15 @@ class CareTeamStore:
         start = _check_time(start, "start", optional=True)
         end = _check_time(end, "end", optional=True)
         _check_window(start, end)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.key_user_units(login), unit, f"{_fmt_time(start)}|{_fmt_time(end)}")
-        pipe.sadd(self.key_unit_members(unit), login)
-        pipe.execute()
+        self.redis.sadd(self.key_unit_members(unit), login)  # index first
+        self.redis.hset(self.key_user_units(login), unit, f"{_fmt_time(start)}|{_fmt_time(end)}")
         self._publish(("user", login))
 
     def remove_unit_member(self, login: str, unit: str) -> bool:
         """End ``login``'s membership of ``unit``; returns whether one existed."""
         login, unit = _check_id(login, "login"), _check_unit(unit)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.key_user_units(login), unit)
-        pipe.srem(self.key_unit_members(unit), login)
-        removed, _ = pipe.execute()
+        removed = self.redis.hdel(self.key_user_units(login), unit)
+        self.redis.srem(self.key_unit_members(unit), login)  # index last
         self._publish(("user", login))
         return bool(removed)
 
@@ -337,17 +338,17 @@ class CareTeamStore:
         stay_id = f"S{uuid.uuid4().hex[:16]}" if stay_id is None else _check_id(stay_id, "stay id")
         value = orjson.dumps({"unit": unit, "start": start, "end": end})
         stays_key = self.key_stays(patient)
+        release: list[str] = []
 
         def write(pipe: redis.client.Pipeline) -> None:
             stays = pipe.hgetall(stays_key)
-            old_unit = self._unit_to_release(stays, stay_id, keep_unit=unit)
+            release[:] = [u for u in [self._unit_to_release(stays, stay_id, keep_unit=unit)] if u]
             pipe.multi()
             pipe.hset(stays_key, stay_id, value)
-            pipe.sadd(self.key_unit_patients(unit), patient)
-            if old_unit is not None:
-                pipe.srem(self.key_unit_patients(old_unit), patient)
 
+        self.redis.sadd(self.key_unit_patients(unit), patient)  # index first
         self.redis.transaction(write, stays_key)
+        self._release_units(patient, release)
         self._publish(("patient", patient))
         return stay_id
 
@@ -379,14 +380,30 @@ class CareTeamStore:
             stays = pipe.hgetall(stays_key)
             if not any(_text(sid) == stay_id for sid in stays):
                 raise KeyError(f"patient {patient} has no stay {stay_id}")
-            old_unit = self._unit_to_release(stays, stay_id, keep_unit=None)
+            release[:] = [u for u in [self._unit_to_release(stays, stay_id, keep_unit=None)] if u]
             pipe.multi()
             pipe.hdel(stays_key, stay_id)
-            if old_unit is not None:
-                pipe.srem(self.key_unit_patients(old_unit), patient)
 
+        release: list[str] = []
         self.redis.transaction(write, stays_key)
+        self._release_units(patient, release)
         self._publish(("patient", patient))
+
+    def _release_units(self, patient: str, units: list[str]) -> None:
+        """Remove ``patient`` from the ``unit-patients`` index of ``units`` after the stays were
+        written, then re-add it where a stay written meanwhile (another writer) still needs it."""
+        if not units:
+            return
+        for unit in units:
+            self.redis.srem(self.key_unit_patients(unit), patient)
+        try:
+            still = {parse_stay(raw, _text(sid))["unit"]
+                     for sid, raw in self.redis.hgetall(self.key_stays(patient)).items()}
+        except CareTeamDataError:
+            still = set(units)  # cannot tell: keep the (possibly stale) entries
+        for unit in units:
+            if unit in still:
+                self.redis.sadd(self.key_unit_patients(unit), patient)
 
     @staticmethod
     def _unit_to_release(stays: Mapping[Any, Any], stay_id: str, keep_unit: str | None) -> str | None:
@@ -415,29 +432,23 @@ class CareTeamStore:
         start = _check_time(start, "start", optional=True)
         end = _check_time(end, "end", optional=True)
         _check_window(start, end)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self.key_assign(patient), login,
-                  orjson.dumps({"kind": kind, "start": start, "end": end}))
-        pipe.sadd(self.key_user_assign(login), patient)
-        pipe.execute()
+        self.redis.sadd(self.key_user_assign(login), patient)  # index first
+        self.redis.hset(self.key_assign(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
         self._publish(("patient", patient), ("user", login))
 
     def unassign(self, login: str, patient: str) -> bool:
         """Remove an explicit assignment; returns whether one existed."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.key_assign(patient), login)
-        pipe.srem(self.key_user_assign(login), patient)
-        removed, _ = pipe.execute()
+        removed = self.redis.hdel(self.key_assign(patient), login)
+        self.redis.srem(self.key_user_assign(login), patient)  # index last
         self._publish(("patient", patient), ("user", login))
         return bool(removed)
 
     def _publish(self, *events: tuple[str, str]) -> None:
-        """Publish invalidations after the write committed (errors propagate to the caller)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for kind, ident in events:
-            pipe.publish(self.channel, format_event(kind, ident))
-        pipe.execute()
+        """Publish invalidations after the write committed (errors propagate to the caller).
+        One PUBLISH per event: Redis Cluster refuses PUBLISH inside a pipeline."""
+        for kind, ident in [(k, i) for k, i in events if format_event(k, i)]:
+            self.redis.publish(self.channel, format_event(kind, ident))
 
     # ----------------------------------------------------------------- reads
 
@@ -450,7 +461,8 @@ class CareTeamStore:
     def membership_and_units(self, login: str, patient: str, now: float | None = None,
                              category: str | None = None) -> tuple[Membership, list[str]]:
         """:meth:`membership`, and the units ``login`` is a member of at ``now`` (as :meth:`user_units`),
-        from the same round trip: the user's units hash is read for the decision anyway."""
+        from the same round trip: the user's units hash is read for the decision anyway. On Redis
+        Cluster, one round trip per node holding the keys (a non-transactional pipeline, reads only)."""
         login, patient = _check_id(login, "login"), _check_id(patient, "patient")
         now = _now(now)
         pipe = self.redis.pipeline(transaction=False)

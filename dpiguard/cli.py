@@ -95,7 +95,12 @@ def _show_enrollment(login: str, uri: str, png: str | None) -> None:
 def cmd_run(args) -> int:
     from .runner import run_proxy
 
-    return run_proxy(_config(args))
+    cfg = _config(args)
+    if args.workers != 1:
+        from .workers import run_workers
+
+        return run_workers(cfg, args.config or os.environ["DPIGUARD_CONFIG"], args.workers)
+    return run_proxy(cfg)
 
 
 def cmd_demo(args) -> int:
@@ -274,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = with_config(sub.add_parser("run", help="run the proxy in front of the configured DPI"))
+    sp.add_argument("--workers", type=int, default=1,
+                    help="N proxy processes on ports listen.port .. listen.port+N-1 (see docs/deployment.md)")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("demo", help="run a complete demo on localhost (Redis, demo DPI, proxy)")

@@ -23,7 +23,7 @@ import yaml
 
 ENV_PREFIX = "DPIGUARD_"
 #: Environment variables that are not configuration keys (see docs/configuration.md).
-ENV_ONLY = frozenset({"DPIGUARD_CONFIG", "DPIGUARD_RUNTIME_DIR"})
+ENV_ONLY = frozenset({"DPIGUARD_CONFIG", "DPIGUARD_RUNTIME_DIR", "DPIGUARD_REDIS_PASSWORD", "DPIGUARD_TEST_REDIS"})
 
 
 class ConfigError(ValueError):
@@ -58,6 +58,13 @@ class RedisSection:
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "dpiguard"
     socket_timeout: float = 0.5
+    # Topology, TLS and ACL: see dpiguard/redisconn.py and docs/operations.md.
+    username: str | None = None
+    password_file: str | None = None
+    sentinel_password_file: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 @dataclass
@@ -152,6 +159,8 @@ class Limits:
 @dataclass
 class FhirSection:
     public_origin: str | None = None  # scheme://host[:port] clients use to reach dpiguard (FHIR links)
+class Metrics:
+    allow_from: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
 @dataclass
@@ -173,6 +182,7 @@ class Config:
     identity: Identity = field(default_factory=Identity)
     limits: Limits = field(default_factory=Limits)
     fhir: FhirSection = field(default_factory=FhirSection)
+    metrics: Metrics = field(default_factory=Metrics)
     base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
 
     @property
@@ -313,9 +323,22 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("upstream.url", f"must be an http:// or https:// URL with a host, got {cfg.upstream.url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError("upstream.url", "must be an origin only (scheme://host[:port]), without path or query")
-    r = urlsplit(cfg.redis.url)
-    if r.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("redis.url", f"must start with redis://, rediss:// or unix://, got {cfg.redis.url!r}")
+    from .redisconn import RedisSpec, RedisURLError
+
+    try:
+        RedisSpec.from_url(cfg.redis.url)
+    except RedisURLError as exc:
+        raise ConfigError("redis.url", str(exc)) from None
+    if bool(cfg.redis.tls_cert_file) != bool(cfg.redis.tls_key_file):
+        key = "redis.tls_key_file" if cfg.redis.tls_cert_file else "redis.tls_cert_file"
+        raise ConfigError(key, "redis.tls_cert_file and redis.tls_key_file go together")
+    import ipaddress
+
+    for net in cfg.metrics.allow_from:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ConfigError("metrics.allow_from", f"not an address or CIDR network: {net!r}") from None
     if cfg.redis.socket_timeout <= 0:
         raise ConfigError("redis.socket_timeout", "must be greater than 0")
     if not cfg.redis.prefix.replace("-", "").replace("_", "").isalnum():
@@ -348,7 +371,8 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError("fhir.public_origin", "must be an origin like https://dpi-proxy.example.org")
     if not check_files:
         return
-    for dotted in ("tls.cert_file", "tls.key_file", "upstream.ca_file"):
+    for dotted in ("tls.cert_file", "tls.key_file", "upstream.ca_file", "redis.password_file",
+                   "redis.sentinel_password_file", "redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file"):
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value and not cfg.path(value).is_file():

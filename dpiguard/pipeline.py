@@ -27,7 +27,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from . import identity
+import redis
+
+from . import identity, metrics
 from .audit import AuditError, AuditLog
 from .cache import DecisionCache
 from .careteam import CareTeamStore
@@ -195,6 +197,8 @@ class Pipeline:
         except NeedIO:
             raise
         except Exception as exc:  # fail closed: any unexpected error is a refusal
+            if isinstance(exc, redis.RedisError):
+                metrics.redis_error("decision")
             verdict = Verdict(False, "internal_error", 503, f"dpiguard could not decide: {type(exc).__name__}")
             verdict.set_headers = {}
             detail = f"{type(exc).__name__}: {exc}"[:500]
@@ -320,6 +324,7 @@ class Pipeline:
             return None, None
         if not io:
             session = self.sessions.get_local(token, now)
+            metrics.session_lookup(session is not None)
             if session is None:
                 raise NeedIO()
         else:

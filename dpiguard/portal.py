@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 import orjson
 
+from . import metrics
 from .audit import AuditError, AuditLog
 from .auth import Authenticator, LoginResult
 from .pipeline import Incoming, Verdict
@@ -227,7 +228,13 @@ class Portal:
         }, [("Set-Cookie", self._cookie(self.cookie_name, token, path="/"))])
 
     def _login(self, req: Incoming, username: str, password: str, totp: str) -> LoginResult:
-        result = self.authenticator.login(username[:256], password[:1024], totp[:16], req.client_ip)
+        try:
+            result = self.authenticator.login(username[:256], password[:1024], totp[:16], req.client_ip)
+        except Exception:
+            metrics.login("error")
+            raise
+        metrics.login("success" if result.ok else result.reason if result.reason in ("locked", "throttled")
+                      else "failure")
         login = (result.user.login if result.user else username.strip().lower()[:64]) or None
         if result.ok:
             self._event(req, "login_success", login, "allow", "ok")

@@ -39,8 +39,11 @@ def server_binary() -> str:
 class LocalRedis:
     """Start/stop/restart a throw-away server on loopback. Same port across restarts."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", persist_dir: Path | None = None):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", persist_dir: Path | None = None,
+                 extra_args: list[str] | None = None):
         self.host = host
+        self.extra_args = list(extra_args or [])  # e.g. --replicaof, --cluster-enabled (redis_topology.py)
+        self.ping_kwargs: dict = {}  # credentials for the readiness PING when the server requires them
         self.port = port or free_port(host)
         self._own_dir = persist_dir is None
         self.dir = Path(persist_dir) if persist_dir else Path(tempfile.mkdtemp(prefix="dpiguard-redis-"))
@@ -63,10 +66,11 @@ class LocalRedis:
             "--protected-mode", "no",
             "--loglevel", "warning",
             "--logfile", str(self.dir / "server.log"),
+            *self.extra_args,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5)
+        client = redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, **self.ping_kwargs)
         while True:
             try:
                 if client.ping():

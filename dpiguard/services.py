@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -20,6 +21,9 @@ from .pipeline import Pipeline
 from .policy import Policy
 from .policyreload import PolicyReloader, files_fingerprint
 from .portal import Portal
+from . import metrics
+from .ops import Monitor, allowed_networks
+from .redisconn import client_for, spec_of
 from .sessions import SessionStore
 from .users import SecretBox, UserDirectory
 
@@ -27,12 +31,8 @@ log = logging.getLogger("dpiguard")
 
 
 def redis_client(cfg: Config) -> redis.Redis:
-    return redis.Redis.from_url(
-        cfg.redis.url,
-        socket_timeout=cfg.redis.socket_timeout,
-        socket_connect_timeout=cfg.redis.socket_timeout,
-        health_check_interval=30,
-    )
+    """The command client for the configured topology (standalone, Sentinel or Cluster)."""
+    return client_for(cfg, health_check_interval=30)
 
 
 def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirectory:
@@ -124,6 +124,8 @@ class Services:
     portal: Portal
     reloader: PolicyReloader | None = None  # hot reload of policies/ (None when policies.reload_interval is 0)
     mass_access: MassAccessMonitor | None = None
+    monitor: Any = None  # dpiguard.ops.Monitor: readiness probe behind /_dpiguard/health/ready
+    metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
 
     @property
     def policy(self) -> Policy:
@@ -133,6 +135,8 @@ class Services:
         if self.mass_access is not None:
             self.mass_access.start()
         self.bus.start()
+        if self.monitor is not None:
+            self.monitor.start()
         if not self.bus.wait_coherent(wait):
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
         if self.reloader is not None:
@@ -141,6 +145,8 @@ class Services:
     def stop(self) -> None:
         if self.reloader is not None:
             self.reloader.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
         self.bus.stop()
         if self.mass_access is not None:
             self.mass_access.stop()
@@ -187,7 +193,8 @@ def build_services(cfg: Config) -> Services:
         lock_seconds=cfg.login.lock_seconds, ip_max_failures=cfg.login.ip_max_failures,
         ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
     ), prefix=cfg.redis.prefix)
-    bus = InvalidationBus(cfg.redis.url, prefix=cfg.redis.prefix)
+    spec = spec_of(cfg)
+    bus = InvalidationBus(spec, prefix=cfg.redis.prefix, on_event_hook=metrics.bus_event)
     breakglass, access = emergency_access(cfg, policy, client, careteam, authenticator, audit, cache)
     services_ref: dict[str, Services] = {}
     pipeline = Pipeline(
@@ -216,6 +223,9 @@ def build_services(cfg: Config) -> Services:
             client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
             action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds)
     services_ref["s"] = services
+    services.monitor = Monitor(services, redis_mode=spec.mode)
+    services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
+    metrics.bind(services, services.monitor)
     _wire_invalidation(services)
     if cfg.policies.reload_interval > 0:
         def drop_decisions() -> None:

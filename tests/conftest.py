@@ -1,16 +1,31 @@
-"""Shared fixtures: one real Redis-protocol server process per test session, on a free port."""
+"""Shared fixtures: one real Redis topology per test session, on free loopback ports.
+
+``DPIGUARD_TEST_REDIS`` picks the topology for the whole suite: ``standalone`` (default, one
+server), ``sentinel`` (master + replica + three sentinels) or ``cluster`` (three-master Redis
+Cluster). See dpiguard/redis_topology.py and docs/operations.md.
+"""
 
 from __future__ import annotations
 
-import pytest
-import redis
+import functools
+import os
 
-from dpiguard.redis_server import LocalRedis
+import pytest
+
+from dpiguard import redisconn
+from dpiguard.redis_topology import from_env
+
+TOPOLOGY = (os.environ.get("DPIGUARD_TEST_REDIS") or "standalone").strip().lower()
+
+
+def only_standalone(reason: str):
+    """Skip a test that needs the single-server topology (e.g. a TCP relay in front of one port)."""
+    return pytest.mark.skipif(TOPOLOGY != "standalone", reason=f"standalone Redis only: {reason}")
 
 
 @pytest.fixture(scope="session")
 def redis_server():
-    server = LocalRedis().start()
+    server = from_env().start()
     yield server
     server.close()
 
@@ -23,7 +38,11 @@ def redis_url(redis_server) -> str:
 @pytest.fixture
 def r(redis_server):
     """A client on a clean database (FLUSHALL before each test that uses it)."""
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
+    redis_server.flushall()
+    client = redisconn.from_url(redis_server.url)
+    if TOPOLOGY == "cluster":  # tests list keys: look on every master, not on one node
+        from redis.cluster import RedisCluster
+
+        client.keys = functools.partial(client.keys, target_nodes=RedisCluster.PRIMARIES)
     yield client
     client.close()

@@ -23,7 +23,8 @@ from dpiguard.demo.app import create_app, start_in_thread
 from dpiguard.demo.data import build_dataset
 from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
 from dpiguard.identity import AssertionVerifier
-from dpiguard.redis_server import LocalRedis, free_port
+from dpiguard.redis_server import free_port
+from dpiguard.redis_topology import from_env as redis_topology_from_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ class Proxy:
 @dataclass
 class Stack:
     workdir: Path
-    redis: LocalRedis
+    redis: object  # a dpiguard.redis_topology topology (DPIGUARD_TEST_REDIS): url, kill(), start()
     upstream_app: RecordingMiddleware
     upstream_server: object
     upstream_port: int
@@ -157,8 +158,9 @@ class Stack:
         self.redis.close()
 
 
-def build_stack(workdir: Path, config_extra: dict | None = None) -> Stack:
-    redis_server = LocalRedis().start()
+def build_stack(workdir: Path, config_extra: dict | None = None, redis_topology=None) -> Stack:
+    """``redis_topology``: a not-yet-started topology (default: the one DPIGUARD_TEST_REDIS names)."""
+    redis_server = (redis_topology or redis_topology_from_env(workdir / "redis")).start()
     dataset = build_dataset(2026)
     upstream_port = free_port()
     config_path = write_demo_config(workdir, host="127.0.0.1", port=free_port(), upstream_port=upstream_port,

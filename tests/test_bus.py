@@ -14,6 +14,8 @@ from dpiguard.bus import InvalidationBus, format_event, parse_event
 from dpiguard.cache import DecisionCache
 from dpiguard.careteam import CareTeamStore
 
+from .conftest import only_standalone
+
 NOW = 1_700_000_000.0
 
 
@@ -196,6 +198,7 @@ class FreezableProxy:
                 pass
 
 
+@only_standalone("the freezable relay sits in front of one server port")
 def test_silent_peer_is_detected_by_liveness_ping(redis_server):
     proxy = FreezableProxy(redis_server.port)
     bus = InvalidationBus(f"redis://127.0.0.1:{proxy.port}/0", health_interval=0.3)

@@ -60,8 +60,9 @@ def test_redis_outage_refuses_then_recovers(stack):
     finally:
         stack.redis.start()
     deadline = time.monotonic() + 10
-    while c.get("/api/patients/P0001/biology").status_code != 200:
-        assert time.monotonic() < deadline, "did not recover after Redis came back"
+    while (r := c.get("/api/patients/P0001/biology")).status_code != 200:
+        assert time.monotonic() < deadline, (
+            f"did not recover after Redis came back: {r.status_code} {r.text[:200]}\n{proxy.log()[-3000:]}")
         time.sleep(0.2)
     assert c.get("/api/patients/P0002/biology").status_code == 403
     denied = [r for r in read_records(stack.audit_path) if r.get("reason") == "internal_error"]

@@ -10,6 +10,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 import redis
 
+from dpiguard import redisconn
 from dpiguard.sessions import Session, SessionStore
 
 T0 = 1_700_000_000.0
@@ -23,19 +24,42 @@ def store(r) -> SessionStore:
 @pytest.fixture
 def other(redis_url):
     """A second proxy instance: its own client and its own local cache."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client = redisconn.from_url(redis_url, decode_responses=True)
     yield SessionStore(client, idle_timeout=100, absolute_lifetime=1000, touch_interval=10)
     client.close()
 
 
-class CountingRedis(redis.Redis):
-    """A real client that counts the commands it sends (to prove the hot path skips Redis)."""
+class CountingRedis:
+    """A real client (any topology) that counts every call made on it, scripts included (to prove
+    the hot path skips Redis)."""
 
     commands = 0
 
-    def execute_command(self, *args, **options):
-        CountingRedis.commands += 1
-        return super().execute_command(*args, **options)
+    def __init__(self, client):
+        self._client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        if name == "register_script":
+            def register(*a, **k):
+                script = attr(*a, **k)
+
+                def run(*sa, **sk):
+                    CountingRedis.commands += 1
+                    return script(*sa, **sk)
+                return run
+            return register
+
+        def counted(*a, **k):
+            CountingRedis.commands += 1
+            return attr(*a, **k)
+        return counted
+
+    @classmethod
+    def from_url(cls, url):
+        return cls(redisconn.from_url(url))
 
 
 def fields(r, session: Session) -> dict[str, str]:

@@ -13,6 +13,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 import redis
 
+from dpiguard import redisconn
+
 from dpiguard.qr import qr_png, qr_terminal
 from dpiguard.users import TOTP_BAD, TOTP_OK, TOTP_REUSED, SecretBox, User, UserDirectory
 
@@ -273,8 +275,8 @@ def test_totp_check_without_consume_writes_nothing(r, users, alice):
 
 def test_totp_reuse_seen_across_instances(redis_url, r, box, alice):
     _, totp = alice
-    client_a = redis.Redis.from_url(redis_url)
-    client_b = redis.Redis.from_url(redis_url, decode_responses=True)
+    client_a = redisconn.from_url(redis_url)
+    client_b = redisconn.from_url(redis_url, decode_responses=True)
     try:
         instance_a = UserDirectory(client_a, box)
         instance_b = UserDirectory(client_b, box)
