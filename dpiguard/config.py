@@ -159,6 +159,9 @@ class Limits:
 @dataclass
 class FhirSection:
     public_origin: str | None = None  # scheme://host[:port] clients use to reach dpiguard (FHIR links)
+
+
+@dataclass
 class Metrics:
     allow_from: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
