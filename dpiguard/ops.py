@@ -82,8 +82,8 @@ class Monitor:
             metrics.redis_error("probe")
         self._redis_checked = time.monotonic()
         metrics.REDIS_UP.set(1 if self._redis_ok else 0)
-        audit = s.audit
-        self._audit_ok = audit._fd is not None and os.access(audit.path, os.W_OK)
+        audit = s.audit  # the chained writer knows whether its last batch reached the disk
+        self._audit_ok = audit.writable and os.access(audit.chain, os.W_OK)
 
     def readiness(self) -> dict:
         s = self.services
