@@ -158,7 +158,9 @@ def test_mass_access_alert_then_throttle_through_the_proxy(stack):
         assert c.get("/api/patients/P0001").json()["error"] == "mass_access"
         records = [rec for rec in read_records(stack.audit_path / "m")]
         alerts = [rec for rec in records if rec["event"] == "mass_access"]
-        assert len(alerts) == 1 and alerts[0]["user"] == "acc.rousseau" and alerts[0]["patients"] == 4
+        # Counting is batched (massaccess.BATCH_SECONDS): the alert fires once, with the 4 patients of the
+        # crossing and possibly P0005 if it was opened before the batch reached Redis.
+        assert len(alerts) == 1 and alerts[0]["user"] == "acc.rousseau" and alerts[0]["patients"] in (4, 5)
         assert any(rec.get("reason") == "mass_access" and rec["outcome"] == "deny" for rec in records)
     finally:
         proxy.stop()
