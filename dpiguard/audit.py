@@ -324,6 +324,8 @@ class AuditLog:
         self.writable = False
         self.records_written = 0
         self.batches = 0
+        self.fsyncs = 0  # fdatasync calls, and the time they took (metrics: mean fsync latency)
+        self.fsync_seconds = 0.0
         self.errors = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -479,6 +481,10 @@ class AuditLog:
         except Exception as exc:
             raise AuditError(f"audit write not confirmed: {exc!r}") from exc
 
+    def queue_depth(self) -> int:
+        """Records submitted and not yet written (metrics)."""
+        return len(self._queue)
+
     def status(self) -> dict[str, Any]:
         return {"writable": self.writable, "chain": str(self.chain), "seq": self._seq,
                 "records_written": self.records_written, "batches": self.batches,
@@ -560,7 +566,10 @@ class AuditLog:
                 while view:
                     view = view[os.write(self._fd, view):]
                 if self.fsync:
+                    started = time.perf_counter()
                     os.fdatasync(self._fd)
+                    self.fsync_seconds += time.perf_counter() - started
+                    self.fsyncs += 1
         except OSError as exc:
             try:
                 if self._fd is not None:

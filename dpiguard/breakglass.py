@@ -358,6 +358,7 @@ class BreakGlassService:
         self.careteam = careteam
         self.authenticator = authenticator
         self.audit = audit
+        self.grants_issued = 0  # emergency accesses opened by this instance (metrics)
 
     def offer(self, reason: str, roles: Iterable[str], patient: str | None, category: str | None,
               action: str | None) -> bool:
@@ -422,6 +423,7 @@ class BreakGlassService:
                           "expires": grant.end,
                           "objection_overridden": objection.field if objection is not None else None})
         self.store.create(grant)
+        self.grants_issued += 1
         if self.on_grant is not None:
             self.on_grant(user, patient)
         log.warning("dpiguard: EMERGENCY ACCESS (bris de glace) %s: user %s opened patient %s for %d s, "

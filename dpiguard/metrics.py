@@ -136,6 +136,33 @@ class _StateCollector:
         c = CounterMetricFamily("dpiguard_audit_errors", "Trace writes that failed (each one refused a request)")
         c.add_metric([], s.audit.errors)
         yield c
+        g = GaugeMetricFamily("dpiguard_audit_queue_depth", "Trace records waiting for the writer (group commit)")
+        g.add_metric([], s.audit.queue_depth())
+        yield g
+        c = CounterMetricFamily("dpiguard_audit_batches", "Group commits written (one fdatasync each)")
+        c.add_metric([], s.audit.batches)
+        yield c
+        c = CounterMetricFamily("dpiguard_audit_fsyncs", "fdatasync calls of the trace writer")
+        c.add_metric([], s.audit.fsyncs)
+        yield c
+        c = CounterMetricFamily("dpiguard_audit_fsync_seconds",
+                                "Time spent in fdatasync (rate / rate of dpiguard_audit_fsyncs = mean latency)")
+        c.add_metric([], s.audit.fsync_seconds)
+        yield c
+        reloader = getattr(s, "reloader", None)
+        if reloader is not None:
+            c = CounterMetricFamily("dpiguard_policy_reloads", "Policy edits applied by hot reload")
+            c.add_metric([], reloader.reloads)
+            yield c
+            c = CounterMetricFamily("dpiguard_policy_reload_failures",
+                                    "Policy edits refused by hot reload (the previous policy kept serving)")
+            c.add_metric([], reloader.failures)
+            yield c
+        breakglass = getattr(s.portal, "breakglass", None)
+        if breakglass is not None:
+            c = CounterMetricFamily("dpiguard_break_glass_grants", "Emergency accesses (bris de glace) opened here")
+            c.add_metric([], breakglass.grants_issued)
+            yield c
         if m is not None:
             ready = m.readiness()
             g = GaugeMetricFamily("dpiguard_ready", "1 when this instance is ready (see /_dpiguard/health/ready)")

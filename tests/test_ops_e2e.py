@@ -71,6 +71,12 @@ def test_metrics_count_decisions_and_logins(stack):
     assert delta("dpiguard_requests_total", outcome="deny", reason="not_in_care_team") == 1
     assert delta("dpiguard_requests_total", outcome="deny", reason="not_authenticated") == 1
     assert delta("dpiguard_logins_total", outcome="success") == 1
+    # Each decision was a trace record, written durably through group commits.
+    assert delta("dpiguard_audit_records_total") >= 5 and delta("dpiguard_audit_batches_total") >= 1
+    assert delta("dpiguard_audit_fsyncs_total") >= 1 and delta("dpiguard_audit_fsync_seconds_total") > 0
+    assert ("dpiguard_audit_queue_depth", frozenset()) in after
+    assert ("dpiguard_policy_reload_failures_total", frozenset()) in after
+    assert ("dpiguard_break_glass_grants_total", frozenset()) in after
     assert delta("dpiguard_decision_seconds_count", mode="local") + delta("dpiguard_decision_seconds_count", mode="io") == 5
     # the first request of the session asked Redis, the repeated ones were answered from memory
     assert delta("dpiguard_cache_lookups_total", tier="fast_path", result="hit") >= 1
