@@ -156,12 +156,17 @@ def test_mass_access_alert_then_throttle_through_the_proxy(stack):
             time.sleep(0.05)
         assert r.json()["error"] == "mass_access"
         assert c.get("/api/patients/P0001").json()["error"] == "mass_access"
+        # A FHIR write (decided once its body is in) refused by the throttle is traced like any refusal.
+        w = c.put("/fhir/Patient/P0001", json={"resourceType": "Patient", "id": "P0001"})
+        assert w.status_code == 403 and w.json()["issue"][0]["details"]["coding"][0]["code"] == "mass_access"
+        write_id = w.headers["x-dpiguard-request-id"]
         records = [rec for rec in read_records(stack.audit_path / "m")]
         alerts = [rec for rec in records if rec["event"] == "mass_access"]
         # Counting is batched (massaccess.BATCH_SECONDS): the alert fires once, with the 4 patients of the
         # crossing and possibly P0005 if it was opened before the batch reached Redis.
         assert len(alerts) == 1 and alerts[0]["user"] == "acc.rousseau" and alerts[0]["patients"] in (4, 5)
         assert any(rec.get("reason") == "mass_access" and rec["outcome"] == "deny" for rec in records)
+        assert [rec["reason"] for rec in records if rec.get("request_id") == write_id] == ["mass_access"]
     finally:
         proxy.stop()
         stack.proxies.remove(proxy)

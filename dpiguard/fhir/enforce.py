@@ -102,6 +102,8 @@ class FhirEnforcer:
                     return _refuse(v, "not_in_care_team", "you are not in this patient's care team")
         forward = path + ("?" + raw_query if raw_query else "")
         pipe._grant(req, v, session, token_source, forward, io, now)
+        if not v.allowed:
+            return v  # refused at the last step (mass-access throttle): traced now, never left pending
         v.fhir_context = ctx
         v.pending = freq.needs_body or freq.needs_stored
         return v
