@@ -21,6 +21,7 @@ import io
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -116,38 +117,66 @@ def read_rows(path: str | Path, kind: str, report: Report) -> list[tuple[int, di
         line = data[:exc.start].count(b"\n") + 1
         report.errors.append(f"{path}:{line}: not valid UTF-8 text (save the file as UTF-8)")
         return []
-    first = text.split("\n", 1)[0]
+    return parse_csv(text, str(path), required, optional, report)
+
+
+def sort_by_line(errors: list[str], label: str) -> None:
+    """Order a report's ``label:LINE: ...`` messages by line (file-level messages first), stable."""
+    prefix = len(label) + 1
+
+    def line_of(message: str) -> int:
+        if not message.startswith(label + ":"):
+            return 0
+        digits = message[prefix:].split(":", 1)[0]
+        return int(digits) if digits.isdigit() else 0
+
+    errors.sort(key=line_of)
+
+
+def parse_csv(text: str, label: str, required: list[str] | tuple[str, ...], optional: list[str] | tuple[str, ...],
+              report: Any, max_rows: int | None = None) -> list[tuple[int, dict]]:
+    """Rows of CSV text as (line number, {column: value}), for every import of dpiguard.
+
+    The header (first line that is not blank or a ``#`` comment) names the columns, in any order and
+    case; ``,`` or ``;`` separates fields. Problems go to ``report.errors`` as ``label:line: ...``;
+    header problems stop the reading (no rows). ``report.rows`` is set to the number of rows."""
+    first = next((ln for ln in text.split("\n") if ln.strip() and not ln.lstrip().startswith("#")), "")
     delimiter = ";" if first.count(";") > first.count(",") else ","
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader)
-    except StopIteration:
-        report.errors.append(f"{path}: empty file (expected a header line: {', '.join(required + optional)})")
-        return []
-    columns = [h.strip().lower() for h in header]
-    for name in columns:
-        if name not in required + optional:
-            report.errors.append(f"{path}:1: column '{name}': unknown column (expected "
-                                 f"{', '.join(required)} and optionally {', '.join(optional)})")
-    for name in required:
-        if name not in columns:
-            report.errors.append(f"{path}:1: column '{name}' is missing")
-    if len(set(columns)) != len(columns):
-        report.errors.append(f"{path}:1: a column name appears twice")
-    if report.errors:
-        return []
-    rows = []
+    expected = list(required) + list(optional)
+    columns: list[str] | None = None
+    rows: list[tuple[int, dict]] = []
     try:
         for values in reader:
             line = reader.line_num
-            if not any(v.strip() for v in values):
+            if not any(v.strip() for v in values) or values[0].lstrip().startswith("#"):
                 continue
+            if columns is None:
+                columns = [h.strip().lower() for h in values]
+                for name in columns:
+                    if name not in expected:
+                        report.errors.append(f"{label}:{line}: column '{name}': unknown column (expected "
+                                             f"{', '.join(required)} and optionally {', '.join(optional)})")
+                for name in required:
+                    if name not in columns:
+                        report.errors.append(f"{label}:{line}: column '{name}': required column missing "
+                                             "from the header")
+                if len(set(columns)) != len(columns):
+                    report.errors.append(f"{label}:{line}: a column name appears twice in the header")
+                if report.errors:
+                    return []
+                continue
+            if max_rows is not None and len(rows) >= max_rows:
+                report.errors.append(f"{label}:{line}: more than {max_rows} rows; split the file")
+                return []
             if len(values) != len(columns):
-                report.errors.append(f"{path}:{line}: expected {len(columns)} fields, found {len(values)}")
+                report.errors.append(f"{label}:{line}: expected {len(columns)} columns, found {len(values)}")
                 continue
             rows.append((line, dict(zip(columns, values))))
     except csv.Error as exc:
-        report.errors.append(f"{path}:{reader.line_num}: {exc}")
+        report.errors.append(f"{label}:{reader.line_num}: {exc}")
+    if columns is None:
+        report.errors.append(f"{label}: empty file (expected a header line: {', '.join(expected)})")
     report.rows = len(rows)
     return rows
 
@@ -171,6 +200,7 @@ def import_members(client: redis.Redis, prefix: str, path: str | Path, tz: str =
             continue
         seen[login, unit] = line
         parsed.append((login, unit, start, end))
+    sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
     pipe = client.pipeline(transaction=True)
@@ -205,6 +235,7 @@ def import_assignments(client: redis.Redis, prefix: str, path: str | Path, tz: s
             continue
         seen[login, patient] = line
         parsed.append((login, patient, kind, start, end))
+    sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
     pipe = client.pipeline(transaction=True)
@@ -244,6 +275,7 @@ def import_stays(store: MovementStore, path: str | Path, tz: str = "Europe/Paris
         parsed.append((line, Movement(control_id=f"census-{patient}-{visit or int(start)}", sender="census",
                                       trigger="A01", patient=patient, visit=visit, unit=unit, time=start,
                                       patient_class="I")))
+    sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
     for line, mv in parsed:

@@ -19,8 +19,6 @@ validated first; any error gives a report naming line and column and nothing is 
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 import time
@@ -245,36 +243,11 @@ class ObjectionStore:
         return report
 
     def validate_csv(self, text: str, label: str, report: ImportReport, default_source: str) -> list[Objection]:
-        reader = csv.reader(io.StringIO(text))
-        header: list[str] | None = None
+        from .csvimport import parse_csv, sort_by_line  # the one CSV reader of dpiguard's imports
+
         objections: list[Objection] = []
         seen: dict[tuple[str, str], int] = {}
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
-                continue
-            if header is None:
-                header = [cell.strip().lower() for cell in row]
-                for col in header:
-                    if col not in CSV_REQUIRED + CSV_OPTIONAL:
-                        report.errors.append(f"{label}:{line}: column {col!r}: unknown column "
-                                             f"(expected {', '.join(CSV_REQUIRED + CSV_OPTIONAL)})")
-                for col in CSV_REQUIRED:
-                    if col not in header:
-                        report.errors.append(f"{label}:{line}: column {col!r}: required column missing from the header")
-                if len(set(header)) != len(header):
-                    report.errors.append(f"{label}:{line}: a column appears twice in the header")
-                if report.errors:
-                    return []
-                continue
-            report.rows += 1
-            if report.rows > MAX_CSV_ROWS:
-                report.errors.append(f"{label}:{line}: more than {MAX_CSV_ROWS} rows; split the file")
-                return []
-            if len(row) != len(header):
-                report.errors.append(f"{label}:{line}: expected {len(header)} columns, found {len(row)}")
-                continue
-            cells = dict(zip(header, row))
+        for line, cells in parse_csv(text, label, CSV_REQUIRED, CSV_OPTIONAL, report, max_rows=MAX_CSV_ROWS):
             ok = True
 
             def fail(col: str, message: str) -> None:
@@ -314,6 +287,5 @@ class ObjectionStore:
             seen[key] = line
             objections.append(self._build(patient, kind, target, cells.get("source") or default_source,
                                           cells.get("comment", ""), date))
-        if header is None:
-            report.errors.append(f"{label}: no header line (expected {','.join(CSV_REQUIRED)}[,date,source,comment])")
+        sort_by_line(report.errors, label)
         return objections

@@ -85,7 +85,7 @@ def test_members_import_validates_everything_first(r, tmp_path):
 def test_header_problems_are_reported(r, tmp_path):
     report = import_members(r, "dpiguard", _write(tmp_path, "h.csv", "login,service\nx,y\n"), "UTC")
     assert any("column 'service': unknown column" in e for e in report.errors)
-    assert any("column 'unit' is missing" in e for e in report.errors)
+    assert any("column 'unit': required column missing" in e for e in report.errors)
 
 
 def test_assignments_and_census_imports(r, tmp_path):
