@@ -116,9 +116,13 @@ class DpiGuard:
                 return
         plaintext_refused = s.pipeline.require_tls and not req.tls  # no password over plain HTTP either
         if req.target.startswith(PREFIX) and not plaintext_refused:
-            length = flow.request.headers.get("content-length", "0")
-            if not length.isdigit() or int(length) > MAX_BODY:
-                self._respond(flow, Reply(413, b'{"error":"body_too_large"}', "application/json"))
+            if not self._portal_body_ok(flow):
+                verdict = Verdict(False, "body_too_large", 413, "dpiguard's pages take a body of at most "
+                                  f"{MAX_BODY} bytes, with a Content-Length")
+                verdict.audit = s.pipeline._trace(req, verdict, s.pipeline.policy)
+                if not await self._durable(verdict, req):
+                    verdict = audit_unavailable()
+                self._respond(flow, s.portal.refusal(req, verdict))
                 return
             flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
             return
@@ -143,6 +147,16 @@ class DpiGuard:
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
             asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+
+    @staticmethod
+    def _portal_body_ok(flow: http.HTTPFlow) -> bool:
+        """Portal bodies are small and declared: a chunked body would be buffered whole before the
+        `request` hook, so one without Content-Length is refused like an oversized one."""
+        headers = flow.request.headers
+        if "transfer-encoding" in headers:
+            return False
+        length = headers.get("content-length", "0")
+        return length.isdigit() and int(length) <= MAX_BODY
 
     async def _durable(self, verdict: Verdict, req: Incoming) -> bool:
         """Wait, without blocking the event loop, until the verdict's trace record is durable."""

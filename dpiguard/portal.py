@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import html
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -123,11 +124,30 @@ class Portal:
         self.csrf_cookie = ("__Host-" if secure_cookies else "") + "dpiguard_csrf"
         self.units_of = units_of
         self.health = health
+        self._traced = threading.local()  # events written while serving the current request (handle)
         self.breakglass = breakglass  # BreakGlassService, or None (emergency access off)
 
     # -- dispatch ----------------------------------------------------------------------------------
     def handle(self, req: Incoming, body: bytes, session_token: str | None) -> Reply:
-        """Serve one portal request. Runs in a worker thread (argon2, Redis). Never raises."""
+        """Serve one portal request. Runs in a worker thread (argon2, Redis). Never raises.
+
+        Every refusal leaves a trace line: handlers trace their own events; a reply of 400 or more
+        whose handler traced nothing (unknown page, wrong content type...) gets a ``portal_refusal``."""
+        self._traced.count = 0
+        reply = self._serve(req, body, session_token)
+        is_status_report = req.target.partition("?")[0] == "/_dpiguard/health"  # "not ready" is no refusal
+        if reply.status >= 400 and self._traced.count == 0 and not is_status_report:
+            try:
+                error = orjson.loads(reply.body).get("error") if reply.content_type == "application/json" else None
+            except (orjson.JSONDecodeError, AttributeError):
+                error = None
+            try:
+                self._event(req, "portal_refusal", None, "deny", str(error or f"http_{reply.status}"))
+            except AuditError:
+                pass  # the reply is already a refusal; the audit failure shows in health and the log
+        return reply
+
+    def _serve(self, req: Incoming, body: bytes, session_token: str | None) -> Reply:
         path, _, query = req.target.partition("?")
         route = (req.method, path)
         try:
@@ -362,6 +382,7 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
         outcome = self.breakglass.request(
             user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
             text=data.get("text"), totp=data.get("totp"), client_ip=req.client_ip, request_id=req.request_id)
+        self._traced.count += 1  # the emergency-access service traces every request it decides
         headers = [("Retry-After", str(outcome.retry_after))] if outcome.retry_after else []
         if form:
             if outcome.ok:
@@ -394,6 +415,7 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
 
     def _event(self, req: Incoming, event: str, user: str | None, outcome: str, reason: str,
                detail: str | None = None) -> None:
+        self._traced.count = getattr(self._traced, "count", 0) + 1
         self.audit.write({
             "event": event, "request_id": req.request_id, "outcome": outcome, "reason": reason,
             "user": user, "method": req.method, "path": req.target.partition("?")[0][:256],

@@ -283,6 +283,20 @@ def test_portal_prefix_never_forwarded(stack, proxy):
     r = httpx.get(f"{proxy.url}/_dpiguard/anything")
     assert r.status_code == 404
     assert stack.upstream_app.seen == []
+    (rec,) = records(stack, request_id=r.headers["x-dpiguard-request-id"])  # every refusal is traced
+    assert (rec["event"], rec["outcome"], rec["reason"]) == ("portal_refusal", "deny", "not_found")
+
+
+def test_portal_body_must_be_small_and_declared(stack, proxy):
+    chunks = (b'{"username":"dr.martin",' for _ in range(1))  # a generator: sent chunked, no Content-Length
+    r = httpx.post(f"{proxy.url}/_dpiguard/api/login", content=chunks, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "body_too_large"
+    r2 = httpx.post(f"{proxy.url}/_dpiguard/api/login", content=b"x" * 20000,
+                    headers={"content-type": "application/json"})
+    assert r2.status_code == 413
+    for response in (r, r2):
+        (rec,) = records(stack, request_id=response.headers["x-dpiguard-request-id"])
+        assert (rec["outcome"], rec["reason"]) == ("deny", "body_too_large")
 
 
 def test_unknown_route_refused_after_login(stack, proxy):
