@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import socket
 import signal
 import subprocess
 import sys
@@ -12,7 +14,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpiguard.redis_server import free_port
 
 from .stack import ROOT, build_stack, port_open
 
@@ -140,10 +141,30 @@ def test_readiness_follows_redis_and_recovers(stack):
     assert value(scrape(proxy), "dpiguard_bus_events_total", event="reconnect") >= 1
 
 
+def consecutive_free_ports(count: int) -> int:
+    """A base port such that base..base+count-1 can all be bound now. Chosen below the kernel's
+    ephemeral range, where outgoing connections (which also block a bind) take their ports."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, max(20001, low - count))
+        socks = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no consecutive free ports found")
+
+
 def test_two_workers_share_state(stack):
-    base = free_port()
-    while port_open(base + 1):
-        base = free_port()
+    base = consecutive_free_ports(2)
     env = dict(os.environ, DPIGUARD_LISTEN__PORT=str(base), DPIGUARD_INSTANCE_ID="wk",
                DPIGUARD_RUNTIME_DIR=str(stack.workdir / "runtime-workers"))
     log_path = stack.workdir / "workers.log"
