@@ -7,6 +7,6 @@ Prefer `dpiguard run --config FILE`, which also sets the mitmproxy options dpigu
 (lazy upstream connection, verified upstream TLS, the hospital's certificate).
 """
 
-from dpiguard.addon import DpiGuard
+from dpiguard.edge.addon import DpiGuard
 
 addons = [DpiGuard()]

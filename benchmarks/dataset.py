@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from dpiguard.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
-from dpiguard.careteam import CareTeamStore
-from dpiguard.users import UserDirectory
+from dpiguard.careteam.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.auth.users import UserDirectory
 
 DAY = 86400.0
 PASSWORD = "Bench-Hopital-2026!"

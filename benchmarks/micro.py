@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 
 from dpiguard.config import load_config
-from dpiguard.pipeline import Incoming, NeedIO
+from dpiguard.decision.pipeline import Incoming, NeedIO
 from dpiguard.services import build_services
 
 from .dataset import Scale, assignment_rows, build_hospital, stay_rows
@@ -68,8 +68,8 @@ def cache_structure_bytes(max_entries: int, n: int = 50_000) -> float:
     """Bytes per entry of a DecisionCache itself (tracemalloc), keys and values shaped like real ones."""
     import tracemalloc
 
-    from dpiguard.cache import DecisionCache
-    from dpiguard.pipeline import CachedDecision
+    from dpiguard.decision.cache import DecisionCache
+    from dpiguard.decision.pipeline import CachedDecision
 
     rng = random.Random(3)
     now = time.time()

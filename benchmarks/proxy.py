@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from dpiguard.config import load_config
-from dpiguard.runner import mitmproxy_options, run_proxy
+from dpiguard.edge.runner import mitmproxy_options, run_proxy
 
 
 def run_floor(config_path: str) -> int:

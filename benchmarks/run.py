@@ -36,7 +36,7 @@ import redis
 
 from dpiguard.config import load_config
 from dpiguard.demo.runner import write_demo_config
-from dpiguard.redis_server import LocalRedis, free_port
+from dpiguard.demo.redis import LocalRedis, free_port
 from dpiguard.services import careteam_store, user_directory
 
 from . import report

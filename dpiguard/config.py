@@ -326,7 +326,7 @@ def _validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("upstream.url", f"must be an http:// or https:// URL with a host, got {cfg.upstream.url!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError("upstream.url", "must be an origin only (scheme://host[:port]), without path or query")
-    from .redisconn import RedisSpec, RedisURLError
+    from dpiguard.storage.clients import RedisSpec, RedisURLError
 
     try:
         RedisSpec.from_url(cfg.redis.url)

@@ -9,23 +9,23 @@ from typing import Any
 
 import redis
 
-from .audit import AuditLog, from_config as audit_from_config
-from .auth import Authenticator, LoginPolicy
-from .bus import InvalidationBus
-from .cache import DecisionCache
-from .careteam import CareTeamStore
-from .config import Config
-from .identity import AssertionSigner
-from .massaccess import MassAccessMonitor
-from .pipeline import Pipeline
-from .policy import Policy
-from .policyreload import PolicyReloader, files_fingerprint
-from .portal import Portal
-from . import metrics
-from .ops import Monitor, allowed_networks
-from .redisconn import client_for, spec_of
-from .sessions import SessionStore
-from .users import SecretBox, UserDirectory
+from dpiguard.audit.chain import AuditLog, from_config as audit_from_config
+from dpiguard.auth.login import Authenticator, LoginPolicy
+from dpiguard.storage.bus import InvalidationBus
+from dpiguard.decision.cache import DecisionCache
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.config import Config
+from dpiguard.decision.assertion import AssertionSigner
+from dpiguard.decision.massaccess import MassAccessMonitor
+from dpiguard.decision.pipeline import Pipeline
+from dpiguard.policy.table import Policy
+from dpiguard.policy.reload import PolicyReloader, files_fingerprint
+from dpiguard.edge.portal import Portal
+from dpiguard import metrics
+from dpiguard.edge.ops import Monitor, allowed_networks
+from dpiguard.storage.clients import client_for, spec_of
+from dpiguard.auth.sessions import SessionStore
+from dpiguard.auth.users import SecretBox, UserDirectory
 
 log = logging.getLogger("dpiguard")
 
@@ -42,7 +42,7 @@ def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirect
 
 def careteam_policy(cfg: Config, categories=None):
     """policies/careteam.yaml (transversal units, grace period); empty when the file is absent."""
-    from .transversal import CARETEAM_FILE, CareTeamPolicy
+    from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 
     return CareTeamPolicy.load(cfg.path(cfg.policies.dir) / CARETEAM_FILE, categories)
 
@@ -64,9 +64,9 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
 def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticator, audit, cache):
     """Patient objections and emergency access (policies/breakglass.yaml): the portal's service and the
     pipeline's care-team step (see dpiguard/access.py)."""
-    from .access import AccessDecider
-    from .breakglass import BreakGlassPolicy, BreakGlassService, BreakGlassStore
-    from .objections import ObjectionStore
+    from dpiguard.decision.access import AccessDecider
+    from dpiguard.careteam.breakglass import BreakGlassPolicy, BreakGlassService, BreakGlassStore
+    from dpiguard.careteam.objections import ObjectionStore
 
     bg_policy = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
     grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
@@ -80,8 +80,8 @@ def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticato
 def companions_loader(cfg: Config, pipeline: Pipeline, careteam: CareTeamStore, breakglass, access):
     """For hot reload: load and validate fhir.yaml, breakglass.yaml and careteam.yaml for a new policy,
     and return the function that puts them in service (see PolicyReloader.load_companions)."""
-    from .breakglass import BreakGlassPolicy
-    from .fhir.categories import FHIR_FILE, FhirPolicy
+    from dpiguard.careteam.breakglass import BreakGlassPolicy
+    from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 
     directory = cfg.path(cfg.policies.dir)
 
@@ -92,7 +92,7 @@ def companions_loader(cfg: Config, pipeline: Pipeline, careteam: CareTeamStore, 
         fhir_path = directory / FHIR_FILE
         fhir_policy = FhirPolicy.load(fhir_path, policy.roles, policy.categories) if fhir_path.exists() else None
         if (fhir_policy is None) != (pipeline.fhir is None):
-            from .policy import PolicyError
+            from dpiguard.policy.table import PolicyError
 
             raise PolicyError(str(fhir_path), None, "adding or removing fhir.yaml needs a restart of dpiguard")
 
@@ -205,7 +205,7 @@ def build_services(cfg: Config) -> Services:
         extra_identity_headers=tuple(cfg.identity.strip_headers), require_tls=cfg.tls_enabled,
         access=access,
     )
-    from .fhir.enforce import load_enforcer  # FHIR-aware enforcement when policies/fhir.yaml exists
+    from dpiguard.decision.fhir import load_enforcer
 
     pipeline.fhir = load_enforcer(cfg.path(cfg.policies.dir), policy, cfg.upstream.url,
                                   str(cfg.path(cfg.upstream.ca_file)) if cfg.upstream.ca_file else None,

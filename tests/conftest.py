@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from dpiguard import redisconn
-from dpiguard.redis_topology import from_env
+from dpiguard.storage import clients as redisconn
+from tests.redis_topology import from_env
 
 TOPOLOGY = (os.environ.get("DPIGUARD_TEST_REDIS") or "standalone").strip().lower()
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dpiguard import adt
-from dpiguard.adt import AdtError, Movement, ParseOptions, parse_message
-from dpiguard.movements import plan
+from dpiguard.careteam import adt
+from dpiguard.careteam.adt import AdtError, Movement, ParseOptions, parse_message
+from dpiguard.careteam.movements import plan
 
 from .hl7msgs import adt as msg
 

@@ -12,9 +12,16 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dpiguard.audit import (AuditError, AuditLog, AuditSigner, AuditVerifier, iter_chain, list_segments,
-                            read_records)
-from dpiguard.auditverify import prune_chain, verify_store
+from dpiguard.audit.chain import (
+    AuditError,
+    AuditLog,
+    AuditSigner,
+    AuditVerifier,
+    iter_chain,
+    list_segments,
+    read_records,
+)
+from dpiguard.audit.verify import prune_chain, verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +115,7 @@ def test_inserted_line_is_found(tmp_path, key):
 
 def test_rewritten_chain_fails_on_checkpoint_signature(tmp_path, key):
     """An attacker who recomputes every hash after an edit still cannot sign a checkpoint."""
-    from dpiguard.audit import decode_line, encode_line
+    from dpiguard.audit.chain import decode_line, encode_line
 
     chain = make_chain(tmp_path, key, records=12, rotate_bytes=1 << 20)
     _, path = list_segments(chain)[0]
@@ -255,7 +262,7 @@ def test_write_failure_fails_the_future_then_leaves_a_gap_record(tmp_path, key):
     script = textwrap.dedent(f"""
         import resource, sys
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-        from dpiguard.audit import AuditLog, AuditError, AuditSigner
+        from dpiguard.audit.chain import AuditLog, AuditError, AuditSigner
         log = AuditLog({str(tmp_path)!r}, "px1", rotate_bytes=1 << 30).open()
         log.write({{"event": "before"}})
         size = (log.chain / "000000000001.jsonl").stat().st_size

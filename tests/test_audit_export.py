@@ -11,8 +11,8 @@ import orjson
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 
-from dpiguard.audit import AuditLog
-from dpiguard.auditexport import to_audit_event, to_syslog
+from dpiguard.audit.chain import AuditLog
+from dpiguard.audit.export import to_audit_event, to_syslog
 from dpiguard.cli import main
 
 

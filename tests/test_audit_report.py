@@ -14,8 +14,8 @@ import orjson
 import png
 import pytest
 
-from dpiguard.audit import AuditLog
-from dpiguard.auditreport import Filter, html_report, summarize, who_accessed, iter_store
+from dpiguard.audit.chain import AuditLog
+from dpiguard.audit.report import Filter, html_report, summarize, who_accessed, iter_store
 from dpiguard.cli import main
 
 

@@ -12,8 +12,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dpiguard.auth import Authenticator, LoginPolicy, LoginResult
-from dpiguard.users import SecretBox, UserDirectory
+from dpiguard.auth.login import Authenticator, LoginPolicy, LoginResult
+from dpiguard.auth.users import SecretBox, UserDirectory
 
 PASSWORD = "Correct-Horse-42"
 IP = "192.0.2.10"

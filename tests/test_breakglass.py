@@ -14,15 +14,20 @@ import orjson
 import pyotp
 import pytest
 
-from dpiguard.access import AccessDecider, decide_from
-from dpiguard.audit import AuditLog, read_records
-from dpiguard.auth import Authenticator, LoginPolicy
-from dpiguard.breakglass import (BreakGlassDataError, BreakGlassPolicy, BreakGlassService, BreakGlassStore,
-                                 Grant)
-from dpiguard.careteam import CareTeamStore
-from dpiguard.objections import ImportReport, ObjectionDataError, ObjectionStore, find_objection
-from dpiguard.policy import Policy, PolicyError
-from dpiguard.users import SecretBox, UserDirectory
+from dpiguard.decision.access import AccessDecider, decide_from
+from dpiguard.audit.chain import AuditLog, read_records
+from dpiguard.auth.login import Authenticator, LoginPolicy
+from dpiguard.careteam.breakglass import (
+    BreakGlassDataError,
+    BreakGlassPolicy,
+    BreakGlassService,
+    BreakGlassStore,
+    Grant,
+)
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.careteam.objections import ImportReport, ObjectionDataError, ObjectionStore, find_objection
+from dpiguard.policy.table import Policy, PolicyError
+from dpiguard.auth.users import SecretBox, UserDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICY = Policy.load(ROOT / "policies")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from dpiguard.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
-from dpiguard.bus import events_channel
-from dpiguard.careteam import CareTeamStore
+from dpiguard.careteam.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
+from dpiguard.storage.bus import events_channel
+from dpiguard.careteam.store import CareTeamStore
 
 MEMBERS = [MembershipRow("dr.a", "cardio", None, None), MembershipRow("inf.b", "PNEUMO", 100, 5000),
            MembershipRow("dr.a", "URG", 10, None), MembershipRow("dr.a", "CARDIO", 50, 60)]  # replaces

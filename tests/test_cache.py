@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dpiguard.cache import DecisionCache
+from dpiguard.decision.cache import DecisionCache
 
 NOW = 1_700_000_000.0
 

@@ -7,7 +7,7 @@ import time
 import orjson
 import pytest
 
-from dpiguard.careteam import CareTeamDataError, CareTeamStore, Membership, compute_membership
+from dpiguard.careteam.store import CareTeamDataError, CareTeamStore, Membership, compute_membership
 
 T0 = 1_700_000_000
 HOUR = 3600

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.careteam import CareTeamStore
-from dpiguard.csvimport import import_assignments, import_members, import_stays
-from dpiguard.httpmap import PolicyError
-from dpiguard.movements import MovementStore
-from dpiguard.transversal import CareTeamPolicy
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.careteam.imports import import_assignments, import_members, import_stays
+from dpiguard.policy.routes import PolicyError
+from dpiguard.careteam.movements import MovementStore
+from dpiguard.policy.careteam import CareTeamPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = ["administrative", "clinical_notes", "biology", "prescriptions", "imaging", "portal"]

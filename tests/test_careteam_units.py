@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpiguard.careteam import CareTeamStore
+from dpiguard.careteam.store import CareTeamStore
 
 
 def test_membership_and_units_agree_with_separate_reads(r):

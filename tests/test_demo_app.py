@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dpiguard.demo.app import create_app, start_in_thread
 from dpiguard.demo.data import build_dataset
-from dpiguard.identity import (
+from dpiguard.decision.assertion import (
     HEADER_ASSERTION,
     HEADER_ROLES,
     HEADER_UNITS,

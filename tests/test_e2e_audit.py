@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from dpiguard.audit import AuditVerifier, read_records
-from dpiguard.auditverify import verify_store
+from dpiguard.audit.chain import AuditVerifier, read_records
+from dpiguard.audit.verify import verify_store
 
 from .stack import build_stack
 

@@ -17,10 +17,10 @@ import httpx
 import orjson
 import pytest
 
-from dpiguard.audit import read_records
-from dpiguard.breakglass import BreakGlassStore
+from dpiguard.audit.chain import read_records
+from dpiguard.careteam.breakglass import BreakGlassStore
 from dpiguard.cli import main as cli_main
-from dpiguard.objections import ObjectionStore
+from dpiguard.careteam.objections import ObjectionStore
 from dpiguard.services import redis_client
 
 from .stack import ROOT, build_stack

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from dpiguard.audit import read_records
+from dpiguard.audit.chain import read_records
 from dpiguard.demo.runner import DEMO_PASSWORD
 from dpiguard.services import careteam_store, session_store
 

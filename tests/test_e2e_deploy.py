@@ -19,8 +19,8 @@ from dpiguard.config import load_config
 from dpiguard.demo.app import create_app
 from dpiguard.demo.data import build_dataset
 from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
-from dpiguard.identity import AssertionVerifier
-from dpiguard.redis_server import LocalRedis, free_port
+from dpiguard.decision.assertion import AssertionVerifier
+from dpiguard.demo.redis import LocalRedis, free_port
 
 from .certs import make_ca, make_leaf
 from .stack import ROOT, RecordingMiddleware, port_open
@@ -222,7 +222,7 @@ def test_cli_user_enrollment_with_qr_and_disable(tmp_path):
         assert shown.returncode == 0 and "CARDIO" in shown.stdout
         bad_date = cli("careteam", "stay-add", "P9", "CARDIO", "--start", "yesterday-ish")
         assert bad_date.returncode == 2 and "not a date" in bad_date.stderr
-        from dpiguard.audit import read_records
+        from dpiguard.audit.chain import read_records
 
         actions = {r.get("action") for r in read_records(tmp_path / "audit")}
         assert {"user_add", "user_disable"} <= actions

@@ -8,7 +8,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from fhirpy import AsyncFHIRClient
 
-from dpiguard.audit import read_records
+from dpiguard.audit.chain import read_records
 from dpiguard.demo.data import build_dataset
 from dpiguard.services import careteam_store
 

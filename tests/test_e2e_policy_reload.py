@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from dpiguard.audit import read_records
+from dpiguard.audit.chain import read_records
 from dpiguard.cli import main
 
 from .stack import build_stack

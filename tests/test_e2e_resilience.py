@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dpiguard.audit import read_records
+from dpiguard.audit.chain import read_records
 
 from .stack import build_stack
 

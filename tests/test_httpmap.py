@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.httpmap import (HostileRequest, PolicyError, RouteMatch, RouteTable, normalize_path,
-                              parse_query)
+from dpiguard.policy.routes import (
+    HostileRequest,
+    PolicyError,
+    RouteMatch,
+    RouteTable,
+    normalize_path,
+    parse_query,
+)
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 DEMO_CATEGORIES = {"administrative": True, "clinical_notes": True, "biology": True,

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dpiguard.identity import (
+from dpiguard.decision.assertion import (
     HEADER_ASSERTION,
     HEADER_USER,
     AssertionSigner,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from dpiguard.audit import AuditLog, read_records
-from dpiguard.massaccess import MassAccessMonitor, unthrottle
+from dpiguard.audit.chain import AuditLog, read_records
+from dpiguard.decision.massaccess import MassAccessMonitor, unthrottle
 
 
 def monitors(r, tmp_path, **kw):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.policy import Category, Policy, PolicyError
+from dpiguard.policy.table import Category, Policy, PolicyError
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 PATIENT_CATEGORIES = ("administrative", "clinical_notes", "biology", "prescriptions", "imaging", "vital_signs")

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.audit import AuditLog, read_records
-from dpiguard.policy import Policy
-from dpiguard.policyreload import PolicyReloader, instances_key, version_key
+from dpiguard.audit.chain import AuditLog, read_records
+from dpiguard.policy.table import Policy
+from dpiguard.policy.reload import PolicyReloader, instances_key, version_key
 
 from .test_policy import BROKEN_VARIANTS, POLICIES, edit
 
@@ -134,7 +134,7 @@ def test_bus_all_event_triggers_an_immediate_look(setup):
 def services(tmp_path, redis_server, r):
     from dpiguard.config import load_config
     from dpiguard.demo.runner import write_demo_config
-    from dpiguard.redis_server import free_port
+    from dpiguard.demo.redis import free_port
     from dpiguard.services import build_services
 
     directory = tmp_path / "policies"

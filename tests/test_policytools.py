@@ -9,10 +9,16 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from dpiguard.cli import main
-from dpiguard.policy import Policy
-from dpiguard.policylint import lint
-from dpiguard.policysim import (TestFileError, decide_request, diff_policies, load_test_file, run_case,
-                                situation_careteam)
+from dpiguard.policy.table import Policy
+from dpiguard.policy.lint import lint
+from dpiguard.policy.sim import (
+    TestFileError,
+    decide_request,
+    diff_policies,
+    load_test_file,
+    run_case,
+    situation_careteam,
+)
 
 from .test_policy import BROKEN_VARIANTS, POLICIES, edit
 

@@ -1,4 +1,4 @@
-from dpiguard.redis_server import LocalRedis
+from dpiguard.demo.redis import LocalRedis
 
 
 def test_local_server_answers_and_restarts_on_same_port():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from dpiguard import redisconn
+from dpiguard.storage import clients as redisconn
 from dpiguard.config import ConfigError, RedisSection, load_config
-from dpiguard.redis_server import LocalRedis
-from dpiguard.redisconn import RedisSpec, RedisURLError
+from dpiguard.demo.redis import LocalRedis
+from dpiguard.storage.clients import RedisSpec, RedisURLError
 
 
 @pytest.mark.parametrize("url, mode, nodes, service, db, tls", [

@@ -10,8 +10,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 import redis
 
-from dpiguard import redisconn
-from dpiguard.sessions import Session, SessionStore
+from dpiguard.storage import clients as redisconn
+from dpiguard.auth.sessions import Session, SessionStore
 
 T0 = 1_700_000_000.0
 

@@ -13,10 +13,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 import redis
 
-from dpiguard import redisconn
+from dpiguard.storage import clients as redisconn
 
-from dpiguard.qr import qr_png, qr_terminal
-from dpiguard.users import TOTP_BAD, TOTP_OK, TOTP_REUSED, SecretBox, User, UserDirectory
+from dpiguard.auth.qr import qr_png, qr_terminal
+from dpiguard.auth.users import TOTP_BAD, TOTP_OK, TOTP_REUSED, SecretBox, User, UserDirectory
 
 PASSWORD = "Correct-Horse-42"
 T0 = 1_700_000_010.0  # 10 s into a 30 s step

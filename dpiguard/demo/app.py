@@ -31,7 +31,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from dpiguard.demo.data import Dataset, PatientRecord
 from dpiguard.demo.fhir_server import register_fhir
-from dpiguard.identity import (
+from dpiguard.decision.assertion import (
     HEADER_ASSERTION,
     HEADER_BREAK_GLASS,
     HEADER_REQUEST_ID,

@@ -16,10 +16,10 @@ import orjson
 import redis
 import yaml
 
-from ..config import Config, load_config
-from ..identity import AssertionVerifier, generate_keypair
-from ..users import SecretBox
-from .data import Dataset, build_dataset
+from dpiguard.config import Config, load_config
+from dpiguard.decision.assertion import AssertionVerifier, generate_keypair
+from dpiguard.auth.users import SecretBox
+from dpiguard.demo.data import Dataset, build_dataset
 
 DEMO_PASSWORD = "Demo-Hopital-2026!"
 POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
@@ -69,7 +69,7 @@ def write_demo_config(workdir: Path, *, host: str, port: int, upstream_port: int
 
 def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush: bool = True) -> list[DemoAccount]:
     """Load the synthetic hospital into Redis through the same code as production (users, care team)."""
-    from ..services import careteam_store, redis_client, user_directory
+    from dpiguard.services import careteam_store, redis_client, user_directory
 
     client = redis_client(cfg)
     if flush:
@@ -93,9 +93,9 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 
 def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".dpiguard-demo"),
              seed_value: int = 2026) -> int:
-    from ..redis_server import LocalRedis
-    from ..runner import run_proxy
-    from .app import create_app, start_in_thread
+    from dpiguard.demo.redis import LocalRedis
+    from dpiguard.edge.runner import run_proxy
+    from dpiguard.demo.app import create_app, start_in_thread
 
     workdir = workdir.resolve()
     server = LocalRedis(persist_dir=workdir / "redis").start()

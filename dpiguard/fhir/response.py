@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from .categories import FhirPolicy
-from .compartment import patient_of_reference
+from dpiguard.policy.fhir import FhirPolicy
+from dpiguard.fhir.compartment import patient_of_reference
 
 NO_PATIENT = "fhir_no_patient"
 

@@ -1,0 +1,265 @@
+"""``dpiguard audit export``: JSON lines, FHIR R4 AuditEvent (IHE BALP patterns), syslog (RFC 5424, TCP).
+
+FHIR mapping of an access record (IHE ITI Basic Audit Log Patterns, RESTful operations; e.g.
+``IHE.BasicAudit.PatientRead`` / ``PatientQuery`` / ``PatientUpdate``):
+
+- ``type`` = audit-event-type ``rest``; ``subtype`` = restful-interaction ``read`` / ``search-type`` /
+  ``create`` / ``update`` / ``delete`` (from the HTTP method and the FHIR path); ``action`` R/E/C/U/D;
+- ``outcome`` ``0`` (allowed) or ``4`` (refused; ``outcomeDesc`` holds the reason code);
+- agents: the client (Source Role ID, DCM 110153, with its network address), the DPI (Destination
+  Role ID, DCM 110152), the user (``requestor: true``, login as identifier, roles as ``role.text``);
+- ``source.observer`` = the dpiguard instance (security-source-type 4, application server);
+- entities: the patient (audit-entity-type 1 / object-role 1, ``Patient/<id>``) and, for FHIR routes,
+  the resource read (type 2 / role 4, ``<Type>/<id>``), or the query (role 24) for searches;
+- ``purposeOfEvent`` ``TREAT``, or ``ETREAT`` plus ``BTG`` (break the glass) for emergency access, with
+  the reason given as text.
+Other events: logins/logouts → DCM 110114 User Authentication (110122 Login / 110123 Logout);
+lockouts and mass-access alerts → 110113 Security Alert; management → 110136/110137; everything else →
+110100 Application Activity. The record's ``request_id``, instance and chain seq are kept as
+``entity`` detail and ``id`` so the FHIR form points back to the signed chain.
+
+Syslog: RFC 5424 messages, octet-counted framing over TCP (RFC 6587), facility authpriv, severity
+warning for refusals and info otherwise, MSGID = event, structured data ``[dpiguard@32473 …]`` and the
+JSON record as message. ``--state FILE`` remembers the last seq sent per chain, so a periodic export
+sends each record once.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import orjson
+
+from dpiguard.audit.chain import iter_chain, list_chains, list_segments
+
+AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+RESTFUL = "http://hl7.org/fhir/restful-interaction"
+ENTITY_TYPE = "http://terminology.hl7.org/CodeSystem/audit-entity-type"
+OBJECT_ROLE = "http://terminology.hl7.org/CodeSystem/object-role"
+PARTICIPATION = "http://terminology.hl7.org/CodeSystem/extra-security-role-type"
+ACT_REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+SOURCE_TYPE = "http://terminology.hl7.org/CodeSystem/security-source-type"
+ID_SYSTEM = "urn:dpiguard:audit"
+PROFILES = {
+    "read": "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientRead",
+    "search-type": "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientQuery",
+    "create": "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientCreate",
+    "update": "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientUpdate",
+    "delete": "https://profiles.ihe.net/ITI/BALP/StructureDefinition/IHE.BasicAudit.PatientDelete",
+}
+ACTIONS = {"read": "R", "search-type": "E", "create": "C", "update": "U", "delete": "D"}
+
+
+def _interaction(r: dict[str, Any]) -> str:
+    method = (r.get("method") or "GET").upper()
+    if method in ("GET", "HEAD"):
+        return "read" if r.get("fhir_id") or not r.get("fhir_type") else "search-type"
+    return {"POST": "create", "PUT": "update", "PATCH": "update", "DELETE": "delete"}.get(method, "read")
+
+
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, str]:
+    c = {"system": system, "code": code}
+    if display:
+        c["display"] = display
+    return c
+
+
+def to_audit_event(r: dict[str, Any]) -> dict[str, Any]:
+    """One FHIR R4 AuditEvent (JSON) for one audit record."""
+    event = r.get("event")
+    allowed = r.get("outcome") == "allow"
+    ae: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": f"{r.get('instance', 'x')}-{r.get('seq', 0)}".replace("_", "-")[:64],
+        "recorded": r.get("time"),
+        "outcome": "0" if allowed else "4",
+        "source": {"observer": {"display": f"dpiguard {r.get('instance')}"},
+                   "type": [_coding(SOURCE_TYPE, "4", "Application Server")]},
+        "agent": [],
+        "entity": [],
+    }
+    if not allowed:
+        ae["outcomeDesc"] = r.get("reason") or "refused"
+    if event == "access":
+        interaction = _interaction(r)
+        ae["meta"] = {"profile": [PROFILES[interaction]]} if r.get("patient") else {}
+        ae["type"] = _coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation")
+        ae["subtype"] = [_coding(RESTFUL, interaction, interaction)]
+        ae["action"] = ACTIONS[interaction]
+    elif event in ("login", "logout"):
+        ae["type"] = _coding(DCM, "110114", "User Authentication")
+        ae["subtype"] = [_coding(DCM, "110122", "Login") if event == "login" else _coding(DCM, "110123", "Logout")]
+        ae["action"] = "E"
+    elif event in ("lockout", "mass_access"):
+        ae["type"] = _coding(DCM, "110113", "Security Alert")
+        ae["action"] = "E"
+    elif event == "admin":
+        ae["type"] = _coding(DCM, "110136", "Security Roles Changed") if str(r.get("action", "")).startswith("user") \
+            else _coding(DCM, "110137", "User Security Attributes Changed")
+        ae["action"] = "U"
+    else:
+        ae["type"] = _coding(DCM, "110100", "Application Activity")
+        ae["action"] = "E"
+    if not ae.get("meta"):
+        ae.pop("meta", None)
+    # agents: user (requestor), client (source), DPI (destination)
+    if r.get("user"):
+        user = {"type": {"coding": [_coding(PARTICIPATION, "humanuser", "human user")]},
+                "who": {"identifier": {"system": "urn:dpiguard:user", "value": r["user"]}},
+                "requestor": True}
+        if r.get("roles"):
+            user["role"] = [{"text": role} for role in r["roles"]]
+        if r.get("break_glass"):
+            user["purposeOfUse"] = [{"coding": [_coding(ACT_REASON, "ETREAT", "Emergency Treatment")]}]
+        ae["agent"].append(user)
+    client = {"type": {"coding": [_coding(DCM, "110153", "Source Role ID")]}, "requestor": not r.get("user"),
+              "who": {"display": r.get("client") or "unknown client"}}
+    if r.get("client"):
+        client["network"] = {"address": r["client"], "type": "2"}
+    ae["agent"].append(client)
+    ae["agent"].append({"type": {"coding": [_coding(DCM, "110152", "Destination Role ID")]}, "requestor": False,
+                        "who": {"display": "DPI (behind dpiguard)"}})
+    # entities
+    detail = [{"type": k, "valueString": str(r[k])} for k in ("request_id", "reason", "category", "care_team",
+                                                                  "policy_version", "hash") if r.get(k)]
+    if r.get("patient"):
+        ae["entity"].append({"what": {"reference": f"Patient/{r['patient']}"},
+                             "type": _coding(ENTITY_TYPE, "1", "Person"),
+                             "role": _coding(OBJECT_ROLE, "1", "Patient")})
+    if r.get("fhir_type") and r.get("fhir_id"):
+        ae["entity"].append({"what": {"reference": f"{r['fhir_type']}/{r['fhir_id']}"},
+                             "type": _coding(ENTITY_TYPE, "2", "System Object"),
+                             "role": _coding(OBJECT_ROLE, "4", "Domain Resource"), "detail": detail})
+    elif event == "access" and r.get("fhir_type"):
+        query = (r.get("target") or r.get("path") or "").encode()
+        ae["entity"].append({"type": _coding(ENTITY_TYPE, "2", "System Object"),
+                             "role": _coding(OBJECT_ROLE, "24", "Query"),
+                             "query": base64.b64encode(query).decode(), "detail": detail})
+    else:
+        ae["entity"].append({"what": {"identifier": {"system": ID_SYSTEM, "value": f"{r.get('instance')}/{r.get('seq')}"}},
+                             "type": _coding(ENTITY_TYPE, "2", "System Object"),
+                             "description": r.get("path") or r.get("action") or event, "detail": detail})
+    if event == "access":
+        purpose = [_coding(ACT_REASON, "TREAT", "treatment")]
+        if r.get("break_glass"):
+            purpose = [_coding(ACT_REASON, "ETREAT", "Emergency Treatment"), _coding(ACT_CODE, "BTG", "break the glass")]
+        ae["purposeOfEvent"] = [{"coding": purpose, **({"text": r["break_glass_reason"]} if r.get("break_glass_reason") else {})}]
+    return ae
+
+
+# -- syslog -----------------------------------------------------------------------------------------
+
+FACILITY_AUTHPRIV = 10
+SD_ID = "dpiguard@32473"
+
+
+def _sd_escape(value: Any) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _header_token(value: Any, limit: int) -> str:
+    text = "".join(c for c in str(value or "-") if 33 <= ord(c) <= 126)[:limit]
+    return text or "-"
+
+
+def to_syslog(r: dict[str, Any], hostname: str | None = None) -> bytes:
+    """One RFC 5424 message (without framing)."""
+    severity = 4 if r.get("outcome") in ("deny", "error") else 6
+    pri = FACILITY_AUTHPRIV * 8 + severity
+    params = " ".join(f'{k}="{_sd_escape(r[k])}"' for k in ("outcome", "reason", "user", "patient", "category",
+                                                            "action", "request_id", "client", "seq", "instance")
+                      if r.get(k) not in (None, "", []))
+    sd = f"[{SD_ID} {params}]" if params else "-"
+    head = (f"<{pri}>1 {r.get('time') or '-'} {_header_token(hostname or socket.gethostname(), 255)} dpiguard "
+            f"{_header_token(r.get('instance'), 128)} {_header_token(r.get('event'), 32)} {sd} ")
+    return head.encode() + b"\xef\xbb\xbf" + orjson.dumps(r)
+
+
+def send_syslog(records: Iterable[dict[str, Any]], host: str, port: int, timeout: float = 10.0) -> int:
+    n = 0
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        for r in records:
+            msg = to_syslog(r)
+            sock.sendall(str(len(msg)).encode() + b" " + msg)  # RFC 6587 octet counting
+            n += 1
+    return n
+
+
+# -- CLI --------------------------------------------------------------------------------------------
+
+def _records(args, state: dict[str, int]) -> list[dict[str, Any]]:
+    from dpiguard.audit.report import Filter, _source, _time_bounds
+
+    since, until = _time_bounds(args)
+    flt = Filter(patient=args.patient, user=args.user, since=since, until=until, outcome=args.outcome,
+                 event=args.event)
+    source = _source(args)
+    chains = [source] if list_segments(source) else list_chains(source)
+    out = []
+    for chain in chains:
+        done = state.get(chain.name, 0)
+        for _, _, r in iter_chain(chain):
+            if r.get("seq", 0) <= done:
+                continue
+            if args.state:
+                state[chain.name] = max(state.get(chain.name, 0), r.get("seq", 0))
+            if flt.match(r):
+                out.append(r)
+    out.sort(key=lambda r: (r.get("time") or "", r.get("instance") or "", r.get("seq") or 0))
+    return out
+
+
+def cmd_export(args) -> int:
+    state: dict[str, int] = {}
+    state_path = Path(args.state) if args.state else None
+    if state_path and state_path.exists():
+        state = orjson.loads(state_path.read_bytes())
+    records = _records(args, state)
+    if args.format == "syslog":
+        if not args.target or ":" not in args.target:
+            raise ValueError("--format syslog needs --target HOST:PORT")
+        host, _, port = args.target.rpartition(":")
+        n = send_syslog(records, host, int(port))
+        print(f"sent {n} record(s) to {args.target}", file=sys.stderr)
+    else:
+        if args.format == "jsonl":
+            lines = (orjson.dumps(r) for r in records)
+        else:
+            lines = (orjson.dumps(to_audit_event(r)) for r in records)
+        if args.format == "fhir-bundle":
+            bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "entry": [{"resource": to_audit_event(r)} for r in records]}
+            data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
+        else:
+            data = b"".join(line + b"\n" for line in lines)
+        if args.out:
+            Path(args.out).write_bytes(data)
+        else:
+            sys.stdout.buffer.write(data)
+    if state_path:  # only after a successful export
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(state))
+        tmp.replace(state_path)
+    return 0
+
+
+def register(asub, with_config) -> None:
+    sp = with_config(asub.add_parser("export", help="export records: JSON lines, FHIR AuditEvent, syslog to a SIEM"))
+    sp.add_argument("--format", choices=("jsonl", "fhir", "fhir-bundle", "syslog"), default="jsonl",
+                    help="fhir: one AuditEvent per line (NDJSON); fhir-bundle: one Bundle")
+    sp.add_argument("--source", help="audit folder or chain folder (default: audit.path)")
+    sp.add_argument("--target", help="syslog receiver HOST:PORT (TCP)")
+    sp.add_argument("--state", help="file remembering the last seq exported per chain (send each record once)")
+    sp.add_argument("--from", dest="since"); sp.add_argument("--to", dest="until")
+    sp.add_argument("--patient"); sp.add_argument("--user"); sp.add_argument("--event")
+    sp.add_argument("--outcome", choices=("allow", "deny", "error"))
+    sp.add_argument("--out")
+    sp.set_defaults(func=cmd_export, dir=None)

@@ -1,0 +1,112 @@
+"""The care-team step with patient objections and emergency access, in one Redis round trip.
+
+Decision order (pipeline step 5, for every request naming a patient):
+
+1. **patient objection** to this user, or to one of the user's active units → refused
+   ``patient_objection`` (care team or not), unless ``override_patient_objection`` is true in
+   ``policies/breakglass.yaml`` and an active emergency access covers the request;
+2. categories that do not require the care team → allowed;
+3. **care-team membership** (assignment, or a stay in one of the user's units) → allowed;
+4. an active **emergency access** (break-glass grant) for this patient covering the category and
+   action → allowed, flagged;
+5. otherwise ``not_in_care_team``.
+
+:meth:`AccessDecider.decide` reads everything with one pipelined round trip (user units, patient
+stays, assignment, objections, grant) and returns the decision with ``valid_until``: the earliest
+time at which it could change by the clock alone (a stay, membership or assignment window, the grant
+end). Callers cache it no longer than that, so a grant's expiry needs no invalidation message.
+Malformed data raises (the pipeline refuses with ``internal_error``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpiguard.careteam.breakglass import BreakGlassPolicy, BreakGlassStore, Grant, parse_grant
+from dpiguard.careteam.store import CareTeamStore, _check_id, _text, compute_membership, parse_unit_window
+from dpiguard.careteam.objections import ObjectionStore, find_objection
+
+
+@dataclass(frozen=True)
+class AccessDecision:
+    member: bool  # allowed by this step
+    source: str | None  # why (care-team source, "break_glass:ID", "objection:user:X"...)
+    reason: str = "not_in_care_team"  # refusal reason when not member
+    break_glass: Grant | None = None  # the grant the access relies on
+    objection_overridden: str | None = None  # objection field overridden by the grant
+
+
+class AccessDecider:
+    def __init__(self, careteam: CareTeamStore, objections: ObjectionStore, grants: BreakGlassStore,
+                 policy: BreakGlassPolicy):
+        self.careteam = careteam
+        self.objections = objections
+        self.grants = grants
+        self.policy = policy
+
+    def decide(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
+               now: float) -> tuple[AccessDecision, float | None]:
+        decision, valid_until, _ = self.decide_with_units(login, patient, category, action, care_team_required, now)
+        return decision, valid_until
+
+    def decide_with_units(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
+                          now: float) -> tuple[AccessDecision, float | None, list[str]]:
+        """:meth:`decide`, plus the user's units valid at ``now`` from the same round trip."""
+        login, patient = _check_id(login, "login"), _check_id(patient, "patient")
+        ct = self.careteam
+        pipe = ct.redis.pipeline(transaction=False)
+        pipe.hgetall(ct.key_user_units(login))
+        pipe.hgetall(ct.key_stays(patient))
+        pipe.hget(ct.key_assign(patient), login)
+        pipe.hgetall(self.objections.key(patient))
+        pipe.hget(self.grants.key_user(login), patient)
+        user_units, stays, assignment, objections, grant_raw = pipe.execute()
+        decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
+                                            stays, assignment, objections, grant_raw, ct.grace, self.policy,
+                                            ct.transversal)
+        units = sorted(_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, _text(u)).contains(now))
+        return decision, valid_until, units
+
+
+def decide_from(login, patient, category, action, care_team_required, now, user_units, stays, assignment,
+                objections, grant_raw, grace, policy: BreakGlassPolicy,
+                transversal=None) -> tuple[AccessDecision, float | None]:
+    """Pure decision from the raw Redis replies (see the module docstring)."""
+    boundaries: list[float] = []
+    active_units = []
+    for unit, raw in user_units.items():
+        unit = _text(unit).upper()
+        window = parse_unit_window(raw, unit)
+        boundaries += window.changes(now)
+        if window.contains(now):
+            active_units.append(unit)
+    grant = None
+    if grant_raw is not None:
+        grant = parse_grant(grant_raw, f"grant of {login} for {patient}")
+        if grant.user != login or grant.patient != patient:
+            raise ValueError(f"grant {grant.id} is stored under the wrong user or patient")
+        if grant.start > now:
+            boundaries.append(grant.start)
+        if grant.end > now:
+            boundaries.append(grant.end)
+    covering = grant if grant is not None and policy.enabled and grant.covers(category, action, now) else None
+
+    def result(decision: AccessDecision) -> tuple[AccessDecision, float | None]:
+        return decision, (min(boundaries) if boundaries else None)
+
+    objection = find_objection(patient, objections, login, active_units)
+    if objection is not None:
+        if covering is not None and policy.override_patient_objection:
+            return result(AccessDecision(True, f"break_glass:{covering.id}", "allowed", covering, objection.field))
+        return result(AccessDecision(False, f"objection:{objection.field}", "patient_objection"))
+    if not care_team_required:
+        return result(AccessDecision(True, None, "allowed"))
+    membership = compute_membership(user_units, stays, assignment, now, grace, category, transversal)
+    if membership.valid_until is not None:
+        boundaries.append(membership.valid_until)
+    if membership.member:
+        return result(AccessDecision(True, membership.source, "allowed"))
+    if covering is not None:
+        return result(AccessDecision(True, f"break_glass:{covering.id}", "allowed", covering))
+    return result(AccessDecision(False, membership.source, "not_in_care_team"))

@@ -1,0 +1,86 @@
+"""Start mitmproxy in reverse-proxy mode with the dpiguard addon, from a validated Config."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import tempfile
+from pathlib import Path
+
+from mitmproxy import options
+from mitmproxy.tools.dump import DumpMaster
+
+from dpiguard.edge.addon import DpiGuard
+from dpiguard.config import Config
+from dpiguard.services import build_services
+
+
+def mitmproxy_options(cfg: Config, runtime_dir: Path) -> dict:
+    """The mitmproxy options that put it in front of the upstream the way dpiguard needs."""
+    opts: dict = {
+        "mode": [f"reverse:{cfg.upstream.url}@{cfg.listen.host}:{cfg.listen.port}"],
+        # Connect upstream only once a request was allowed: refused requests never reach the DPI.
+        "connection_strategy": "lazy",
+        "ssl_insecure": False,  # upstream TLS is always verified
+        "confdir": str(runtime_dir / "mitmproxy"),
+        "termlog_verbosity": "warn",
+    }
+    if cfg.upstream.ca_file:
+        opts["ssl_verify_upstream_trusted_ca"] = str(cfg.path(cfg.upstream.ca_file))
+    if cfg.tls_enabled:
+        opts["certs"] = [f"*={_combined_pem(cfg, runtime_dir)}"]
+    return opts
+
+
+def _combined_pem(cfg: Config, runtime_dir: Path) -> Path:
+    """mitmproxy wants certificate chain and key in one PEM file; build it (mode 0600)."""
+    cert = cfg.path(cfg.tls.cert_file).read_text()
+    key = cfg.path(cfg.tls.key_file).read_text()
+    if "PRIVATE KEY" not in key:
+        raise ValueError(f"tls.key_file {cfg.path(cfg.tls.key_file)} holds no PEM private key")
+    if "CERTIFICATE" not in cert:
+        raise ValueError(f"tls.cert_file {cfg.path(cfg.tls.cert_file)} holds no PEM certificate")
+    runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    target = runtime_dir / "client-facing.pem"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key.strip() + "\n" + cert.strip() + "\n")
+    return target
+
+
+def run_proxy(cfg: Config) -> int:
+    """Run until SIGINT/SIGTERM. Everything is validated and built before anything listens."""
+    services = build_services(cfg)  # raises on bad policy, keys, audit path
+    runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="dpiguard-"))
+    mitm_opts = mitmproxy_options(cfg, runtime_dir)
+
+    async def main() -> int:
+        opts = options.Options()
+        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        addon = DpiGuard(cfg)
+        addon.services = services
+        master.addons.add(addon)
+        opts.update(**mitm_opts)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, master.shutdown)
+        adt_server = None
+        if cfg.adt.enabled:  # the ADT feed listener shares the loop, the Redis client and the trace
+            from dpiguard.careteam.mllp import MllpServer, build_processor, settings_from_config
+
+            adt_server = await MllpServer(build_processor(cfg, services.redis, services.audit),
+                                          settings_from_config(cfg)).start()
+            print(f"dpiguard: ADT feed (HL7 MLLP) on {cfg.adt.listen_host}:{adt_server.port}", flush=True)
+        print(f"dpiguard: listening on {'https' if cfg.tls_enabled else 'http'}://{cfg.listen.host}:{cfg.listen.port}"
+              f" → {cfg.upstream.url} (policy {services.policy.version})", flush=True)
+        try:
+            await master.run()
+        finally:
+            if adt_server is not None:
+                await adt_server.stop()
+        return 0
+
+    logging.getLogger("dpiguard").setLevel(logging.INFO)
+    return asyncio.run(main())

@@ -1,0 +1,228 @@
+"""Hot reload of the policy files, without a gap and without ever running a broken policy.
+
+A daemon thread of each proxy instance reads the four policy files every ``policies.reload_interval``
+seconds (1 s by default; plain polling of contents, no inotify dependency) and compares a sha256 of
+their bytes with the last state it looked at. When they changed:
+
+1. the whole policy is loaded and validated again (:meth:`Policy.load`, the same code as at start-up);
+2. if that fails, the running policy stays in service untouched; the error is logged, written to the
+   trace (``event: policy_reload, outcome: deny``) and shown in the health output (``policy_error``)
+   until a later edit loads;
+3. if it loads, it replaces the running policy in **one attribute assignment** (``pipeline.policy``):
+   a request is decided entirely with the old or entirely with the new policy, never with a mix and
+   never with none. The in-process decision caches are dropped, the trace gets
+   ``event: policy_reload, outcome: allow`` with both versions, the version is written to Redis
+   (``P:policy:version``, and ``P:policy:instances`` instance → version) and an ``all`` message is
+   published on the invalidation bus.
+
+Every instance watches its **own** policy folder (they must all receive the same files: deploy them
+the same way everywhere). The ``all`` message only makes the other instances look at their files at
+once instead of at their next tick, and drop their caches. The health output shows the local version
+and the shared one, so an instance whose files differ (drift) is visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import redis
+
+from dpiguard.audit.chain import AuditLog
+from dpiguard.policy.table import VERSIONED_FILES, Policy
+
+log = logging.getLogger("dpiguard")
+
+
+def files_fingerprint(directory: Path) -> str:
+    """sha256 over the bytes of the policy files (a missing or unreadable file counts as a state)."""
+    digest = hashlib.sha256()
+    for name in sorted(VERSIONED_FILES):
+        digest.update(name.encode() + b"\0")
+        try:
+            data = (directory / name).read_bytes()
+        except OSError as exc:
+            digest.update(b"\1" + type(exc).__name__.encode())
+            continue
+        digest.update(str(len(data)).encode() + b"\0" + data)
+    return digest.hexdigest()
+
+
+def version_key(prefix: str) -> str:
+    return f"{prefix}:policy:version"
+
+
+def instances_key(prefix: str) -> str:
+    return f"{prefix}:policy:instances"
+
+
+class PolicyReloader:
+    """Watches a policy folder and swaps the policy of ``target`` (anything with a ``policy``
+    attribute, i.e. the Pipeline) when a valid edit appears. Thread-safe; see the module docstring."""
+
+    def __init__(self, *, target: Any, directory: Path, interval: float, audit: AuditLog,
+                 on_swap: Callable[[], Any] = lambda: None, redis_client: redis.Redis | None = None,
+                 prefix: str = "dpiguard", instance_id: str = "", publish: Callable[[str], Any] | None = None,
+                 loaded_fingerprint: str | None = None,
+                 load_companions: Callable[[Policy], Callable[[], Any]] | None = None):
+        if interval <= 0:
+            raise ValueError("interval must be positive")
+        self.target = target
+        self.directory = Path(directory)
+        self.interval = float(interval)
+        self.audit = audit
+        self.on_swap = on_swap
+        self.redis = redis_client
+        self.prefix = prefix
+        self.instance_id = instance_id
+        self.publish = publish
+        # Loads and validates the companion files (fhir.yaml...) for a new policy and returns the
+        # function that puts them in service; raising refuses the whole edit.
+        self.load_companions = load_companions or (lambda policy: (lambda: None))
+        self._lock = threading.Lock()  # one reload at a time
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The files as they were when the running policy was loaded (taken before loading, so an
+        # edit made meanwhile is seen at the first tick).
+        self._seen = loaded_fingerprint or files_fingerprint(self.directory)
+        self.error: str | None = None
+        self.error_since: float | None = None
+        self.last_reload: float | None = None
+        self.reloads = 0
+        self.failures = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> PolicyReloader:
+        self.announce()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="dpiguard-policy-reload", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def poke(self) -> None:
+        """Look at the files now (another instance announced a new policy)."""
+        self._wake.set()
+
+    def on_bus_event(self, kind: str, ident: str) -> None:
+        if kind == "all":
+            self.poke()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self.check()
+            except Exception:  # noqa: BLE001 - the watcher must survive anything; the old policy stays
+                log.exception("dpiguard: policy watcher error; the running policy is kept")
+
+    # -- one check ---------------------------------------------------------------------------------
+    def check(self) -> bool | None:
+        """Reload if the files changed since last looked at. True: new policy in service; False: the
+        edit is invalid (old policy kept); None: nothing to do."""
+        with self._lock:
+            fingerprint = files_fingerprint(self.directory)
+            if fingerprint == self._seen:
+                return None
+            # Let an editor finish writing: the files must read the same twice, a moment apart.
+            self._stopping.wait(min(0.2, self.interval / 2))
+            if files_fingerprint(self.directory) != fingerprint:
+                return None  # still being written; next tick
+            self._seen = fingerprint
+            old = self.target.policy
+            try:
+                new = Policy.load(self.directory)
+                apply_companions = self.load_companions(new)
+            except Exception as exc:  # PolicyError, or anything unexpected: keep the running policy
+                self._refuse(old, exc)
+                return False
+            if files_fingerprint(self.directory) != fingerprint:
+                # Written to while we read it: look again at the next tick (never apply a half edit).
+                self._seen = ""
+                return None
+            if new.version == old.version:
+                self._clear_error(old)  # an invalid edit was undone
+                return None
+            apply_companions()  # companion files first: each is complete and valid on its own
+            self.target.policy = new  # the swap: one attribute assignment
+            self.error, self.error_since = None, None
+            self.last_reload, self.reloads = time.time(), self.reloads + 1
+        try:
+            self.on_swap()
+        except Exception:  # noqa: BLE001
+            log.exception("dpiguard: dropping caches after a policy reload failed")
+        log.warning("dpiguard: policy reloaded from %s: version %s -> %s", self.directory, old.version, new.version)
+        self._audit({"event": "policy_reload", "outcome": "allow", "reason": "reloaded",
+                     "old_version": old.version, "new_version": new.version, "policy_version": new.version})
+        self.announce(changed=True)
+        return True
+
+    def _refuse(self, old: Policy, exc: Exception) -> None:
+        message = str(exc) if str(exc) else type(exc).__name__
+        self.failures += 1
+        self.error, self.error_since = message[:1000], time.time()
+        log.error("dpiguard: policy edit refused, version %s stays in service: %s", old.version, message)
+        self._audit({"event": "policy_reload", "outcome": "deny", "reason": "policy_invalid",
+                     "policy_version": old.version, "detail": message[:1000]})
+
+    def _clear_error(self, current: Policy) -> None:
+        if self.error is not None:
+            log.warning("dpiguard: policy files are back to version %s", current.version)
+            self._audit({"event": "policy_reload", "outcome": "allow", "reason": "unchanged",
+                         "policy_version": current.version, "detail": "files are valid again"})
+        self.error, self.error_since = None, None
+
+    def _audit(self, record: dict) -> None:
+        try:
+            self.audit.write(record)
+        except Exception as exc:  # noqa: BLE001 - the trace failing must not stop the watcher
+            log.error("dpiguard: could not trace policy reload: %s", exc)
+
+    # -- shared version ----------------------------------------------------------------------------
+    def announce(self, changed: bool = False) -> None:
+        """Write this instance's version to Redis; after a change, tell the other instances."""
+        version = self.target.policy.version
+        try:
+            if self.redis is not None:
+                pipe = self.redis.pipeline(transaction=True)
+                pipe.set(version_key(self.prefix), version)
+                pipe.hset(instances_key(self.prefix), self.instance_id, f"{version}|{int(time.time())}")
+                pipe.execute()
+            if changed and self.publish is not None:
+                self.publish("all")
+        except Exception as exc:  # noqa: BLE001 - local swap is done; others still see their own files
+            log.warning("dpiguard: could not publish policy version %s: %s", version, exc)
+
+    def status(self) -> dict:
+        """For the health output: local version, shared version, last error."""
+        shared = None
+        if self.redis is not None:
+            try:
+                raw = self.redis.get(version_key(self.prefix))
+                shared = raw.decode() if isinstance(raw, bytes) else raw
+            except redis.RedisError:
+                shared = None
+        local = self.target.policy.version
+        return {
+            "policy_version": local,
+            "policy_shared_version": shared,
+            "policy_in_sync": shared == local,
+            "policy_error": self.error,
+            "policy_error_since": self.error_since,
+            "policy_last_reload": self.last_reload,
+            "policy_reloads": self.reloads,
+        }
