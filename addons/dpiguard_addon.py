@@ -7,6 +7,6 @@ Prefer `dpiguard run --config FILE`, which also sets the mitmproxy options dpigu
 (lazy upstream connection, verified upstream TLS, the hospital's certificate).
 """
 
-from dpiguard.edge.addon import DpiGuard
+from dpiguard.services import mitmproxy_addon
 
-addons = [DpiGuard()]
+addons = [mitmproxy_addon()]

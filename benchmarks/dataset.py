@@ -5,9 +5,9 @@ memberships of the staff, stays of the patients (past stays and the current inpa
 assignments (referring physicians, consultants...) filling the rest. Generation is deterministic
 (``seed``).
 
-Loading goes through :class:`dpiguard.bulkload.CareTeamBulkLoader` (the same keys, values and checks as
+Loading goes through :class:`dpiguard.careteam.bulkload.CareTeamBulkLoader` (the same keys, values and checks as
 ``CareTeamStore``'s writes, batched). Loginable accounts are created with
-:meth:`dpiguard.users.UserDirectory.add` (production argon2id parameters, so a few hundred only: at
+:meth:`dpiguard.auth.users.UserDirectory.add` (production argon2id parameters, so a few hundred only: at
 ~50 ms of CPU per hash, 5,000 would take minutes); the other staff exist in the care-team data at full
 scale, which is what the decisions read. Sessions for the load are opened through the real login
 endpoint (see :mod:`benchmarks.run`).
@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from dpiguard.auth.users import UserDirectory
 from dpiguard.careteam.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
 from dpiguard.careteam.store import CareTeamStore
-from dpiguard.auth.users import UserDirectory
 
 DAY = 86400.0
 PASSWORD = "Bench-Hopital-2026!"

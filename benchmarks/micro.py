@@ -4,7 +4,7 @@ Run by :mod:`benchmarks.run` in its own process (pinned to one core) against the
 loaded: ``python -m benchmarks.micro --config FILE --scale STAFF,PATIENTS,LINKS,ACCOUNTS --seed S --now T``.
 Prints one JSON object.
 
-What is timed is :meth:`dpiguard.pipeline.Pipeline.decide` exactly as the addon calls it (trace record
+What is timed is :meth:`dpiguard.decision.pipeline.Pipeline.decide` exactly as the addon calls it (trace record
 written to the configured file, identity headers and assertion built):
 
 - **hit**: session and care-team decision in the in-process caches: ``decide(io=False)``;
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 
 from dpiguard.config import load_config
-from dpiguard.decision.pipeline import Incoming, NeedIO
+from dpiguard.decision.verdict import Incoming, NeedIO
 from dpiguard.services import build_services
 
 from .dataset import Scale, assignment_rows, build_hospital, stay_rows
@@ -68,8 +68,8 @@ def cache_structure_bytes(max_entries: int, n: int = 50_000) -> float:
     """Bytes per entry of a DecisionCache itself (tracemalloc), keys and values shaped like real ones."""
     import tracemalloc
 
+    from dpiguard.decision.access import AccessDecision
     from dpiguard.decision.cache import DecisionCache
-    from dpiguard.decision.pipeline import CachedDecision
 
     rng = random.Random(3)
     now = time.time()
@@ -79,7 +79,7 @@ def cache_structure_bytes(max_entries: int, n: int = 50_000) -> float:
     for i in range(n):
         key = (f"inf.{rng.randrange(5000):05d}", f"P{rng.randrange(100_000):06d}",
                rng.choice(("clinical_notes", "biology", "prescriptions", "imaging")), "read")
-        cache.put(key, CachedDecision(i % 3 == 0, f"unit:U{i % 60:03d} stay:S{i:07d}" if i % 3 == 0 else "none"),
+        cache.put(key, AccessDecision(i % 3 == 0, f"unit:U{i % 60:03d} stay:S{i:07d}" if i % 3 == 0 else "none"),
                   now + 60, cache.generation(), now=now)
     size = (tracemalloc.get_traced_memory()[0] - before) / len(cache)
     tracemalloc.stop()

@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.proxy floor --config FILE``
     (b) mitmproxy alone: the same mitmproxy, started the same way as ``dpiguard run`` (same
-    ``DumpMaster``, same options from :func:`dpiguard.runner.mitmproxy_options`: reverse mode, lazy
+    ``DumpMaster``, same options from :func:`dpiguard.edge.runner.mitmproxy_options`: reverse mode, lazy
     upstream connections, same log level), but without the dpiguard addon. This is the floor of the
     architecture: what any mitmproxy addon costs at least.
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from dpiguard.config import load_config
 from dpiguard.edge.runner import mitmproxy_options, run_proxy
+from dpiguard.services import build_services
 
 
 def run_floor(config_path: str) -> int:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "floor":
         return run_floor(args.config)
     disable_fsync()
-    return run_proxy(load_config(args.config))
+    cfg = load_config(args.config)
+    return run_proxy(cfg, build_services(cfg))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,8 @@ import pyotp
 import redis
 
 from dpiguard.config import load_config
-from dpiguard.demo.runner import write_demo_config
 from dpiguard.demo.redis import LocalRedis, free_port
+from dpiguard.demo.runner import write_demo_config
 from dpiguard.services import careteam_store, user_directory
 
 from . import report

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import orjson
 
-from .dataset import Hospital, Staff
+from .dataset import Hospital
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "workload.lua"

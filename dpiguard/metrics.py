@@ -14,8 +14,18 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -109,7 +119,7 @@ class _StateCollector:
         if s is None:
             return
         info = InfoMetricFamily("dpiguard_build", "Instance and policy of this process")
-        info.add_metric([], {"dpiguard_instance": str(s.config.instance_id), "policy_version": str(s.policy.version),
+        info.add_metric([], {"dpiguard_instance": str(s.config.instance_id), "policy_version": str(s.policies.version),
                              "redis_mode": m.redis_mode if m is not None else ""})
         yield info
         stats = s.cache.stats()

@@ -1,4 +1,10 @@
-"""Builds dpiguard's components from a Config: one place where configuration meets code."""
+"""The composition root: builds dpiguard's components from a Config, and wires them together.
+
+This is the one module that knows every package. The command line (``dpiguard.cli``), the demo and
+the mitmproxy script (``addons/dpiguard_addon.py``) build what they need through it; no other module
+reads the configuration to build a component, and the domain packages receive what they need as
+arguments. Dependency rules: docs/architecture.md ("Layout and dependency rules").
+"""
 
 from __future__ import annotations
 
@@ -9,30 +15,53 @@ from typing import Any
 
 import redis
 
-from dpiguard.audit.chain import AuditLog, from_config as audit_from_config
-from dpiguard.auth.login import Authenticator, LoginPolicy
-from dpiguard.storage.bus import InvalidationBus
-from dpiguard.decision.cache import DecisionCache
-from dpiguard.careteam.store import CareTeamStore
-from dpiguard.config import Config
-from dpiguard.decision.assertion import AssertionSigner
-from dpiguard.decision.massaccess import MassAccessMonitor
-from dpiguard.decision.pipeline import Pipeline
-from dpiguard.policy.table import Policy
-from dpiguard.policy.reload import PolicyReloader, files_fingerprint
-from dpiguard.edge.portal import Portal
 from dpiguard import metrics
-from dpiguard.edge.ops import Monitor, allowed_networks
-from dpiguard.storage.clients import client_for, spec_of
+from dpiguard.audit.chain import AuditLog
+from dpiguard.audit.chain import from_config as audit_from_config
+from dpiguard.auth.login import Authenticator
 from dpiguard.auth.sessions import SessionStore
 from dpiguard.auth.users import SecretBox, UserDirectory
+from dpiguard.careteam.breakglass import BreakGlassStore
+from dpiguard.careteam.mllp import AdtProcessor, listener_settings
+from dpiguard.careteam.movements import MovementStore
+from dpiguard.careteam.objections import ObjectionStore
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.config import Config
+from dpiguard.decision.access import AccessDecider
+from dpiguard.decision.assertion import AssertionSigner
+from dpiguard.decision.breakglass import BreakGlassService
+from dpiguard.decision.cache import DecisionCache
+from dpiguard.decision.fhir import FhirEnforcer
+from dpiguard.decision.massaccess import MassAccessMonitor
+from dpiguard.decision.pipeline import Pipeline
+from dpiguard.edge.addon import DpiGuard
+from dpiguard.edge.ops import Monitor, allowed_networks
+from dpiguard.edge.portal import Portal
+from dpiguard.edge.upstream import make_fetcher
+from dpiguard.policy.fhir import FHIR_FILE
+from dpiguard.policy.files import PolicyError
+from dpiguard.policy.reload import PolicyReloader, files_fingerprint
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.storage.bus import InvalidationBus
+from dpiguard.storage.clients import client_for, spec_of
 
 log = logging.getLogger("dpiguard")
 
 
+# -- single components (also used by the command line and the demo) ---------------------------------
 def redis_client(cfg: Config) -> redis.Redis:
     """The command client for the configured topology (standalone, Sentinel or Cluster)."""
     return client_for(cfg, health_check_interval=30)
+
+
+def admin_redis_client(cfg: Config) -> redis.Redis:
+    """The configured Redis with a longer timeout, for operators' commands and batch jobs."""
+    return spec_of(cfg).client(max(cfg.redis.socket_timeout, 2.0))
+
+
+def load_policies(cfg: Config) -> PolicySet:
+    """Every file of ``policies.dir``, validated (PolicyError naming file and line on any mistake)."""
+    return PolicySet.load(cfg.path(cfg.policies.dir), default_grace_seconds=cfg.careteam.grace_seconds)
 
 
 def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirectory:
@@ -40,18 +69,13 @@ def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirect
     return UserDirectory(client or redis_client(cfg), box, prefix=cfg.redis.prefix, issuer=cfg.login.issuer)
 
 
-def careteam_policy(cfg: Config, categories=None):
-    """policies/careteam.yaml (transversal units, grace period); empty when the file is absent."""
-    from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
-
-    return CareTeamPolicy.load(cfg.path(cfg.policies.dir) / CARETEAM_FILE, categories)
-
-
-def careteam_store(cfg: Config, client: redis.Redis | None = None, categories=None) -> CareTeamStore:
-    ct_policy = careteam_policy(cfg, categories)
-    grace = cfg.careteam.grace_seconds if ct_policy.grace_seconds is None else ct_policy.grace_seconds
-    return CareTeamStore(client or redis_client(cfg), prefix=cfg.redis.prefix, grace_seconds=grace,
-                         transversal=ct_policy.units)
+def careteam_store(cfg: Config, client: redis.Redis | None = None, policies: PolicySet | None = None) -> CareTeamStore:
+    """The care-team store; its ``membership``/``explain_*`` answers use the transversal units and grace
+    period of ``policies`` (loaded from ``policies.dir`` when not given). The proxy decides through
+    :class:`AccessDecider` with the policy set of each decision instead."""
+    rules = (policies or load_policies(cfg)).careteam
+    return CareTeamStore(client or redis_client(cfg), prefix=cfg.redis.prefix, grace_seconds=rules.grace_seconds,
+                         transversal=rules.units)
 
 
 def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStore:
@@ -61,55 +85,32 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
     )
 
 
-def emergency_access(cfg: Config, policy: Policy, client, careteam, authenticator, audit, cache):
-    """Patient objections and emergency access (policies/breakglass.yaml): the portal's service and the
-    pipeline's care-team step (see dpiguard/access.py)."""
-    from dpiguard.decision.access import AccessDecider
-    from dpiguard.careteam.breakglass import BreakGlassPolicy, BreakGlassService, BreakGlassStore
-    from dpiguard.careteam.objections import ObjectionStore
-
-    bg_policy = BreakGlassPolicy.load(cfg.path(cfg.policies.dir), policy.roles, policy.categories)
-    grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
-    service = BreakGlassService(policy=bg_policy, store=grants, objections=objections, careteam=careteam,
-                                authenticator=authenticator, audit=audit,
-                                on_grant=lambda user, patient: (cache.invalidate_user(user),
-                                                                cache.invalidate_patient(patient)))
-    return service, AccessDecider(careteam, objections, grants, bg_policy)
+def authenticator(cfg: Config, client: redis.Redis, users: UserDirectory) -> Authenticator:
+    return Authenticator(client, users, cfg.login, prefix=cfg.redis.prefix)
 
 
-def companions_loader(cfg: Config, pipeline: Pipeline, careteam: CareTeamStore, breakglass, access):
-    """For hot reload: load and validate fhir.yaml, breakglass.yaml and careteam.yaml for a new policy,
-    and return the function that puts them in service (see PolicyReloader.load_companions)."""
-    from dpiguard.careteam.breakglass import BreakGlassPolicy
-    from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
-
-    directory = cfg.path(cfg.policies.dir)
-
-    def load(policy: Policy):
-        bg = BreakGlassPolicy.load(directory, policy.roles, policy.categories)
-        ct = careteam_policy(cfg, policy.categories)
-        grace = cfg.careteam.grace_seconds if ct.grace_seconds is None else ct.grace_seconds
-        fhir_path = directory / FHIR_FILE
-        fhir_policy = FhirPolicy.load(fhir_path, policy.roles, policy.categories) if fhir_path.exists() else None
-        if (fhir_policy is None) != (pipeline.fhir is None):
-            from dpiguard.policy.table import PolicyError
-
-            raise PolicyError(str(fhir_path), None, "adding or removing fhir.yaml needs a restart of dpiguard")
-
-        def apply() -> None:
-            if access is not None:
-                access.policy = bg
-            if breakglass is not None:
-                breakglass.policy = bg
-            careteam.transversal, careteam.grace = dict(ct.units), grace
-            if fhir_policy is not None:
-                pipeline.fhir.policy = fhir_policy
-
-        return apply
-
-    return load
+def movement_store(cfg: Config, client: redis.Redis | None = None) -> MovementStore:
+    return MovementStore(client or redis_client(cfg), prefix=cfg.redis.prefix, dedup_ttl=cfg.adt.dedup_ttl)
 
 
+def adt_processor(cfg: Config, client: redis.Redis | None = None, audit: AuditLog | None = None) -> AdtProcessor:
+    """The HL7 ADT feed's processor: movements into Redis, one trace record per message. Without an
+    ``audit`` log it opens its own chain (``<instance>-adt``)."""
+    if audit is None:
+        audit = AuditLog(cfg.path(cfg.audit.path), f"{cfg.instance_id}-adt").open()
+    settings = listener_settings(cfg)
+    return AdtProcessor(movement_store(cfg, client), audit, settings.parse, settings.application)
+
+
+def fhir_enforcer(cfg: Config) -> FhirEnforcer:
+    """The FHIR step; it applies whenever the policy set has a fhir.yaml."""
+    ca_file = str(cfg.path(cfg.upstream.ca_file)) if cfg.upstream.ca_file else None
+    public_origin = cfg.fhir.public_origin or (f"{'https' if cfg.tls_enabled else 'http'}://"
+                                               f"{cfg.listen.host}:{cfg.listen.port}")
+    return FhirEnforcer(make_fetcher(cfg.upstream.url, ca_file), cfg.upstream.url, public_origin)
+
+
+# -- the running proxy --------------------------------------------------------------------------------
 @dataclass
 class Services:
     config: Config
@@ -122,14 +123,16 @@ class Services:
     audit: AuditLog
     pipeline: Pipeline
     portal: Portal
+    breakglass: BreakGlassService | None = None
     reloader: PolicyReloader | None = None  # hot reload of policies/ (None when policies.reload_interval is 0)
     mass_access: MassAccessMonitor | None = None
-    monitor: Any = None  # dpiguard.ops.Monitor: readiness probe behind /_dpiguard/health/ready
+    monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
 
     @property
-    def policy(self) -> Policy:
-        return self.pipeline.policy
+    def policies(self) -> PolicySet:
+        """The policy set in service now."""
+        return self.pipeline.policies
 
     def start(self, wait: float = 5.0) -> None:
         if self.mass_access is not None:
@@ -152,6 +155,10 @@ class Services:
             self.mass_access.stop()
         self.audit.close()
 
+    def adt_processor(self) -> AdtProcessor | None:
+        """The ADT feed to serve beside the proxy (``adt.enabled``): same Redis client and trace."""
+        return adt_processor(self.config, self.redis, self.audit) if self.config.adt.enabled else None
+
     def health(self) -> dict:
         redis_ok = True
         try:
@@ -161,14 +168,14 @@ class Services:
         audit_ok = self.audit.writable
         refuse = self.config.audit.on_failure == "refuse"
         info = {
-            "ready": redis_ok and (audit_ok or not refuse) and self.policy is not None,
+            "ready": redis_ok and (audit_ok or not refuse) and self.policies is not None,
             "instance": self.config.instance_id,
             "redis": redis_ok,
             "cache_coherent": self.bus.coherent,
             "audit_writable": audit_ok,
             "audit": dict(self.audit.status(), on_failure=self.config.audit.on_failure,
                           serving_patient_data=audit_ok or not refuse),
-            "policy_version": self.policy.version,
+            "policy_version": self.policies.version,
             "decision_cache": self.cache.stats(),
         }
         if self.reloader is not None:
@@ -178,67 +185,76 @@ class Services:
 
 def build_services(cfg: Config) -> Services:
     """Load and validate everything; raises (PolicyError, ValueError, AuditError...) before serving."""
-    fingerprint = files_fingerprint(cfg.path(cfg.policies.dir))
-    policy = Policy.load(cfg.path(cfg.policies.dir))
+    directory = cfg.path(cfg.policies.dir)
+    fingerprint = files_fingerprint(directory)  # before loading: an edit made meanwhile is seen at once
+    policies = load_policies(cfg)
     client = redis_client(cfg)
     users = user_directory(cfg, client)
     sessions = session_store(cfg, client)
-    careteam = careteam_store(cfg, client, policy.categories)
+    careteam = careteam_store(cfg, client, policies)
     cache = DecisionCache(max_entries=cfg.decision_cache.max_entries, ttl=cfg.decision_cache.ttl)
     audit = audit_from_config(cfg).open()
     signer = AssertionSigner.from_pem_file(cfg.path(cfg.secrets.assertion_private_key_file), audience=cfg.audience,
                                            ttl=cfg.secrets.assertion_ttl)
-    authenticator = Authenticator(client, users, LoginPolicy(
-        max_failures=cfg.login.max_failures, failure_window=cfg.login.failure_window,
-        lock_seconds=cfg.login.lock_seconds, ip_max_failures=cfg.login.ip_max_failures,
-        ip_window=cfg.login.ip_window, ip_block_seconds=cfg.login.ip_block_seconds,
-    ), prefix=cfg.redis.prefix)
+    auth = authenticator(cfg, client, users)
     spec = spec_of(cfg)
     bus = InvalidationBus(spec, prefix=cfg.redis.prefix, on_event_hook=metrics.bus_event)
-    breakglass, access = emergency_access(cfg, policy, client, careteam, authenticator, audit, cache)
-    services_ref: dict[str, Services] = {}
+    grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
+    breakglass = BreakGlassService(store=grants, objections=objections, careteam=careteam, authenticator=auth,
+                                   audit=audit, on_grant=lambda user, patient: (cache.invalidate_user(user),
+                                                                                cache.invalidate_patient(patient)))
+    m = cfg.mass_access
+    mass_access = MassAccessMonitor(
+        client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
+        action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds,
+    ) if m.max_patients > 0 else None
     pipeline = Pipeline(
-        policy=policy,
-        sessions=sessions, careteam=careteam, cache=cache, signer=signer, audit=audit,
+        policies=policies, sessions=sessions, careteam=careteam,
+        access=AccessDecider(careteam, objections, grants), cache=cache, signer=signer, audit=audit,
         cookie_name=cfg.cookie_name, instance_id=cfg.instance_id, decision_ttl=cfg.decision_cache.ttl,
         max_header_bytes=cfg.limits.max_header_bytes, max_url_bytes=cfg.limits.max_url_bytes,
         extra_identity_headers=tuple(cfg.identity.strip_headers), require_tls=cfg.tls_enabled,
-        access=access,
+        fhir=fhir_enforcer(cfg), mass_access=mass_access,
     )
-    from dpiguard.decision.fhir import load_enforcer
-
-    pipeline.fhir = load_enforcer(cfg.path(cfg.policies.dir), policy, cfg.upstream.url,
-                                  str(cfg.path(cfg.upstream.ca_file)) if cfg.upstream.ca_file else None,
-                                  cfg.fhir.public_origin or f"{'https' if cfg.tls_enabled else 'http'}://"
-                                                            f"{cfg.listen.host}:{cfg.listen.port}")
+    services_ref: dict[str, Services] = {}
     portal = Portal(
-        authenticator=authenticator, sessions=sessions, audit=audit, cookie_name=cfg.cookie_name,
+        authenticator=auth, sessions=sessions, audit=audit, cookie_name=cfg.cookie_name,
         secure_cookies=cfg.tls_enabled, units_of=lambda u: careteam.user_units(u),
-        health=lambda: services_ref["s"].health(), breakglass=breakglass,
+        health=lambda: services_ref["s"].health(), policies=lambda: pipeline.policies, breakglass=breakglass,
     )
-    services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal)
-    m = cfg.mass_access
-    if m.max_patients > 0:
-        services.mass_access = pipeline.mass_access = MassAccessMonitor(
-            client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
-            action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds)
+    services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
+                        breakglass=breakglass, mass_access=mass_access)
     services_ref["s"] = services
     services.monitor = Monitor(services, redis_mode=spec.mode)
     services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
     metrics.bind(services, services.monitor)
     _wire_invalidation(services)
     if cfg.policies.reload_interval > 0:
+        def reload_policies() -> PolicySet:
+            new = load_policies(cfg)
+            if (new.fhir is None) != (pipeline.policies.fhir is None):
+                # Without fhir.yaml, FHIR addresses would be mapped by routes.yaml, without answer checks.
+                raise PolicyError(str(directory / FHIR_FILE), None,
+                                  "adding or removing fhir.yaml needs a restart of dpiguard")
+            return new
+
         def drop_decisions() -> None:
             cache.clear()
             pipeline.drop_all()
 
         services.reloader = PolicyReloader(
-            target=pipeline, directory=cfg.path(cfg.policies.dir), interval=cfg.policies.reload_interval,
-            audit=audit, on_swap=drop_decisions, redis_client=client, prefix=cfg.redis.prefix,
-            instance_id=cfg.instance_id, publish=bus.publish, loaded_fingerprint=fingerprint,
-            load_companions=companions_loader(cfg, pipeline, careteam, breakglass, access))
+            target=pipeline, directory=directory, interval=cfg.policies.reload_interval,
+            load=reload_policies, audit=audit, on_swap=drop_decisions, redis_client=client,
+            prefix=cfg.redis.prefix, instance_id=cfg.instance_id, publish=bus.publish,
+            loaded_fingerprint=fingerprint)
         bus.subscribe(services.reloader.on_bus_event)
     return services
+
+
+def mitmproxy_addon() -> DpiGuard:
+    """The addon for ``mitmdump -s addons/dpiguard_addon.py --set dpiguard_config=FILE``: it builds
+    everything from the ``dpiguard_config`` option when mitmproxy sets it."""
+    return DpiGuard(build=build_services)
 
 
 def _wire_invalidation(s: Services) -> None:

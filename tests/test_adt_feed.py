@@ -10,12 +10,12 @@ import time
 import pytest
 import redis
 
-from dpiguard.careteam.adt import Movement, ParseOptions
 from dpiguard.audit.chain import AuditLog, read_records
-from dpiguard.storage.bus import events_channel
-from dpiguard.careteam.store import CareTeamStore
+from dpiguard.careteam.adt import Movement, ParseOptions
 from dpiguard.careteam.mllp import AdtProcessor, ListenerSettings, MllpServer
 from dpiguard.careteam.movements import MovementStore
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.storage.bus import events_channel
 
 from .hl7msgs import adt, mllp_exchange, msa, read_ack, send_on
 

@@ -1,6 +1,6 @@
 """FHIR answers name their patients in `patients`: the DPO's reports must count them."""
 
-from dpiguard.audit.report import Filter, record_patients, select, summarize, who_accessed
+from dpiguard.audit.query import Filter, record_patients, select, summarize, who_accessed
 
 
 def _records():

@@ -8,14 +8,14 @@ import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
-from pathlib import Path
 
 import orjson
 import png
 import pytest
 
 from dpiguard.audit.chain import AuditLog
-from dpiguard.audit.report import Filter, html_report, summarize, who_accessed, iter_store
+from dpiguard.audit.query import Filter, iter_store, summarize, who_accessed
+from dpiguard.audit.report import html_report
 from dpiguard.cli import main
 
 

@@ -12,8 +12,9 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dpiguard.auth.login import Authenticator, LoginPolicy, LoginResult
+from dpiguard.auth.login import Authenticator, LoginResult
 from dpiguard.auth.users import SecretBox, UserDirectory
+from dpiguard.config import Login
 
 PASSWORD = "Correct-Horse-42"
 IP = "192.0.2.10"
@@ -32,7 +33,7 @@ def totp(users) -> pyotp.TOTP:
 
 
 def make_auth(r, users, **policy) -> Authenticator:
-    return Authenticator(r, users, LoginPolicy(**policy))
+    return Authenticator(r, users, Login(**policy))
 
 
 @pytest.fixture
@@ -199,6 +200,6 @@ def test_overlong_or_malformed_login_only_counts_the_address(r, auth):
 
 def test_redis_errors_propagate(users, totp):
     offline = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
-    auth = Authenticator(offline, users, LoginPolicy())
+    auth = Authenticator(offline, users, Login())
     with pytest.raises(redis.ConnectionError):
         auth.login("alice", PASSWORD, totp.now(), IP)

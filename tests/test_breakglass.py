@@ -14,24 +14,24 @@ import orjson
 import pyotp
 import pytest
 
-from dpiguard.decision.access import AccessDecider, decide_from
 from dpiguard.audit.chain import AuditLog, read_records
-from dpiguard.auth.login import Authenticator, LoginPolicy
-from dpiguard.careteam.breakglass import (
-    BreakGlassDataError,
-    BreakGlassPolicy,
-    BreakGlassService,
-    BreakGlassStore,
-    Grant,
-)
-from dpiguard.careteam.store import CareTeamStore
-from dpiguard.careteam.objections import ImportReport, ObjectionDataError, ObjectionStore, find_objection
-from dpiguard.policy.table import Policy, PolicyError
+from dpiguard.auth.login import Authenticator
 from dpiguard.auth.users import SecretBox, UserDirectory
+from dpiguard.careteam.breakglass import BreakGlassDataError, BreakGlassStore, Grant
+from dpiguard.careteam.objections import ImportReport, ObjectionDataError, ObjectionStore, find_objection
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.config import Login
+from dpiguard.decision.access import AccessDecider, decide_from
+from dpiguard.decision.breakglass import BreakGlassService
+from dpiguard.policy.breakglass import BreakGlassPolicy
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.policy.table import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICY = Policy.load(ROOT / "policies")
+POLICIES = PolicySet.load(ROOT / "policies")
+POLICY = POLICIES.table
 BG = BreakGlassPolicy.load(ROOT / "policies", POLICY.roles, POLICY.categories)
+assert POLICIES.breakglass == BG  # the set holds the same rules as the file read alone
 T0 = 1_700_000_010.0
 TEXT = "Unconscious patient brought in by the SAMU"
 
@@ -141,15 +141,15 @@ def test_unit_objection_follows_unit_membership_window():
 
 def test_decider_one_round_trip_and_grant_lifecycle(r):
     ct, obj, store = CareTeamStore(r), ObjectionStore(r), BreakGlassStore(r)
-    decider = AccessDecider(ct, obj, store, BG)
+    decider = AccessDecider(ct, obj, store)
     ct.add_unit_member("nina", "CARDIO")
     ct.add_stay("P1", "PNEUMO", start=T0 - 100)
-    assert decider.decide("nina", "P1", "biology", "read", True, T0)[0].reason == "not_in_care_team"
+    assert decider.decide("nina", "P1", "biology", "read", True, T0, POLICIES)[0].reason == "not_in_care_team"
     pubsub = r.pubsub()
     pubsub.subscribe("dpiguard:events")
     g = grant()
     store.create(g)
-    d, until = decider.decide("nina", "P1", "biology", "read", True, T0)
+    d, until = decider.decide("nina", "P1", "biology", "read", True, T0, POLICIES)
     assert d.member and d.break_glass == g and until == g.end
     assert r.ttl(store.key_user("nina")) > 0  # the key goes away after its last grant
     rec = store.get(g.id)
@@ -161,7 +161,7 @@ def test_decider_one_round_trip_and_grant_lifecycle(r):
     assert store.review_queue(pending_only=True) == []
     store.revoke(g.id, by="rssi")
     assert store.current("nina", "P1") is None
-    assert decider.decide("nina", "P1", "biology", "read", True, T0)[0].reason == "not_in_care_team"
+    assert decider.decide("nina", "P1", "biology", "read", True, T0, POLICIES)[0].reason == "not_in_care_team"
     assert store.get(g.id)["revoked_by"] == "rssi"
     messages = []
     deadline = time.monotonic() + 2
@@ -219,15 +219,15 @@ def service(r, tmp_path):
     totp = pyotp.TOTP(parse_qs(urlparse(uri).query)["secret"][0])
     audit = AuditLog(tmp_path / "audit.jsonl", "t").open()
     granted = []
-    svc = BreakGlassService(policy=BG, store=BreakGlassStore(r), objections=ObjectionStore(r),
-                            careteam=CareTeamStore(r), authenticator=Authenticator(r, users, LoginPolicy()),
+    svc = BreakGlassService(store=BreakGlassStore(r), objections=ObjectionStore(r),
+                            careteam=CareTeamStore(r), authenticator=Authenticator(r, users, Login()),
                             audit=audit, on_grant=lambda u, p: granted.append((u, p)))
     svc.totp, svc.audit_path, svc.granted = totp, tmp_path / "audit.jsonl", granted
     return svc
 
 
 def ask(svc, user="nina", roles=("nurse",), patient="P1", reason="urgence_vitale", text=TEXT, code=None, now=T0):
-    return svc.request(user=user, roles=roles, patient=patient, reason=reason, text=text,
+    return svc.request(BG, user=user, roles=roles, patient=patient, reason=reason, text=text,
                        totp=code if code is not None else svc.totp.at(now), client_ip="192.0.2.1",
                        request_id="r1", now=now)
 

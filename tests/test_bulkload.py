@@ -6,8 +6,8 @@ import pytest
 import redis
 
 from dpiguard.careteam.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
-from dpiguard.storage.bus import events_channel
 from dpiguard.careteam.store import CareTeamStore
+from dpiguard.storage.bus import events_channel
 
 MEMBERS = [MembershipRow("dr.a", "cardio", None, None), MembershipRow("inf.b", "PNEUMO", 100, 5000),
            MembershipRow("dr.a", "URG", 10, None), MembershipRow("dr.a", "CARDIO", 50, 60)]  # replaces

@@ -10,9 +10,9 @@ import time
 import pytest
 import redis
 
-from dpiguard.storage.bus import InvalidationBus, format_event, parse_event
-from dpiguard.decision.cache import DecisionCache
 from dpiguard.careteam.store import CareTeamStore
+from dpiguard.decision.cache import DecisionCache
+from dpiguard.storage.bus import InvalidationBus, format_event, parse_event
 
 from .conftest import only_standalone
 

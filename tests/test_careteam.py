@@ -7,7 +7,8 @@ import time
 import orjson
 import pytest
 
-from dpiguard.careteam.store import CareTeamDataError, CareTeamStore, Membership, compute_membership
+from dpiguard.careteam.membership import CareTeamDataError, Membership, compute_membership
+from dpiguard.careteam.store import CareTeamStore
 
 T0 = 1_700_000_000
 HOUR = 3600

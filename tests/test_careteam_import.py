@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -10,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.careteam.store import CareTeamStore
 from dpiguard.careteam.imports import import_assignments, import_members, import_stays
-from dpiguard.policy.routes import PolicyError
 from dpiguard.careteam.movements import MovementStore
+from dpiguard.careteam.store import CareTeamStore
 from dpiguard.policy.careteam import CareTeamPolicy
+from dpiguard.policy.files import PolicyError
 
 ROOT = Path(__file__).resolve().parents[1]
 CATS = ["administrative", "clinical_notes", "biology", "prescriptions", "imaging", "portal"]

@@ -8,8 +8,6 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from dpiguard.demo.app import create_app, start_in_thread
-from dpiguard.demo.data import build_dataset
 from dpiguard.decision.assertion import (
     HEADER_ASSERTION,
     HEADER_ROLES,
@@ -18,6 +16,8 @@ from dpiguard.decision.assertion import (
     AssertionSigner,
     AssertionVerifier,
 )
+from dpiguard.demo.app import create_app, start_in_thread
+from dpiguard.demo.data import build_dataset
 
 AUDIENCE = "http://demo-dpi"
 NOW = 1_800_000_000

@@ -19,8 +19,8 @@ import pytest
 
 from dpiguard.audit.chain import read_records
 from dpiguard.careteam.breakglass import BreakGlassStore
-from dpiguard.cli import main as cli_main
 from dpiguard.careteam.objections import ObjectionStore
+from dpiguard.cli import main as cli_main
 from dpiguard.services import redis_client
 
 from .stack import ROOT, build_stack

@@ -16,11 +16,11 @@ import pytest
 from werkzeug.serving import make_server
 
 from dpiguard.config import load_config
+from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.app import create_app
 from dpiguard.demo.data import build_dataset
-from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
-from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.redis import LocalRedis, free_port
+from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
 
 from .certs import make_ca, make_leaf
 from .stack import ROOT, RecordingMiddleware, port_open

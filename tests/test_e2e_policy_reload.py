@@ -19,9 +19,19 @@ from dpiguard.audit.chain import read_records
 from dpiguard.cli import main
 
 from .stack import build_stack
-from .test_policy import (POLICIES, break_model_too_permissive, duplicate_route, edit, empty_policy, missing_file,
-                          non_utf8_policy, truncated_routes, undeclared_category_setting, unknown_role,
-                          wrong_field_count)
+from .test_policy import (
+    POLICIES,
+    break_model_too_permissive,
+    duplicate_route,
+    edit,
+    empty_policy,
+    missing_file,
+    non_utf8_policy,
+    truncated_routes,
+    undeclared_category_setting,
+    unknown_role,
+    wrong_field_count,
+)
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.policy.fhir import FhirPolicy
 from dpiguard.fhir.compartment import PATIENT_COMPARTMENT, FhirRefusal, analyze, patient_of_reference
 from dpiguard.fhir.response import BundleRewriter, Judge, patient_links, process
-from dpiguard.policy.routes import PolicyError, parse_query
+from dpiguard.policy.fhir import FhirPolicy
+from dpiguard.policy.files import PolicyError
+from dpiguard.policy.paths import parse_query
 from dpiguard.policy.table import Policy
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"

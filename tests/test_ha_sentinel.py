@@ -17,10 +17,10 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from dpiguard.storage import clients as redisconn
 from dpiguard.audit.chain import read_records
 from dpiguard.careteam.store import CareTeamStore
 from dpiguard.demo.runner import DEMO_PASSWORD
+from dpiguard.storage import clients as redisconn
 from tests.redis_topology import LocalSentinel
 
 from .stack import build_stack

@@ -6,14 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dpiguard.policy.routes import (
-    HostileRequest,
-    PolicyError,
-    RouteMatch,
-    RouteTable,
-    normalize_path,
-    parse_query,
-)
+from dpiguard.policy.files import PolicyError
+from dpiguard.policy.paths import HostileRequest, normalize_path, parse_query
+from dpiguard.policy.routes import RouteMatch, RouteTable
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 DEMO_CATEGORIES = {"administrative": True, "clinical_notes": True, "biology": True,

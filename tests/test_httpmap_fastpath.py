@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from dpiguard.policy.routes import HostileRequest, _normalize_path_full, normalize_path
+from dpiguard.policy.paths import HostileRequest, _normalize_path_full, normalize_path
 
 EDGES = ["/", "/patients", "/patients/", "/patients/P0001/biology", "/fhir/Observation", "/a.b/c-d_e",
          "/static/app.v2.css", "/x/", "/.well-known/x", "/a/./b", "/a/../b", "/a/...", "/a//b", "//",

@@ -16,9 +16,9 @@ from dpiguard.decision.assertion import (
     AssertionSigner,
     AssertionVerifier,
     InvalidAssertion,
-    generate_keypair,
     is_identity_header,
 )
+from dpiguard.signing import generate_keypair
 
 AUDIENCE = "http://dpi.example:8080"
 NOW = 1_800_000_000

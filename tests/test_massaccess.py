@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from dpiguard.audit.chain import AuditLog, read_records
 from dpiguard.decision.massaccess import MassAccessMonitor, unthrottle
 

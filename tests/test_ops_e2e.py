@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 
 from .stack import ROOT, build_stack, port_open
 

@@ -9,7 +9,6 @@ from xml.etree import ElementTree as ET
 import pytest
 
 from dpiguard.cli import main
-from dpiguard.policy.table import Policy
 from dpiguard.policy.lint import lint
 from dpiguard.policy.sim import (
     TestFileError,
@@ -19,6 +18,8 @@ from dpiguard.policy.sim import (
     run_case,
     situation_careteam,
 )
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.policy.table import Policy
 
 from .test_policy import BROKEN_VARIANTS, POLICIES, edit
 
@@ -175,7 +176,7 @@ def test_test_file_errors_name_file_and_line(capsys, tmp_path):
 
 def test_fixture_care_team_uses_stays_assignments_and_grace():
     test = load_test_file(DEMO_TESTS)
-    policy = Policy.load(POLICIES)
+    policy = PolicySet.load(POLICIES)
     by_name = {case.name: case for case in test.cases}
     assert run_case(policy, test, by_name["nurse keeps access a few hours after discharge"]).care_team \
         == "unit:CARDIO stay:S1"
@@ -216,9 +217,9 @@ def test_explain_with_fixture_user(capsys):
 
 
 def test_explain_live_reads_redis_care_team(capsys, tmp_path, r, redis_url):
+    from dpiguard.config import load_config
     from dpiguard.demo.runner import write_demo_config
     from dpiguard.services import careteam_store, user_directory
-    from dpiguard.config import load_config
 
     config = write_demo_config(tmp_path, host="127.0.0.1", port=1, upstream_port=2, redis_url=redis_url)
     cfg = load_config(config)
@@ -261,7 +262,7 @@ def test_diff_lists_changed_decisions(capsys, policy_dir):
 
 def test_diff_grid_uses_the_same_decision_as_requests(policy_dir):
     """The grid decision for (role, category) agrees with a real request line through the routes."""
-    old, new = Policy.load(POLICIES), Policy.load(policy_dir)
+    old, new = PolicySet.load(POLICIES), PolicySet.load(policy_dir)
     assert diff_policies(old, new) == []
     source = situation_careteam(unit_stay=True)
     d = decide_request(old, ["nurse"], "GET", "/api/patients/P1/biology", user="u", units=("CARDIO",),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from dpiguard.storage import clients as redisconn
 from dpiguard.config import ConfigError, RedisSection, load_config
 from dpiguard.demo.redis import LocalRedis
+from dpiguard.storage import clients as redisconn
 from dpiguard.storage.clients import RedisSpec, RedisURLError
 
 

@@ -6,12 +6,12 @@ import hashlib
 import time
 
 import pytest
+import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-import redis
 
-from dpiguard.storage import clients as redisconn
 from dpiguard.auth.sessions import Session, SessionStore
+from dpiguard.storage import clients as redisconn
 
 T0 = 1_700_000_000.0
 

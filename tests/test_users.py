@@ -9,14 +9,13 @@ from urllib.parse import parse_qs, urlparse
 
 import pyotp
 import pytest
+import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-import redis
-
-from dpiguard.storage import clients as redisconn
 
 from dpiguard.auth.qr import qr_png, qr_terminal
 from dpiguard.auth.users import TOTP_BAD, TOTP_OK, TOTP_REUSED, SecretBox, User, UserDirectory
+from dpiguard.storage import clients as redisconn
 
 PASSWORD = "Correct-Horse-42"
 T0 = 1_700_000_010.0  # 10 s into a 30 s step

@@ -26,7 +26,6 @@ and the next successful batch starts with an ``audit_gap`` record counting what 
 from __future__ import annotations
 
 import base64
-import calendar
 import fcntl
 import hashlib
 import os
@@ -40,7 +39,13 @@ from typing import Any, Iterator
 
 import orjson
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from dpiguard.signing import key_id
+from dpiguard.times import iso_ms, parse_iso_ms
 
 #: Fields every access record carries (None when not applicable), see docs/audit.md.
 DECISION_FIELDS = (
@@ -58,12 +63,6 @@ MAX_BACKLOG = 200_000
 
 class AuditError(RuntimeError):
     """The trace could not be written; the request must be refused."""
-
-
-def utc_now_ms(now: float | None = None) -> str:
-    t = time.time() if now is None else now
-    seconds = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((t - seconds) * 1000):03d}Z"
 
 
 def safe_instance(instance: str) -> str:
@@ -117,11 +116,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 class AuditSigner:
@@ -193,7 +187,7 @@ def list_chains(store: Path) -> list[Path]:
     return sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _last_complete_line(path: Path) -> tuple[bytes | None, int, int]:
+def last_complete_line(path: Path) -> tuple[bytes | None, int, int]:
     """(last complete line, offset after it, file size). A partial tail is beyond the offset."""
     size = path.stat().st_size
     if size == 0:
@@ -222,15 +216,6 @@ def _first_line(path: Path) -> bytes | None:
     return line.rstrip(b"\n") if line.endswith(b"\n") else None
 
 
-def _parse_time(text: str | None) -> float | None:
-    if not text:
-        return None
-    try:
-        return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:-1])
-    except (ValueError, TypeError):
-        return None
-
-
 def read_signed_json(path: Path) -> dict[str, Any] | None:
     try:
         data = orjson.loads(path.read_bytes())
@@ -252,10 +237,10 @@ def write_signed_json(path: Path, data: dict[str, Any], durable: bool) -> None:
         os.close(fd)
     os.replace(tmp, path)
     if durable:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -377,7 +362,7 @@ class AuditLog:
         torn = 0
         if segments:
             first, path = segments[-1]
-            line, offset, size = _last_complete_line(path)
+            line, offset, size = last_complete_line(path)
             if offset < size:
                 with open(path, "r+b") as fh:
                     fh.truncate(offset)
@@ -389,11 +374,11 @@ class AuditLog:
                     raise AuditError(f"last record of {path} fails its hash; run 'dpiguard audit verify'")
                 self._seq, self._prev = int(record["seq"]), record["hash"]
                 first_line = _first_line(path)
-                started = _parse_time(orjson.loads(first_line).get("time")) if first_line else None
+                started = parse_iso_ms(orjson.loads(first_line).get("time")) if first_line else None
                 self._segment_started = started or time.time()
             else:
                 if len(segments) > 1:
-                    prev_line, _, _ = _last_complete_line(segments[-2][1])
+                    prev_line, _, _ = last_complete_line(segments[-2][1])
                     if prev_line is not None:
                         record, _ = decode_line(prev_line)
                         self._seq, self._prev = int(record["seq"]), record["hash"]
@@ -418,7 +403,7 @@ class AuditLog:
         path = self.chain / segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
         if self.fsync:
-            _fsync_dir(self.chain)
+            fsync_dir(self.chain)
         if self._fd is not None:
             os.close(self._fd)
         self._fd, self._segment, self._size = fd, path, os.fstat(fd).st_size
@@ -449,7 +434,7 @@ class AuditLog:
         """Queue a record; the returned future resolves (to the batch's last seq) once it is on disk,
         or fails with AuditError. ``time`` and ``instance`` are added. Raises AuditError at once if
         the record cannot be serialized or the log is closed or hopelessly behind."""
-        record.setdefault("time", utc_now_ms())
+        record.setdefault("time", iso_ms())
         record["instance"] = self.instance_id
         for key in RESERVED:
             record.pop(key, None)
@@ -529,13 +514,13 @@ class AuditLog:
 
     def _checkpoint_fields(self, seq: int, prev: str) -> bytes:
         sig = self.signer.sign(checkpoint_message(self.instance_id, seq, prev)) if self.signer else None
-        return orjson.dumps({"time": utc_now_ms(), "instance": self.instance_id, "event": "checkpoint",
+        return orjson.dumps({"time": iso_ms(), "instance": self.instance_id, "event": "checkpoint",
                              "outcome": "allow", "reason": "checkpoint",
                              "key_id": self.signer.key_id if self.signer else None, "sig": sig})
 
     def _commit(self, batch: list[bytes], future: Future | None, force_checkpoint: bool = False) -> bool:
         if self._lost:
-            gap = orjson.dumps({"time": utc_now_ms(), "instance": self.instance_id, "event": "audit_gap",
+            gap = orjson.dumps({"time": iso_ms(), "instance": self.instance_id, "event": "audit_gap",
                                 "outcome": "error", "reason": "audit_unavailable", "lost": self._lost,
                                 "detail": f"{self._lost} record(s) could not be written since {self._lost_since}: "
                                           f"{self.last_error}"})
@@ -578,7 +563,7 @@ class AuditLog:
                 pass
             lost = len(batch) - (1 if self._lost else 0)
             if not self._lost:
-                self._lost_since = utc_now_ms()
+                self._lost_since = iso_ms()
             self._lost += lost
             self.errors += 1
             self.writable = False
@@ -613,7 +598,7 @@ class AuditLog:
 
     def _write_head(self, durable: bool) -> None:
         data = {"instance": self.instance_id, "seq": self._seq, "hash": self._prev, "segment": self._segment.name,
-                "time": utc_now_ms(), "key_id": self.signer.key_id if self.signer else None,
+                "time": iso_ms(), "key_id": self.signer.key_id if self.signer else None,
                 "sig": self.signer.sign(head_message(self.instance_id, self._seq, self._prev)) if self.signer else None}
         write_signed_json(self.chain / "head.json", data, durable and self.fsync)
 

@@ -28,14 +28,9 @@ from __future__ import annotations
 
 import base64
 import socket
-import sys
-import time
-from pathlib import Path
 from typing import Any, Iterable
 
 import orjson
-
-from dpiguard.audit.chain import iter_chain, list_chains, list_segments
 
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
@@ -191,75 +186,3 @@ def send_syslog(records: Iterable[dict[str, Any]], host: str, port: int, timeout
             sock.sendall(str(len(msg)).encode() + b" " + msg)  # RFC 6587 octet counting
             n += 1
     return n
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-
-def _records(args, state: dict[str, int]) -> list[dict[str, Any]]:
-    from dpiguard.audit.report import Filter, _source, _time_bounds
-
-    since, until = _time_bounds(args)
-    flt = Filter(patient=args.patient, user=args.user, since=since, until=until, outcome=args.outcome,
-                 event=args.event)
-    source = _source(args)
-    chains = [source] if list_segments(source) else list_chains(source)
-    out = []
-    for chain in chains:
-        done = state.get(chain.name, 0)
-        for _, _, r in iter_chain(chain):
-            if r.get("seq", 0) <= done:
-                continue
-            if args.state:
-                state[chain.name] = max(state.get(chain.name, 0), r.get("seq", 0))
-            if flt.match(r):
-                out.append(r)
-    out.sort(key=lambda r: (r.get("time") or "", r.get("instance") or "", r.get("seq") or 0))
-    return out
-
-
-def cmd_export(args) -> int:
-    state: dict[str, int] = {}
-    state_path = Path(args.state) if args.state else None
-    if state_path and state_path.exists():
-        state = orjson.loads(state_path.read_bytes())
-    records = _records(args, state)
-    if args.format == "syslog":
-        if not args.target or ":" not in args.target:
-            raise ValueError("--format syslog needs --target HOST:PORT")
-        host, _, port = args.target.rpartition(":")
-        n = send_syslog(records, host, int(port))
-        print(f"sent {n} record(s) to {args.target}", file=sys.stderr)
-    else:
-        if args.format == "jsonl":
-            lines = (orjson.dumps(r) for r in records)
-        else:
-            lines = (orjson.dumps(to_audit_event(r)) for r in records)
-        if args.format == "fhir-bundle":
-            bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "entry": [{"resource": to_audit_event(r)} for r in records]}
-            data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
-        else:
-            data = b"".join(line + b"\n" for line in lines)
-        if args.out:
-            Path(args.out).write_bytes(data)
-        else:
-            sys.stdout.buffer.write(data)
-    if state_path:  # only after a successful export
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        tmp.write_bytes(orjson.dumps(state))
-        tmp.replace(state_path)
-    return 0
-
-
-def register(asub, with_config) -> None:
-    sp = with_config(asub.add_parser("export", help="export records: JSON lines, FHIR AuditEvent, syslog to a SIEM"))
-    sp.add_argument("--format", choices=("jsonl", "fhir", "fhir-bundle", "syslog"), default="jsonl",
-                    help="fhir: one AuditEvent per line (NDJSON); fhir-bundle: one Bundle")
-    sp.add_argument("--source", help="audit folder or chain folder (default: audit.path)")
-    sp.add_argument("--target", help="syslog receiver HOST:PORT (TCP)")
-    sp.add_argument("--state", help="file remembering the last seq exported per chain (send each record once)")
-    sp.add_argument("--from", dest="since"); sp.add_argument("--to", dest="until")
-    sp.add_argument("--patient"); sp.add_argument("--user"); sp.add_argument("--event")
-    sp.add_argument("--outcome", choices=("allow", "deny", "error"))
-    sp.add_argument("--out")
-    sp.set_defaults(func=cmd_export, dir=None)

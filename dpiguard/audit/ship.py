@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ import redis
 
 from dpiguard.audit.chain import (
     AuditError,
-    _fsync_dir,
-    _last_complete_line,
     decode_line,
+    fsync_dir,
+    last_complete_line,
     list_chains,
     list_segments,
     read_signed_json,
@@ -165,7 +164,7 @@ class CentralChain:
         self.instance: str | None = None
         segments = list_segments(folder)
         for _, path in reversed(segments):
-            line, offset, size = _last_complete_line(path)
+            line, offset, size = last_complete_line(path)
             if offset < size:  # an unfinished append of ours (never acknowledged): drop it
                 with open(path, "r+b") as fh:
                     fh.truncate(offset)
@@ -188,7 +187,7 @@ class CentralChain:
             self.fd = os.open(self.folder / segment_name(first), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
                               0o640)
             self.size = 0
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         data = b"".join(line + b"\n" for line in lines)
         os.write(self.fd, data)
         os.fdatasync(self.fd)
@@ -260,71 +259,6 @@ class Collector:
             pipe.xtrim(stream_key(self.prefix, name), minid=f"{seq}-0")
         pipe.execute()
         return len(lines)
-
-
-# -- CLI --------------------------------------------------------------------------------------------
-
-def _client(cfg) -> redis.Redis:
-    """The configured Redis (any topology: standalone, Sentinel, Cluster), with a longer timeout."""
-    from dpiguard.storage.clients import spec_of
-
-    return spec_of(cfg).client(max(cfg.redis.socket_timeout, 2.0))
-
-
-def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False) -> int:
-    while True:
-        try:
-            n = step()
-            if not follow and (not until_idle or n == 0):
-                return 0
-        except redis.RedisError as exc:
-            print(f"dpiguard audit {label}: Redis unavailable ({exc}); retrying", file=sys.stderr, flush=True)
-            if not follow:
-                return 1
-            time.sleep(interval)
-            continue
-        if follow and n == 0:
-            time.sleep(interval)
-
-
-def cmd_ship(args) -> int:
-    from dpiguard.cli.audit import _cfg
-
-    cfg = _cfg(args)
-    shipper = Shipper(_client(cfg), cfg.path(cfg.audit.path), cfg.redis.prefix)
-    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True)
-
-
-def cmd_collect(args) -> int:
-    from dpiguard.cli.audit import _cfg
-
-    cfg = _cfg(args)
-    store = Path(args.store)
-    if store.resolve() == cfg.path(cfg.audit.path).resolve():
-        raise ValueError("--store must differ from audit.path (the central store is a separate copy)")
-    import fcntl
-
-    store.mkdir(parents=True, exist_ok=True)
-    lock = os.open(store / ".collector.lock", os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ValueError(f"another collector is writing {store}") from None
-    collector = Collector(_client(cfg), store, cfg.redis.prefix, cfg.audit.rotate_bytes)
-    return _loop(lambda: collector.collect_once(block_ms=int(args.interval * 1000)), args.follow, args.interval,
-                 "collect", until_idle=True)
-
-
-def register(asub, with_config) -> None:
-    sp = with_config(asub.add_parser("ship", help="copy this host's audit chains into Redis Streams"))
-    sp.add_argument("--follow", action="store_true", help="keep shipping new records (a service)")
-    sp.add_argument("--interval", type=float, default=0.5, help="seconds between passes when idle")
-    sp.set_defaults(func=cmd_ship)
-    sp = with_config(asub.add_parser("collect", help="gather every instance's chain into a central store"))
-    sp.add_argument("--store", required=True, help="central audit folder (verifiable with audit verify --dir)")
-    sp.add_argument("--follow", action="store_true", help="keep collecting (a service)")
-    sp.add_argument("--interval", type=float, default=0.5)
-    sp.set_defaults(func=cmd_collect)
 
 
 def stats(store: Path) -> dict[str, Any]:

@@ -219,25 +219,19 @@ def prune_chain(chain: Path, before: float, signer, verifier: AuditVerifier | No
     The chain is verified first (a broken chain is never pruned: the evidence stays). The active
     (last) segment is never removed. A signed anchor (``pruned.json``: seq and hash of the last pruned
     record) is written durably before any file is deleted, so the rest of the chain still verifies."""
-    from dpiguard.audit.chain import (
-        _last_complete_line,
-        _parse_time,
-        utc_now_ms,
-        write_signed_json,
-        anchor_message,
-        _fsync_dir,
-    )
+    from dpiguard.audit.chain import anchor_message, fsync_dir, last_complete_line, write_signed_json
+    from dpiguard.times import iso_ms, parse_iso_ms
 
     rep = verify_chain(chain, verifier)
     if not rep.ok:
         raise ValueError(f"refusing to prune a chain that does not verify: {rep.describe()}")
     victims = []
     for _, path in list_segments(chain)[:-1]:
-        line, _, _ = _last_complete_line(path)
+        line, _, _ = last_complete_line(path)
         if line is None:
             break
         record = orjson.loads(line)
-        when = _parse_time(record.get("time"))
+        when = parse_iso_ms(record.get("time"))
         if when is None or when >= before:
             break
         victims.append((path, record))
@@ -246,11 +240,11 @@ def prune_chain(chain: Path, before: float, signer, verifier: AuditVerifier | No
     if not victims or dry_run:
         return result
     last = victims[-1][1]
-    anchor = {"instance": rep.instance, "seq": last["seq"], "hash": last["hash"], "time": utc_now_ms(),
+    anchor = {"instance": rep.instance, "seq": last["seq"], "hash": last["hash"], "time": iso_ms(),
               "last_pruned_record_time": last.get("time"), "files": result["files"],
               "key_id": signer.key_id, "sig": signer.sign(anchor_message(rep.instance, last["seq"], last["hash"]))}
     write_signed_json(chain / "pruned.json", anchor, durable=True)
     for path, _ in victims:
         path.unlink()
-    _fsync_dir(chain)
+    fsync_dir(chain)
     return result

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import time
 from dataclasses import dataclass
 
 from dpiguard.auth.users import (
@@ -33,10 +32,11 @@ from dpiguard.auth.users import (
     TOTP_REUSED,
     User,
     UserDirectory,
-    as_text,
     is_valid_login,
     normalize_login,
 )
+from dpiguard.config import Login
+from dpiguard.storage.clients import as_text
 
 MAX_LOGIN_LENGTH = 64
 
@@ -80,16 +80,6 @@ return n
 """
 
 
-@dataclass
-class LoginPolicy:
-    max_failures: int = 3
-    failure_window: int = 600
-    lock_seconds: int = 300
-    ip_max_failures: int = 20
-    ip_window: int = 600
-    ip_block_seconds: int = 300
-
-
 @dataclass(frozen=True)
 class LoginResult:
     ok: bool
@@ -127,7 +117,7 @@ def _seconds_left(pttl_ms: int, default: int) -> int:
 class Authenticator:
     """Decides a login attempt. Safe to share between threads (state lives in Redis)."""
 
-    def __init__(self, redis_client, users: UserDirectory, policy: LoginPolicy, prefix: str = "dpiguard"):
+    def __init__(self, redis_client, users: UserDirectory, policy: Login, prefix: str = "dpiguard"):
         self.redis = redis_client
         self.users = users
         self.policy = policy

@@ -33,7 +33,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from dpiguard.auth.users import as_text
+from dpiguard.storage.clients import as_text
 
 SID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SID_BYTES = 32
@@ -58,6 +58,26 @@ def sid_hash(sid: str) -> str:
 
 def is_valid_sid(sid) -> bool:
     return isinstance(sid, str) and SID_RE.fullmatch(sid) is not None
+
+
+def cookie_value(cookie_header: str, name: str) -> str | None:
+    """The value of cookie ``name`` in a Cookie header (first one wins), or None."""
+    for part in cookie_header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def presented_token(headers, cookie_name: str) -> tuple[str | None, str | None]:
+    """The session id a client presented and where: (id, 'bearer' | 'cookie') or (None, None).
+
+    ``headers``: lower-case names (multi-valued headers joined). A bearer token wins over the cookie."""
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip(), "bearer"
+    value = cookie_value(headers.get("cookie", ""), cookie_name)
+    return (value, "cookie") if value else (None, None)
 
 
 @dataclass

@@ -33,6 +33,8 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from dpiguard.storage.clients import as_text
+
 LOGIN_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")
 ROLE_RE = re.compile(r"[a-z][a-z0-9_]*")
 TOTP_CODE_RE = re.compile(r"[0-9]{6}")
@@ -51,13 +53,6 @@ TOTP_BAD = "bad_totp"
 TOTP_REUSED = "totp_reused"
 
 _NO_STEP = -1  # totp_last_step of an account that never logged in (or whose TOTP was reset)
-
-
-def as_text(value: bytes | str | None) -> str | None:
-    """Redis replies are bytes unless the client decodes them; accept both."""
-    if isinstance(value, bytes):
-        return value.decode()
-    return value
 
 
 def normalize_login(login: str) -> str:

@@ -1,11 +1,8 @@
-"""Emergency access ("bris de glace"): a time-limited, reviewed exception to the care-team rule.
+"""Emergency-access grants ("bris de glace") in Redis, and their review queue.
 
-When a request is refused with ``not_in_care_team``, a clinician whose roles allow it may ask for
-emergency access to that patient (refusal page form, or ``POST /_dpiguard/api/breakglass``): a reason
-from ``policies/breakglass.yaml``, a free-text justification of a minimum length, and a fresh TOTP
-code (single use, same anti-replay as the login; a wrong code counts as a login failure and three
-lock the account). The grant opens the configured categories of that patient to that user for
-``duration_seconds`` (default 4 h), on every instance.
+A grant opens the configured categories of one patient to one user for ``duration_seconds``
+(``policies/breakglass.yaml``, read by :mod:`dpiguard.policy.breakglass`); how a grant is asked for
+and decided is :mod:`dpiguard.decision.breakglass`.
 
 Key layout (``P`` = prefix, see docs/architecture.md):
 
@@ -20,134 +17,24 @@ Key layout (``P`` = prefix, see docs/architecture.md):
 Every write publishes ``patient:P`` and ``user:U`` after it committed. A grant's *end* needs no
 message: the request path bounds its cache entries by the grant end (``valid_until``), so expiry
 takes effect on every instance by the clock alone.
-
-Alerting: each grant writes an ``event: break_glass`` trace record with ``alert: true`` and a WARNING
-log line; each request made under it carries ``break_glass: true`` in its trace record and the
-``X-DPIGuard-Break-Glass: ID`` header upstream.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import redis
 
 from dpiguard.storage.bus import events_channel, format_event
-from dpiguard.policy.routes import ACTIONS, LineDict, PolicyError, load_yaml, read_policy_file
+from dpiguard.storage.clients import as_text
 
-log = logging.getLogger("dpiguard")
-
-FILE_NAME = "breakglass.yaml"
-API_PATH = "/_dpiguard/api/breakglass"
-FORM_PATH = "/_dpiguard/breakglass"
-STATUSES = ("pending", "justified", "abusive")
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _GRANT_ID_RE = re.compile(r"BG[0-9a-f]{16}")
 MAX_TEXT = 2000
-MAX_DURATION = 7 * 86400
-
-
-# ------------------------------------------------------------------------------------ the policy file
-
-@dataclass(frozen=True)
-class BreakGlassPolicy:
-    enabled: bool = False
-    reasons: Mapping[str, str] = field(default_factory=dict)  # code → label, in file order
-    justification_min_length: int = 20
-    duration_seconds: float = 14400
-    categories: frozenset[str] = frozenset()
-    actions: frozenset[str] = frozenset({"read"})
-    never_roles: frozenset[str] = frozenset()
-    override_patient_objection: bool = False
-    source: str = ""  # file it came from ("" = no file: emergency access off)
-
-    @classmethod
-    def disabled(cls) -> "BreakGlassPolicy":
-        return cls()
-
-    def roles_allowed(self, roles: Iterable[str]) -> bool:
-        """True unless one of ``roles`` may never use emergency access."""
-        roles = tuple(roles)
-        return bool(roles) and not any(r in self.never_roles for r in roles)
-
-    def reachable(self, category: str | None, action: str | None) -> bool:
-        return self.enabled and category in self.categories and action in self.actions
-
-    @classmethod
-    def load(cls, directory: str | Path, roles: Iterable[str], categories: Iterable[str]) -> "BreakGlassPolicy":
-        """Read ``directory/breakglass.yaml``; no file = emergency access off. PolicyError (file, line)
-        on any mistake, including a role or category not declared in categories.yaml."""
-        path = Path(directory) / FILE_NAME
-        if not path.exists():
-            return cls.disabled()
-        label = str(path)
-        _, text = read_policy_file(path)
-        data = load_yaml(text, label)
-        known = {"enabled", "reasons", "justification_min_length", "duration_seconds", "categories",
-                 "actions", "never_roles", "override_patient_objection"}
-        for key in data:
-            if key not in known:
-                raise PolicyError(label, data.line_of(key), f"unknown setting {key!r} (known: {', '.join(sorted(known))})")
-        for key in known:
-            if key not in data:
-                raise PolicyError(label, None, f"the setting {key!r} is missing")
-
-        def boolean(key: str) -> bool:
-            if not isinstance(data[key], bool):
-                raise PolicyError(label, data.line_of(key), f"'{key}' must be true or false")
-            return data[key]
-
-        def number(key: str, low: float, high: float) -> int:
-            value = data[key]
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise PolicyError(label, data.line_of(key), f"'{key}' must be a whole number from {low} to {high}")
-            return value
-
-        def names(key: str, allowed: Iterable[str], what: str, empty_ok: bool) -> frozenset[str]:
-            value = data[key]
-            if value is None and empty_ok:
-                return frozenset()
-            if not isinstance(value, list) or (not value and not empty_ok):
-                raise PolicyError(label, data.line_of(key), f"'{key}' must be a list of {what}s (one '- name' per line)")
-            allowed = set(allowed)
-            lines = getattr(value, "item_lines", None) or [data.line_of(key)] * len(value)
-            out = set()
-            for item, line in zip(value, lines):
-                if not isinstance(item, str) or item not in allowed:
-                    raise PolicyError(label, line, f"'{key}': unknown {what} {item!r} "
-                                                   f"(known: {', '.join(sorted(allowed))})")
-                if item in out:
-                    raise PolicyError(label, line, f"'{key}': {item!r} is written twice")
-                out.add(item)
-            return frozenset(out)
-
-        enabled = boolean("enabled")
-        reasons_raw = data["reasons"]
-        if not isinstance(reasons_raw, LineDict) or not reasons_raw:
-            raise PolicyError(label, data.line_of("reasons"), "'reasons' must list at least one 'code: label' line")
-        reasons: dict[str, str] = {}
-        for code, text_label in reasons_raw.items():
-            line = reasons_raw.line_of(code)
-            if not isinstance(code, str) or not _NAME_RE.match(code):
-                raise PolicyError(label, line, f"reason code {code!r} must be lowercase letters, digits or '_'")
-            if not isinstance(text_label, str) or not text_label.strip() or len(text_label) > 200:
-                raise PolicyError(label, line, f"reason {code!r} needs a label text (at most 200 characters)")
-            reasons[code] = text_label.strip()
-        min_length = number("justification_min_length", 1, 1000)
-        duration = number("duration_seconds", 1, MAX_DURATION)
-        cats = names("categories", categories, "category", empty_ok=False)
-        actions = names("actions", ACTIONS, "action", empty_ok=False)
-        never = names("never_roles", roles, "role", empty_ok=True)
-        override = boolean("override_patient_objection")
-        return cls(enabled, reasons, min_length, float(duration), cats, actions, never, override, label)
 
 
 # ------------------------------------------------------------------------------------ grants
@@ -193,9 +80,6 @@ def parse_grant(raw: Any, what: str = "grant") -> Grant:
     return grant
 
 
-def _text(value: Any) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
 
 class BreakGlassStore:
     """Grants and the review queue in Redis (see the module docstring for the layout)."""
@@ -234,9 +118,9 @@ class BreakGlassStore:
                     end = parse_grant(raw).end
                 except BreakGlassDataError:
                     end = 0.0  # unreadable: drop it (a missing grant refuses, never allows)
-                if end <= grant.start and _text(patient) != grant.patient:
+                if end <= grant.start and as_text(patient) != grant.patient:
                     expired.append(patient)
-                elif _text(patient) != grant.patient:
+                elif as_text(patient) != grant.patient:
                     last_end = max(last_end, end)
             pipe.multi()
             if expired:
@@ -301,7 +185,7 @@ class BreakGlassStore:
         """The review record of a grant: ``{"grant": Grant, "status", ...}``. KeyError if unknown."""
         if not isinstance(grant_id, str) or not _GRANT_ID_RE.fullmatch(grant_id):
             raise KeyError(f"no emergency access {grant_id!r} (ids look like BG0123456789abcdef)")
-        fields = {_text(k): _text(v) for k, v in self.redis.hgetall(self.key_grant(grant_id)).items()}
+        fields = {as_text(k): as_text(v) for k, v in self.redis.hgetall(self.key_grant(grant_id)).items()}
         if not fields:
             raise KeyError(f"no emergency access {grant_id!r}")
         return self._record(grant_id, fields)
@@ -317,7 +201,7 @@ class BreakGlassStore:
 
     def review_queue(self, pending_only: bool = False, limit: int = 1000) -> list[dict]:
         """Review records, oldest first (``pending_only``: not yet marked)."""
-        ids = [_text(i) for i in self.redis.zrange(self.key_review, 0, -1)]
+        ids = [as_text(i) for i in self.redis.zrange(self.key_review, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for grant_id in ids:
             pipe.hgetall(self.key_grant(grant_id))
@@ -325,107 +209,8 @@ class BreakGlassStore:
         for grant_id, raw in zip(ids, pipe.execute()):
             if not raw:
                 continue
-            record = self._record(grant_id, {_text(k): _text(v) for k, v in raw.items()})
+            record = self._record(grant_id, {as_text(k): as_text(v) for k, v in raw.items()})
             if pending_only and record.get("status") != "pending":
                 continue
             out.append(record)
         return out[-limit:] if limit else out
-
-
-# ------------------------------------------------------------------------------------ the request
-
-@dataclass
-class RequestOutcome:
-    ok: bool
-    status: int
-    error: str = ""
-    message: str = ""
-    grant: Grant | None = None
-    retry_after: int = 0
-
-
-class BreakGlassService:
-    """Decides and records a request for emergency access (used by the portal, in a worker thread)."""
-
-    def __init__(self, *, policy: BreakGlassPolicy, store: BreakGlassStore, objections, careteam,
-                 authenticator, audit, on_grant=None):
-        self.policy = policy
-        # Called with (user, patient) after a grant is stored: drops this instance's cached decisions at
-        # once (its own bus message may arrive after the client's next request).
-        self.on_grant = on_grant
-        self.store = store
-        self.objections = objections
-        self.careteam = careteam
-        self.authenticator = authenticator
-        self.audit = audit
-        self.grants_issued = 0  # emergency accesses opened by this instance (metrics)
-
-    def offer(self, reason: str, roles: Iterable[str], patient: str | None, category: str | None,
-              action: str | None) -> bool:
-        """Should a refusal offer emergency access to this user?"""
-        p = self.policy
-        if not patient or not p.reachable(category, action) or not p.roles_allowed(roles):
-            return False
-        return reason == "not_in_care_team" or (reason == "patient_objection" and p.override_patient_objection)
-
-    def request(self, *, user: str, roles: Iterable[str], patient: Any, reason: Any, text: Any, totp: Any,
-                client_ip: str, request_id: str, now: float | None = None) -> RequestOutcome:
-        """Validate, check the TOTP code, check objections, then grant. Every outcome is traced."""
-        now = time.time() if now is None else now
-        p = self.policy
-        roles = tuple(roles)
-        patient = patient.strip() if isinstance(patient, str) else ""
-        reason = reason.strip() if isinstance(reason, str) else ""
-        text = text.strip() if isinstance(text, str) else ""
-        base = {"request_id": request_id, "user": user, "roles": list(roles), "patient": patient[:64] or None,
-                "client": client_ip, "break_glass_reason": reason[:64] or None}
-
-        def refuse(status: int, error: str, message: str, detail: str | None = None, retry_after: int = 0):
-            self.audit.write({"event": "break_glass_request", "outcome": "deny", "reason": error, **base,
-                              "detail": detail})
-            return RequestOutcome(False, status, error, message, retry_after=retry_after)
-
-        if not p.enabled:
-            return refuse(404, "break_glass_disabled", "Emergency access is not enabled here.")
-        if not p.roles_allowed(roles):
-            return refuse(403, "break_glass_forbidden", "Your role may not use emergency access.")
-        if not _ID_RE.fullmatch(patient):
-            return refuse(400, "invalid_request", "Unknown or missing patient id.")
-        if reason not in p.reasons:
-            return refuse(400, "invalid_request", "Choose a reason from the list: " + ", ".join(p.reasons))
-        if len(text) < p.justification_min_length:
-            return refuse(400, "invalid_request",
-                          f"The justification needs at least {p.justification_min_length} characters.")
-        if len(text) > MAX_TEXT or any(not c.isprintable() for c in text):
-            return refuse(400, "invalid_request",
-                          f"The justification must be plain text of at most {MAX_TEXT} characters.")
-        # Objection before the code: a request that cannot succeed does not burn the user's code.
-        units = self.careteam.user_units(user, now)
-        objection = self.objections.find(patient, user, units)
-        if objection is not None and not p.override_patient_objection:
-            return refuse(403, "patient_objection",
-                          "The patient has objected to your access; emergency access cannot override it.",
-                          f"objection:{objection.field}")
-        code = totp.strip() if isinstance(totp, str) else ""
-        result = self.authenticator.reauthenticate(user, code, client_ip, now=now)
-        if not result.ok:
-            if result.retry_after:
-                return refuse(429, result.reason, "Too many failed attempts; try again later.",
-                              result.detail, result.retry_after)
-            return refuse(401, "invalid_totp", "The authenticator code is incorrect or was already used.",
-                          result.detail)
-        grant = Grant(self.store.new_id(), user, patient, reason, text, tuple(sorted(p.categories)),
-                      tuple(sorted(p.actions)), now, now + p.duration_seconds)
-        # Trace first: an emergency access may never exist without its alert line.
-        self.audit.write({"event": "break_glass", "outcome": "allow", "reason": reason, "alert": True, **base,
-                          "break_glass_id": grant.id, "break_glass_text": text,
-                          "break_glass_label": p.reasons[reason], "categories": list(grant.categories),
-                          "expires": grant.end,
-                          "objection_overridden": objection.field if objection is not None else None})
-        self.store.create(grant)
-        self.grants_issued += 1
-        if self.on_grant is not None:
-            self.on_grant(user, patient)
-        log.warning("dpiguard: EMERGENCY ACCESS (bris de glace) %s: user %s opened patient %s for %d s, "
-                    "reason %s: %s", grant.id, user, patient, int(p.duration_seconds), reason, text[:200])
-        return RequestOutcome(True, 201, grant=grant)

@@ -24,15 +24,10 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 import orjson
 import redis
 
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.ids import check_id, check_unit
 from dpiguard.storage.bus import format_event
-from dpiguard.careteam.store import (
-    CareTeamStore,
-    _check_id,
-    _check_time,
-    _check_unit,
-    _check_window,
-    _fmt_time,
-)
+from dpiguard.times import check_epoch, check_window, fmt_epoch
 
 T = TypeVar("T")
 
@@ -94,13 +89,13 @@ class CareTeamBulkLoader:
             checked = []
             for i, row in enumerate(batch, count + first_index):
                 try:
-                    login, unit = _check_id(row.login, "login"), _check_unit(row.unit)
-                    start = _check_time(row.start, "start", optional=True)
-                    end = _check_time(row.end, "end", optional=True)
-                    _check_window(start, end)
+                    login, unit = check_id(row.login, "login"), check_unit(row.unit)
+                    start = check_epoch(row.start, "start", optional=True)
+                    end = check_epoch(row.end, "end", optional=True)
+                    check_window(start, end)
                 except ValueError as exc:
                     raise ValueError(f"membership row {i}: {exc}") from None
-                checked.append((login, unit, f"{_fmt_time(start)}|{_fmt_time(end)}"))
+                checked.append((login, unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}"))
             pipe = self.redis.pipeline(transaction=True)
             for login, unit, value in checked:
                 pipe.hset(self.store.key_user_units(login), unit, value)
@@ -119,11 +114,11 @@ class CareTeamBulkLoader:
             checked = []
             for i, row in enumerate(batch, count + first_index):
                 try:
-                    login, patient = _check_id(row.login, "login"), _check_id(row.patient, "patient")
-                    kind = _check_id(row.kind, "assignment kind")
-                    start = _check_time(row.start, "start", optional=True)
-                    end = _check_time(row.end, "end", optional=True)
-                    _check_window(start, end)
+                    login, patient = check_id(row.login, "login"), check_id(row.patient, "patient")
+                    kind = check_id(row.kind, "assignment kind")
+                    start = check_epoch(row.start, "start", optional=True)
+                    end = check_epoch(row.end, "end", optional=True)
+                    check_window(start, end)
                 except ValueError as exc:
                     raise ValueError(f"assignment row {i}: {exc}") from None
                 checked.append((login, patient, orjson.dumps({"kind": kind, "start": start, "end": end})))
@@ -145,11 +140,11 @@ class CareTeamBulkLoader:
             checked = []
             for i, row in enumerate(batch, count + first_index):
                 try:
-                    patient, unit = _check_id(row.patient, "patient"), _check_unit(row.unit)
-                    start = _check_time(row.start, "start", optional=False)
-                    end = _check_time(row.end, "end", optional=True)
-                    _check_window(start, end)
-                    stay_id = _check_id(row.stay_id, "stay id")
+                    patient, unit = check_id(row.patient, "patient"), check_unit(row.unit)
+                    start = check_epoch(row.start, "start", optional=False)
+                    end = check_epoch(row.end, "end", optional=True)
+                    check_window(start, end)
+                    stay_id = check_id(row.stay_id, "stay id")
                 except ValueError as exc:
                     raise ValueError(f"stay row {i}: {exc}") from None
                 checked.append((patient, unit, stay_id, orjson.dumps({"unit": unit, "start": start, "end": end})))

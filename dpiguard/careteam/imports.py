@@ -28,9 +28,10 @@ import orjson
 import redis
 
 from dpiguard.careteam.adt import AdtError, Movement
-from dpiguard.storage.bus import events_channel, format_event
-from dpiguard.careteam.store import _ID_RE, _fmt_time
 from dpiguard.careteam.movements import MovementStore
+from dpiguard.ids import ID_RE
+from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.times import fmt_epoch
 
 KINDS = {
     "stays": (("patient", "unit", "start"), ("visit",)),
@@ -77,7 +78,7 @@ class _Rows:
 
     def ident(self, line: int, row: dict, column: str, upper: bool = False) -> str | None:
         value = (row.get(column) or "").strip()
-        if not _ID_RE.fullmatch(value):
+        if not ID_RE.fullmatch(value):
             self.error(line, column, f"{value[:40]!r} is not a valid id (1-64 characters among A-Z a-z 0-9 . _ -)")
             return None
         return value.upper() if upper else value
@@ -205,7 +206,7 @@ def import_members(client: redis.Redis, prefix: str, path: str | Path, tz: str =
         return report
     pipe = client.pipeline(transaction=True)
     for login, unit, start, end in parsed:
-        pipe.hset(f"{prefix}:ct:user-units:{{{login}}}", unit, f"{_fmt_time(start)}|{_fmt_time(end)}")
+        pipe.hset(f"{prefix}:ct:user-units:{{{login}}}", unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
         pipe.sadd(f"{prefix}:ct:unit-members:{unit}", login)
     pipe.publish(events_channel(prefix), format_event("all"))
     pipe.execute()

@@ -20,17 +20,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import redis
 
 from dpiguard.careteam import adt
 from dpiguard.careteam.adt import AdtError, Header, ParseOptions
-from dpiguard.careteam.movements import MovementStore, Outcome
+from dpiguard.careteam.movements import MovementResult, MovementStore
 
 log = logging.getLogger("dpiguard.adt")
 
@@ -65,7 +63,7 @@ class AdtProcessor:
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3).upper()
 
-    def _ack(self, header: Header, outcome: Outcome) -> bytes:
+    def _ack(self, header: Header, outcome: MovementResult) -> bytes:
         ack = adt.build_ack(header, outcome.ack, outcome.text, outcome.code, application=self.application,
                             control_id=f"DPG{self._id_prefix}{next(self._ids)}",
                             timestamp=time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "+0000")
@@ -81,24 +79,24 @@ class AdtProcessor:
             mv = adt.parse_message(text, self.options)
             outcome = self.store.apply(mv)
         except AdtError as exc:
-            outcome = Outcome(exc.ack, exc.message, exc.code)
+            outcome = MovementResult(exc.ack, exc.message, exc.code)
         except redis.RedisError as exc:
             log.error("dpiguard adt: Redis error while applying %s: %s", header.control_id, exc)
-            outcome = Outcome("AE", "temporary failure of the care-team store; resend later", adt.ERR_INTERNAL)
+            outcome = MovementResult("AE", "temporary failure of the care-team store; resend later", adt.ERR_INTERNAL)
         except Exception as exc:  # never let one message kill the listener
             log.exception("dpiguard adt: unexpected error on message %s", header.control_id)
-            outcome = Outcome("AE", f"internal error ({type(exc).__name__}); resend later", adt.ERR_INTERNAL)
+            outcome = MovementResult("AE", f"internal error ({type(exc).__name__}); resend later", adt.ERR_INTERNAL)
         self.trace(header, mv, outcome, client)
         return self._ack(header, outcome)
 
     def reject_frame(self, reason: str, client: str, raw_head: bytes = b"") -> bytes:
         """ACK (AR) for a frame that could not even be read (too large...)."""
         header = adt.read_header(raw_head.decode("latin-1")) if raw_head.startswith(b"MSH") else Header()
-        outcome = Outcome("AR", reason, adt.ERR_DATA_TYPE)
+        outcome = MovementResult("AR", reason, adt.ERR_DATA_TYPE)
         self.trace(header, None, outcome, client)
         return self._ack(header, outcome)
 
-    def trace(self, header: Header, mv, outcome: Outcome, client: str) -> None:
+    def trace(self, header: Header, mv, outcome: MovementResult, client: str) -> None:
         record = {
             "event": "adt_message",
             "outcome": "duplicate" if outcome.duplicate else ("applied" if outcome.ack == "AA" else "rejected"),
@@ -235,41 +233,11 @@ class MllpServer:
         await writer.drain()
 
 
-def settings_from_config(cfg) -> ListenerSettings:
+def listener_settings(cfg) -> ListenerSettings:
+    """The listener settings of the ``adt`` section of a configuration."""
     a = cfg.adt
     return ListenerSettings(
         host=a.listen_host, port=a.listen_port, max_message_bytes=a.max_message_bytes,
         read_timeout=a.read_timeout, application=a.application,
         parse=ParseOptions(patient_id_authority=a.patient_id_authority, timezone=a.timezone),
     )
-
-
-def build_processor(cfg, client: redis.Redis | None = None, audit=None) -> AdtProcessor:
-    from dpiguard.audit.chain import AuditLog
-    from dpiguard.services import redis_client
-
-    store = MovementStore(client or redis_client(cfg), prefix=cfg.redis.prefix, dedup_ttl=cfg.adt.dedup_ttl)
-    if audit is None:
-        audit = AuditLog(cfg.path(cfg.audit.path), f"{cfg.instance_id}-adt").open()
-    s = settings_from_config(cfg)
-    return AdtProcessor(store, audit, s.parse, s.application)
-
-
-async def run_listener(cfg, stop: asyncio.Event | None = None,
-                       ready: Callable[[MllpServer], None] | None = None) -> int:
-    """Standalone ``dpiguard adt listen``: serve until ``stop`` is set (or the task is cancelled)."""
-    processor = build_processor(cfg)
-    server = await MllpServer(processor, settings_from_config(cfg)).start()
-    print(f"dpiguard adt: listening for HL7 MLLP on {cfg.adt.listen_host}:{server.port} (pid {os.getpid()})",
-          flush=True)
-    if ready:
-        ready(server)
-    try:
-        if stop is None:
-            await server.serve_forever()
-        else:
-            await stop.wait()
-    finally:
-        await server.stop()
-        processor.audit.close()
-    return 0

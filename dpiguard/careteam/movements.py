@@ -46,8 +46,9 @@ import orjson
 import redis
 
 from dpiguard.careteam.adt import ERR_DUPLICATE_KEY, ERR_INTERNAL, ERR_UNKNOWN_KEY, AdtError, Movement
+from dpiguard.careteam.membership import CareTeamDataError, parse_stay
 from dpiguard.storage.bus import events_channel, format_event
-from dpiguard.careteam.store import CareTeamDataError, parse_stay
+from dpiguard.storage.clients import as_text
 
 LATEST = "!latest"
 ERR_STALE = "100"  # segment sequence error: the closest HL7 0357 code for "out of order"
@@ -56,9 +57,6 @@ ERR_STALE = "100"  # segment sequence error: the closest HL7 0357 code for "out 
 def _refuse(code: str, message: str) -> AdtError:
     return AdtError("AE", code, message)
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 @dataclass
@@ -85,9 +83,9 @@ def parse_visits(raw: Mapping[Any, Any]) -> tuple[dict[str, dict], str | None]:
     """HGETALL of the visits hash → ({visit id: state}, latest visit id)."""
     visits, latest = {}, None
     for k, v in raw.items():
-        k = _text(k)
+        k = as_text(k)
         if k == LATEST:
-            latest = _text(v)
+            latest = as_text(v)
             continue
         try:
             state = orjson.loads(v)
@@ -100,7 +98,7 @@ def parse_visits(raw: Mapping[Any, Any]) -> tuple[dict[str, dict], str | None]:
 
 
 def parse_stays(raw: Mapping[Any, Any]) -> dict[str, dict]:
-    return {_text(k): parse_stay(v, _text(k)) for k, v in raw.items()}
+    return {as_text(k): parse_stay(v, as_text(k)) for k, v in raw.items()}
 
 
 def plan(mv: Movement, visits: Mapping[str, dict], stays: Mapping[str, dict], latest: str | None,
@@ -267,7 +265,7 @@ def _plan_merge(mv: Movement, visits, stays, other: tuple[dict, dict]) -> Plan:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class MovementResult:
     """The answer to one message: ``ack`` AA/AE/AR, ``text`` for MSA-3/ERR-8, ``code`` HL7 0357."""
 
     ack: str
@@ -307,7 +305,7 @@ class MovementStore:
 
     # ----------------------------------------------------------------- apply
 
-    def apply(self, mv: Movement, *, journal: bool = True, dedup: bool = True) -> Outcome:
+    def apply(self, mv: Movement, *, journal: bool = True, dedup: bool = True) -> MovementResult:
         """Apply one movement atomically. AdtError (AE) for a refusal; Redis errors propagate."""
         patients = [mv.patient] + ([mv.prior_patient] if mv.trigger == "A40" and mv.prior_patient else [])
         watched = [k for p in patients for k in (self.key_visits(p), self.key_stays(p))]
@@ -315,12 +313,12 @@ class MovementStore:
         if dedup:
             watched.append(seen_key)
 
-        def transaction(pipe: redis.client.Pipeline) -> Outcome:
+        def transaction(pipe: redis.client.Pipeline) -> MovementResult:
             if dedup:
                 seen = pipe.get(seen_key)
                 if seen is not None:
                     first = orjson.loads(seen)
-                    return Outcome("AA", f"duplicate of an applied message: {first.get('text', '')}"[:200],
+                    return MovementResult("AA", f"duplicate of an applied message: {first.get('text', '')}"[:200],
                                    duplicate=True, patient=mv.patient, visit=first.get("visit"))
             visits, latest = parse_visits(pipe.hgetall(self.key_visits(mv.patient)))
             stays = parse_stays(pipe.hgetall(self.key_stays(mv.patient)))
@@ -338,7 +336,7 @@ class MovementStore:
                 pipe.set(seen_key, orjson.dumps({"text": p.summary, "visit": p.visit}), ex=self.dedup_ttl)
             for patient in patients:
                 pipe.publish(self.channel, format_event("patient", patient))
-            return Outcome("AA", p.summary, patient=mv.patient, visit=p.visit)
+            return MovementResult("AA", p.summary, patient=mv.patient, visit=p.visit)
 
         return self.redis.transaction(transaction, *watched, value_from_callable=True)
 
@@ -386,10 +384,10 @@ class MovementStore:
             batch = self.redis.xrange(self.key_journal, min=start, count=count)
             for entry_id, fields in batch:
                 data = fields.get(b"mv") or fields.get("mv")
-                yield _text(entry_id), Movement.from_dict(orjson.loads(data))
+                yield as_text(entry_id), Movement.from_dict(orjson.loads(data))
             if len(batch) < count:
                 return
-            start = "(" + _text(batch[-1][0])
+            start = "(" + as_text(batch[-1][0])
 
     # ----------------------------------------------------------------- replay
 
@@ -426,7 +424,7 @@ class MovementStore:
                 sim_latest.pop(p.other_patient, None)
         # Patients with a visit state in Redis but none in the journal lose it too.
         for key in self.redis.scan_iter(match=f"{self.prefix}:ct:visits:*", count=1000):
-            patient = _text(key).split(":ct:visits:", 1)[1].strip("{}")
+            patient = as_text(key).split(":ct:visits:", 1)[1].strip("{}")
             sim_visits.setdefault(patient, {})
             sim_stays.setdefault(patient, {})
         changed = []

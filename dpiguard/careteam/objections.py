@@ -31,6 +31,7 @@ import orjson
 import redis
 
 from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.clients import as_text
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KINDS = ("user", "unit")
@@ -61,9 +62,6 @@ class Objection:
         return {"patient": self.patient, "type": self.kind, "target": self.target, "date": self.date,
                 "source": self.source, "comment": self.comment}
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def check_target(kind: str, target: str) -> tuple[str, str]:
@@ -113,7 +111,7 @@ def parse_date(value: str) -> float:
 
 def parse_stored(patient: str, field: Any, raw: Any) -> Objection:
     """One stored hash entry → Objection; ObjectionDataError if malformed."""
-    field = _text(field)
+    field = as_text(field)
     kind, _, target = field.partition(":")
     try:
         kind, target = check_target(kind, target)
@@ -210,7 +208,7 @@ class ObjectionStore:
 
     # -- reads -------------------------------------------------------------------------------------
     def list(self, patient: str | None = None) -> list[Objection]:
-        patients = [check_patient(patient)] if patient else sorted(_text(p) for p in self.redis.smembers(self.index_key))
+        patients = [check_patient(patient)] if patient else sorted(as_text(p) for p in self.redis.smembers(self.index_key))
         pipe = self.redis.pipeline(transaction=False)
         for p in patients:
             pipe.hgetall(self.key(p))

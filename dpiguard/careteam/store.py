@@ -38,236 +38,26 @@ raises :class:`CareTeamDataError`; it is never read as "member" (callers fail cl
 
 from __future__ import annotations
 
-import math
-import re
-import time
 import uuid
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import orjson
 import redis
 
+from dpiguard.careteam.membership import (
+    CareTeamDataError,
+    Membership,
+    Window,
+    compute_membership,
+    parse_assignment,
+    parse_stay,
+    parse_unit_window,
+    stay_window,
+)
+from dpiguard.ids import check_id, check_unit
 from dpiguard.storage.bus import events_channel, format_event
-
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class CareTeamDataError(ValueError):
-    """Care-team data stored in Redis is malformed (callers must refuse, not allow)."""
-
-
-@dataclass(frozen=True)
-class Membership:
-    """Answer to "is this user in this patient's care team now?".
-
-    ``source`` says why (``assignment:KIND``, ``unit:UNIT stay:ID``, or ``none``). ``valid_until``
-    is the earliest future time at which the answer could change by the clock alone, None if never;
-    use it to bound cache lifetime."""
-
-    member: bool
-    source: str
-    valid_until: float | None
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: float | None
-    end: float | None
-
-    def contains(self, now: float) -> bool:
-        return (self.start is None or self.start <= now) and (self.end is None or now <= self.end)
-
-    def changes(self, now: float) -> list[float]:
-        """Times at or after ``now`` where ``contains`` may flip: a future start, or an end not yet
-        passed (inclusive end: still inside at ``end``, outside just after)."""
-        times = []
-        if self.start is not None and self.start > now:
-            times.append(self.start)
-        if self.end is not None and self.end >= now:
-            times.append(self.end)
-        return times
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_id(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise ValueError(f"invalid {what} {value!r}: expected 1-64 characters among A-Z a-z 0-9 . _ -")
-    return value
-
-
-def _check_unit(value: Any) -> str:
-    return _check_id(value, "unit").upper()
-
-
-def _check_time(value: Any, what: str, *, optional: bool) -> float | None:
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{what} is required")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"invalid {what} {value!r}: expected epoch seconds")
-    return value
-
-
-def _check_window(start: float | None, end: float | None) -> None:
-    if start is not None and end is not None and start > end:
-        raise ValueError(f"start ({start}) is after end ({end})")
-
-
-def _now(now: float | None) -> float:
-    """``now`` validated, or the current epoch time when None."""
-    return time.time() if now is None else _check_time(now, "now", optional=False)
-
-
-def _fmt_time(value: float | None) -> str:
-    if value is None:
-        return ""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-# --------------------------------------------------------------------------- parsing stored data
-
-
-def _parse_time(raw: Any, what: str) -> float | None:
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-        raise CareTeamDataError(f"{what}: bad time {raw!r}")
-    return raw
-
-
-def parse_unit_window(raw: Any, unit: str = "?") -> _Window:
-    """Parse a ``FROM|TO`` membership value (empty = open)."""
-    text = _text(raw)
-    parts = text.split("|") if isinstance(text, str) else []
-    if len(parts) != 2:
-        raise CareTeamDataError(f"membership of unit {unit}: malformed value {raw!r}")
-    bounds = []
-    for part in parts:
-        if part == "":
-            bounds.append(None)
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise CareTeamDataError(f"membership of unit {unit}: malformed value {raw!r}") from None
-        if not math.isfinite(value):
-            raise CareTeamDataError(f"membership of unit {unit}: malformed value {raw!r}")
-        bounds.append(value)
-    return _Window(bounds[0], bounds[1])
-
-
-def _parse_json_object(raw: Any, what: str) -> dict:
-    try:
-        data = orjson.loads(raw)
-    except (orjson.JSONDecodeError, TypeError) as exc:
-        raise CareTeamDataError(f"{what}: invalid JSON") from exc
-    if not isinstance(data, dict):
-        raise CareTeamDataError(f"{what}: expected a JSON object")
-    return data
-
-
-def parse_stay(raw: Any, stay_id: str = "?") -> dict:
-    """Parse a stored stay into ``{"unit", "start", "end"}`` (unit upper-cased)."""
-    what = f"stay {stay_id}"
-    data = _parse_json_object(raw, what)
-    unit = data.get("unit")
-    if not isinstance(unit, str) or not _ID_RE.fullmatch(unit):
-        raise CareTeamDataError(f"{what}: bad unit {unit!r}")
-    start = _parse_time(data.get("start"), what)
-    if start is None:
-        raise CareTeamDataError(f"{what}: missing start")
-    return {"unit": unit.upper(), "start": start, "end": _parse_time(data.get("end"), what)}
-
-
-def parse_assignment(raw: Any, login: str = "?") -> dict:
-    """Parse a stored assignment into ``{"kind", "start", "end"}``."""
-    what = f"assignment of {login}"
-    data = _parse_json_object(raw, what)
-    kind = data.get("kind")
-    if not isinstance(kind, str) or not _ID_RE.fullmatch(kind):
-        raise CareTeamDataError(f"{what}: bad kind {kind!r}")
-    return {"kind": kind, "start": _parse_time(data.get("start"), what),
-            "end": _parse_time(data.get("end"), what)}
-
-
-def _stay_window(stay: dict, grace: float) -> _Window:
-    end = stay["end"]
-    return _Window(stay["start"], None if end is None else end + grace)
-
-
-# --------------------------------------------------------------------------- the decision
-
-
-def compute_membership(
-    user_units: Mapping[Any, Any],
-    stays: Mapping[Any, Any],
-    assignment: Any | None,
-    now: float,
-    grace: float = 0,
-    category: str | None = None,
-    transversal: Mapping[str, Any] | None = None,
-) -> Membership:
-    """Pure care-team decision from raw Redis replies.
-
-    ``user_units``: HGETALL of the user's units; ``stays``: HGETALL of the patient's stays;
-    ``assignment``: HGET of the user's assignment to the patient (None if absent). Raises
-    CareTeamDataError on any malformed value, even one that would not matter for the answer.
-
-    ``transversal``: unit → :class:`dpiguard.transversal.TransversalUnit` (policies/careteam.yaml).
-    A member of a transversal unit also reaches the patient for the unit's ``categories`` (only when
-    ``category`` is given and listed) if the patient is in the unit's scope (see transversal.py)."""
-    units = {_text(u).upper(): parse_unit_window(v, _text(u)) for u, v in user_units.items()}
-    parsed_stays = sorted(
-        ((_text(sid), parse_stay(raw, _text(sid))) for sid, raw in stays.items()),
-        key=lambda item: (item[1]["start"], item[0]),
-    )
-    parsed_assignment = None if assignment is None else parse_assignment(assignment)
-
-    boundaries: list[float] = []
-    source = None
-    if parsed_assignment is not None:
-        window = _Window(parsed_assignment["start"], parsed_assignment["end"])
-        boundaries += window.changes(now)
-        if window.contains(now):
-            source = f"assignment:{parsed_assignment['kind']}"
-    for stay_id, stay in parsed_stays:
-        unit_window = units.get(stay["unit"])
-        if unit_window is None:
-            continue  # only a write (membership) could make this stay count
-        stay_window = _stay_window(stay, grace)
-        boundaries += stay_window.changes(now) + unit_window.changes(now)
-        if source is None and stay_window.contains(now) and unit_window.contains(now):
-            source = f"unit:{stay['unit']} stay:{stay_id}"
-
-    if transversal and category is not None:
-        for unit, unit_window in sorted(units.items()):
-            rule = transversal.get(unit)
-            if rule is None or category not in rule.categories:
-                continue
-            boundaries += unit_window.changes(now)
-            in_scope = rule.scope == "any_patient"
-            for stay_id, stay in parsed_stays:
-                window = _Window(stay["start"], stay["end"]) if rule.scope == "open_stay_anywhere" \
-                    else _stay_window(stay, grace)
-                if rule.scope != "any_patient":
-                    boundaries += window.changes(now)
-                    in_scope = in_scope or window.contains(now)
-            if source is None and in_scope and unit_window.contains(now):
-                source = f"transversal:{unit} {rule.scope}"
-
-    valid_until = min(boundaries) if boundaries else None
-    if source is None:
-        return Membership(False, "none", valid_until)
-    return Membership(True, source, valid_until)
-
+from dpiguard.storage.clients import as_text
+from dpiguard.times import check_epoch, check_window, epoch_now, fmt_epoch
 
 # --------------------------------------------------------------------------- the store
 
@@ -277,7 +67,7 @@ class CareTeamStore:
 
     def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard", grace_seconds: float = 0,
                  transversal: Mapping[str, Any] | None = None):
-        if _check_time(grace_seconds, "grace_seconds", optional=False) < 0:
+        if check_epoch(grace_seconds, "grace_seconds", optional=False) < 0:
             raise ValueError("grace_seconds must not be negative")
         self.redis = redis_client
         self.prefix = prefix
@@ -310,17 +100,17 @@ class CareTeamStore:
     def add_unit_member(self, login: str, unit: str, start: float | None = None,
                         end: float | None = None) -> None:
         """Make ``login`` a member of ``unit`` (replaces an existing membership window)."""
-        login, unit = _check_id(login, "login"), _check_unit(unit)
-        start = _check_time(start, "start", optional=True)
-        end = _check_time(end, "end", optional=True)
-        _check_window(start, end)
+        login, unit = check_id(login, "login"), check_unit(unit)
+        start = check_epoch(start, "start", optional=True)
+        end = check_epoch(end, "end", optional=True)
+        check_window(start, end)
         self.redis.sadd(self.key_unit_members(unit), login)  # index first
-        self.redis.hset(self.key_user_units(login), unit, f"{_fmt_time(start)}|{_fmt_time(end)}")
+        self.redis.hset(self.key_user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
         self._publish(("user", login))
 
     def remove_unit_member(self, login: str, unit: str) -> bool:
         """End ``login``'s membership of ``unit``; returns whether one existed."""
-        login, unit = _check_id(login, "login"), _check_unit(unit)
+        login, unit = check_id(login, "login"), check_unit(unit)
         removed = self.redis.hdel(self.key_user_units(login), unit)
         self.redis.srem(self.key_unit_members(unit), login)  # index last
         self._publish(("user", login))
@@ -331,11 +121,11 @@ class CareTeamStore:
     def add_stay(self, patient: str, unit: str, start: float, end: float | None = None,
                  stay_id: str | None = None) -> str:
         """Record (or replace, same ``stay_id``) a stay; returns the stay id."""
-        patient, unit = _check_id(patient, "patient"), _check_unit(unit)
-        start = _check_time(start, "start", optional=False)
-        end = _check_time(end, "end", optional=True)
-        _check_window(start, end)
-        stay_id = f"S{uuid.uuid4().hex[:16]}" if stay_id is None else _check_id(stay_id, "stay id")
+        patient, unit = check_id(patient, "patient"), check_unit(unit)
+        start = check_epoch(start, "start", optional=False)
+        end = check_epoch(end, "end", optional=True)
+        check_window(start, end)
+        stay_id = f"S{uuid.uuid4().hex[:16]}" if stay_id is None else check_id(stay_id, "stay id")
         value = orjson.dumps({"unit": unit, "start": start, "end": end})
         stays_key = self.key_stays(patient)
         release: list[str] = []
@@ -354,8 +144,8 @@ class CareTeamStore:
 
     def end_stay(self, patient: str, stay_id: str, end: float) -> None:
         """Set the end of an existing stay (KeyError if there is no such stay)."""
-        patient, stay_id = _check_id(patient, "patient"), _check_id(stay_id, "stay id")
-        end = _check_time(end, "end", optional=False)
+        patient, stay_id = check_id(patient, "patient"), check_id(stay_id, "stay id")
+        end = check_epoch(end, "end", optional=False)
         stays_key = self.key_stays(patient)
 
         def write(pipe: redis.client.Pipeline) -> None:
@@ -363,7 +153,7 @@ class CareTeamStore:
             if raw is None:
                 raise KeyError(f"patient {patient} has no stay {stay_id}")
             stay = parse_stay(raw, stay_id)
-            _check_window(stay["start"], end)
+            check_window(stay["start"], end)
             stay["end"] = end
             pipe.multi()
             pipe.hset(stays_key, stay_id, orjson.dumps(stay))
@@ -373,12 +163,12 @@ class CareTeamStore:
 
     def remove_stay(self, patient: str, stay_id: str) -> None:
         """Delete a stay (KeyError if there is no such stay)."""
-        patient, stay_id = _check_id(patient, "patient"), _check_id(stay_id, "stay id")
+        patient, stay_id = check_id(patient, "patient"), check_id(stay_id, "stay id")
         stays_key = self.key_stays(patient)
 
         def write(pipe: redis.client.Pipeline) -> None:
             stays = pipe.hgetall(stays_key)
-            if not any(_text(sid) == stay_id for sid in stays):
+            if not any(as_text(sid) == stay_id for sid in stays):
                 raise KeyError(f"patient {patient} has no stay {stay_id}")
             release[:] = [u for u in [self._unit_to_release(stays, stay_id, keep_unit=None)] if u]
             pipe.multi()
@@ -397,7 +187,7 @@ class CareTeamStore:
         for unit in units:
             self.redis.srem(self.key_unit_patients(unit), patient)
         try:
-            still = {parse_stay(raw, _text(sid))["unit"]
+            still = {parse_stay(raw, as_text(sid))["unit"]
                      for sid, raw in self.redis.hgetall(self.key_stays(patient)).items()}
         except CareTeamDataError:
             still = set(units)  # cannot tell: keep the (possibly stale) entries
@@ -410,7 +200,7 @@ class CareTeamStore:
         """Unit whose ``unit-patients`` set should lose the patient once ``stay_id`` is replaced
         (by a stay in ``keep_unit``) or removed; None if no other stay keeps it there or if the data
         is too broken to tell (a stale index entry is harmless, a missing one is not)."""
-        by_id = {_text(sid): raw for sid, raw in stays.items()}
+        by_id = {as_text(sid): raw for sid, raw in stays.items()}
         if stay_id not in by_id:
             return None
         try:
@@ -427,18 +217,18 @@ class CareTeamStore:
     def assign(self, login: str, patient: str, kind: str = "assigned", start: float | None = None,
                end: float | None = None) -> None:
         """Explicitly put ``login`` in ``patient``'s care team (replaces an existing assignment)."""
-        login, patient = _check_id(login, "login"), _check_id(patient, "patient")
-        kind = _check_id(kind, "assignment kind")
-        start = _check_time(start, "start", optional=True)
-        end = _check_time(end, "end", optional=True)
-        _check_window(start, end)
+        login, patient = check_id(login, "login"), check_id(patient, "patient")
+        kind = check_id(kind, "assignment kind")
+        start = check_epoch(start, "start", optional=True)
+        end = check_epoch(end, "end", optional=True)
+        check_window(start, end)
         self.redis.sadd(self.key_user_assign(login), patient)  # index first
         self.redis.hset(self.key_assign(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
         self._publish(("patient", patient), ("user", login))
 
     def unassign(self, login: str, patient: str) -> bool:
         """Remove an explicit assignment; returns whether one existed."""
-        login, patient = _check_id(login, "login"), _check_id(patient, "patient")
+        login, patient = check_id(login, "login"), check_id(patient, "patient")
         removed = self.redis.hdel(self.key_assign(patient), login)
         self.redis.srem(self.key_user_assign(login), patient)  # index last
         self._publish(("patient", patient), ("user", login))
@@ -463,45 +253,45 @@ class CareTeamStore:
         """:meth:`membership`, and the units ``login`` is a member of at ``now`` (as :meth:`user_units`),
         from the same round trip: the user's units hash is read for the decision anyway. On Redis
         Cluster, one round trip per node holding the keys (a non-transactional pipeline, reads only)."""
-        login, patient = _check_id(login, "login"), _check_id(patient, "patient")
-        now = _now(now)
+        login, patient = check_id(login, "login"), check_id(patient, "patient")
+        now = epoch_now(now)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(self.key_user_units(login))
         pipe.hgetall(self.key_stays(patient))
         pipe.hget(self.key_assign(patient), login)
         user_units, stays, assignment = pipe.execute()
         membership = compute_membership(user_units, stays, assignment, now, self.grace, category, self.transversal)
-        units = sorted(_text(u).upper() for u, raw in user_units.items()
-                       if parse_unit_window(raw, _text(u)).contains(now))
+        units = sorted(as_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, as_text(u)).contains(now))
         return membership, units
 
     def user_units(self, login: str, now: float | None = None) -> list[str]:
         """Units ``login`` is a member of at ``now`` (sorted)."""
-        login = _check_id(login, "login")
-        return [u["unit"] for u in self._user_unit_rows(login, _now(now)) if u["active"]]
+        login = check_id(login, "login")
+        return [u["unit"] for u in self._user_unit_rows(login, epoch_now(now)) if u["active"]]
 
     def patient_stays(self, patient: str) -> list[dict]:
         """All stays of ``patient``: ``{"id", "unit", "start", "end"}`` sorted by start."""
-        raw = self.redis.hgetall(self.key_stays(_check_id(patient, "patient")))
-        rows = [{"id": _text(sid), **parse_stay(value, _text(sid))} for sid, value in raw.items()]
+        raw = self.redis.hgetall(self.key_stays(check_id(patient, "patient")))
+        rows = [{"id": as_text(sid), **parse_stay(value, as_text(sid))} for sid, value in raw.items()]
         return sorted(rows, key=lambda row: (row["start"], row["id"]))
 
     def explain_patient(self, patient: str, now: float | None = None) -> dict:
         """Stays, assignments and, per stay unit, its members (for ``careteam show``)."""
-        patient, now = _check_id(patient, "patient"), _now(now)
-        stays = [{**stay, "active": _stay_window(stay, self.grace).contains(now)}
+        patient, now = check_id(patient, "patient"), epoch_now(now)
+        stays = [{**stay, "active": stay_window(stay, self.grace).contains(now)}
                  for stay in self.patient_stays(patient)]
         assignments = []
         for login, raw in sorted(self.redis.hgetall(self.key_assign(patient)).items()):
-            login = _text(login)
+            login = as_text(login)
             data = parse_assignment(raw, login)
-            active = _Window(data["start"], data["end"]).contains(now)
+            active = Window(data["start"], data["end"]).contains(now)
             assignments.append({"login": login, **data, "active": active})
         units = sorted({stay["unit"] for stay in stays})
         transversal = {}
         for unit, rule in sorted(self.transversal.items()):
-            windows = [_Window(s["start"], s["end"]) if rule.scope == "open_stay_anywhere"
-                       else _stay_window(s, self.grace) for s in stays]
+            windows = [Window(s["start"], s["end"]) if rule.scope == "open_stay_anywhere"
+                       else stay_window(s, self.grace) for s in stays]
             if rule.scope == "any_patient" or any(w.contains(now) for w in windows):
                 transversal[unit] = {"categories": sorted(rule.categories), "patients": rule.scope,
                                      "members": self._unit_member_rows(unit, now)}
@@ -517,9 +307,9 @@ class CareTeamStore:
 
     def explain_user(self, login: str, now: float | None = None) -> dict:
         """Units, assigned patients and patients currently staying in the user's units."""
-        login, now = _check_id(login, "login"), _now(now)
+        login, now = check_id(login, "login"), epoch_now(now)
         units = self._user_unit_rows(login, now)
-        assigned = sorted(_text(p) for p in self.redis.smembers(self.key_user_assign(login)))
+        assigned = sorted(as_text(p) for p in self.redis.smembers(self.key_user_assign(login)))
         pipe = self.redis.pipeline(transaction=False)
         for patient in assigned:
             pipe.hget(self.key_assign(patient), login)
@@ -528,7 +318,7 @@ class CareTeamStore:
             if raw is None:
                 continue  # index entry without assignment: not assigned
             data = parse_assignment(raw, login)
-            active = _Window(data["start"], data["end"]).contains(now)
+            active = Window(data["start"], data["end"]).contains(now)
             assignments.append({"patient": patient, **data, "active": active})
         current = {row["unit"]: self._patients_staying(row["unit"], now) for row in units if row["active"]}
         transversal = {row["unit"]: {"categories": sorted(self.transversal[row["unit"]].categories),
@@ -546,14 +336,14 @@ class CareTeamStore:
     def _user_unit_rows(self, login: str, now: float) -> list[dict]:
         rows = []
         for unit, raw in self.redis.hgetall(self.key_user_units(login)).items():
-            unit = _text(unit).upper()
+            unit = as_text(unit).upper()
             window = parse_unit_window(raw, unit)
             rows.append({"unit": unit, "start": window.start, "end": window.end,
                          "active": window.contains(now)})
         return sorted(rows, key=lambda row: row["unit"])
 
     def _unit_member_rows(self, unit: str, now: float) -> list[dict]:
-        logins = sorted(_text(m) for m in self.redis.smembers(self.key_unit_members(unit)))
+        logins = sorted(as_text(m) for m in self.redis.smembers(self.key_unit_members(unit)))
         pipe = self.redis.pipeline(transaction=False)
         for login in logins:
             pipe.hget(self.key_user_units(login), unit)
@@ -567,15 +357,15 @@ class CareTeamStore:
         return rows
 
     def _patients_staying(self, unit: str, now: float) -> list[str]:
-        patients = sorted(_text(p) for p in self.redis.smembers(self.key_unit_patients(unit)))
+        patients = sorted(as_text(p) for p in self.redis.smembers(self.key_unit_patients(unit)))
         pipe = self.redis.pipeline(transaction=False)
         for patient in patients:
             pipe.hgetall(self.key_stays(patient))
         staying = []
         for patient, stays in zip(patients, pipe.execute()):
             for sid, raw in stays.items():
-                stay = parse_stay(raw, _text(sid))
-                if stay["unit"] == unit and _stay_window(stay, self.grace).contains(now):
+                stay = parse_stay(raw, as_text(sid))
+                if stay["unit"] == unit and stay_window(stay, self.grace).contains(now):
                     staying.append(patient)
                     break
         return staying

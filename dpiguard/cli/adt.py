@@ -1,4 +1,4 @@
-"""Command groups for the patient-movement feed and bulk loads (registered from cli.py).
+"""``dpiguard adt ...`` and ``dpiguard import ...``: the patient-movement feed and bulk loads.
 
     dpiguard adt listen [--host H] [--port N]      the MLLP listener alone (HL7 v2 ADT feed)
     dpiguard adt send FILE [--host H] --port N     send HL7 messages (one per blank-line-separated
@@ -11,52 +11,38 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import socket
 import sys
 
 import orjson
 
-
-def _config(args):
-    from dpiguard.cli import _config as load
-
-    return load(args, check_files=False)
+from dpiguard.careteam import imports as csvimport
+from dpiguard.careteam.mllp import MllpServer, frame, listener_settings
+from dpiguard.cli.common import audit_admin, load, with_config
 
 
 def cmd_adt(args) -> int:
-    from dpiguard.cli import _audit_admin
-    from dpiguard.careteam.movements import MovementStore
-    from dpiguard.services import redis_client
+    from dpiguard.services import movement_store
 
-    cfg = _config(args)
+    cfg = load(args, check_files=False)
     if args.adt_cmd == "listen":
-        from dpiguard.careteam.mllp import run_listener
-
         if args.host:
             cfg.adt.listen_host = args.host
         if args.port is not None:
             cfg.adt.listen_port = args.port
-
-        async def main() -> int:
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            return await run_listener(cfg, stop)
-
-        import logging
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        return asyncio.run(main())
+        return asyncio.run(_listen(cfg))
     if args.adt_cmd == "send":
         return _send(args.file, args.host or cfg.adt.listen_host, args.port or cfg.adt.listen_port)
-    store = MovementStore(redis_client(cfg), prefix=cfg.redis.prefix, dedup_ttl=cfg.adt.dedup_ttl)
+    store = movement_store(cfg)
     if args.adt_cmd == "replay":
         result = store.replay(dry_run=args.dry_run, progress=lambda m: print(f"warning: {m}", file=sys.stderr))
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         if not args.dry_run:
-            _audit_admin(cfg, "adt_replay", entries=result["entries"], changed=len(result["changed"]))
+            audit_admin(cfg, "adt_replay", entries=result["entries"], changed=len(result["changed"]))
         return 0
     if args.adt_cmd == "visits":
         print(orjson.dumps(store.visits(args.patient), option=orjson.OPT_INDENT_2).decode())
@@ -64,10 +50,28 @@ def cmd_adt(args) -> int:
     return 2
 
 
+async def _listen(cfg) -> int:
+    """``dpiguard adt listen``: the MLLP listener alone, until SIGINT/SIGTERM."""
+    from dpiguard.services import adt_processor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    processor = adt_processor(cfg)
+    server = await MllpServer(processor, listener_settings(cfg)).start()
+    print(f"dpiguard adt: listening for HL7 MLLP on {cfg.adt.listen_host}:{server.port} (pid {os.getpid()})",
+          flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        processor.audit.close()
+    return 0
+
+
 def _send(path: str, host: str, port: int) -> int:
     """Tiny MLLP client for operators and tests of the feed."""
-    from dpiguard.careteam.mllp import frame
-
     text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
     blocks = [b.strip() for b in text.replace("\r\n", "\n").split("\n\n") if b.strip()]
     worst = 0
@@ -90,17 +94,13 @@ def _send(path: str, host: str, port: int) -> int:
 
 
 def cmd_import(args) -> int:
-    from dpiguard.careteam import imports as csvimport
-    from dpiguard.cli import _audit_admin
-    from dpiguard.careteam.movements import MovementStore
-    from dpiguard.services import redis_client
+    from dpiguard.services import movement_store, redis_client
 
-    cfg = _config(args)
+    cfg = load(args, check_files=False)
     client = redis_client(cfg)
     tz = cfg.adt.timezone
     if args.import_cmd == "stays":
-        store = MovementStore(client, prefix=cfg.redis.prefix, dedup_ttl=cfg.adt.dedup_ttl)
-        report = csvimport.import_stays(store, args.file, tz, dry_run=args.dry_run)
+        report = csvimport.import_stays(movement_store(cfg, client), args.file, tz, dry_run=args.dry_run)
     elif args.import_cmd == "members":
         report = csvimport.import_members(client, cfg.redis.prefix, args.file, tz, dry_run=args.dry_run)
     else:
@@ -110,12 +110,12 @@ def cmd_import(args) -> int:
         print(line, file=sys.stderr)
     print(lines[-1])
     if not args.dry_run and not report.errors:
-        _audit_admin(cfg, f"import_{args.import_cmd}", file=str(args.file), rows=report.rows,
+        audit_admin(cfg, f"import_{args.import_cmd}", file=str(args.file), rows=report.rows,
                      applied=report.applied, refused=len(report.refused))
     return 0 if report.ok else 1
 
 
-def register(sub, with_config) -> None:
+def register(sub) -> None:
     adt = sub.add_parser("adt", help="patient movements: HL7 v2 ADT feed over MLLP").add_subparsers(
         dest="adt_cmd", required=True)
     sp = with_config(adt.add_parser("listen", help="run the MLLP listener of the ADT feed"))

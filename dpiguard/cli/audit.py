@@ -6,41 +6,54 @@ refused, 2 usage or configuration error.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import orjson
+import redis
 
-from dpiguard.config import ConfigError, load_config
-
-
-def _cfg(args, check_files: bool = False):
-    import os
-
-    path = args.config or os.environ.get("DPIGUARD_CONFIG")
-    if not path:
-        raise ConfigError("--config", "give --config FILE or set DPIGUARD_CONFIG")
-    return load_config(path, check_files=check_files)
+from dpiguard.audit.chain import AuditSigner, AuditVerifier, iter_chain, list_chains, list_segments, public_key_path
+from dpiguard.audit.export import send_syslog, to_audit_event
+from dpiguard.audit.query import (
+    QUERY_COLUMNS,
+    WHO_COLUMNS,
+    WHO_COLUMNS_NAMED,
+    Filter,
+    iter_store,
+    render,
+    select,
+    summarize,
+    who_accessed,
+)
+from dpiguard.audit.report import html_report, who_accessed_html
+from dpiguard.audit.ship import Collector, Shipper
+from dpiguard.audit.verify import prune_chain, verify_store
+from dpiguard.cli.common import audit_admin, config_path, emit, load, time_arg, with_config
+from dpiguard.config import ConfigError
+from dpiguard.decision.massaccess import unthrottle
+from dpiguard.times import iso_ms
 
 
 def _store(args) -> Path:
     if getattr(args, "dir", None):
         return Path(args.dir)
-    cfg = _cfg(args)
+    cfg = load(args, check_files=False)
     return cfg.path(cfg.audit.path)
 
 
 def _verifier(args):
-    from dpiguard.audit.chain import AuditVerifier, public_key_path
-
     if getattr(args, "public_key", None):
         return AuditVerifier.from_pem_file(args.public_key)
     if getattr(args, "no_signatures", False):
         return None
-    if getattr(args, "dir", None) and not (args.config or __import__("os").environ.get("DPIGUARD_CONFIG")):
+    if getattr(args, "dir", None) and not config_path(args):
         raise ConfigError("--public-key", "give --public-key FILE (or --config) to check signatures, "
                                           "or --no-signatures to check only the hash chain")
-    cfg = _cfg(args)
+    cfg = load(args, check_files=False)
     path = public_key_path(cfg.path(cfg.audit.signing_key_file))
     if not path.is_file():
         raise ConfigError("audit.signing_key_file", f"public key {path} not found (create keys with 'dpiguard keys init')")
@@ -48,8 +61,6 @@ def _verifier(args):
 
 
 def cmd_verify(args) -> int:
-    from dpiguard.audit.verify import verify_store
-
     store = _store(args)
     reports = verify_store(store, _verifier(args), instance=args.instance)
     if not reports:
@@ -69,13 +80,9 @@ def cmd_verify(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from dpiguard.audit.chain import AuditSigner, admin_log, list_chains
-    from dpiguard.audit.verify import prune_chain
-    from dpiguard.cli import parse_time
-
-    cfg = _cfg(args)
+    cfg = load(args, check_files=False)
     store = cfg.path(cfg.audit.path)
-    before = parse_time(args.before)
+    before = time_arg(args.before)
     signer = AuditSigner.from_pem_file(cfg.path(cfg.audit.signing_key_file))
     verifier = _verifier(args)
     results = []
@@ -90,40 +97,22 @@ def cmd_prune(args) -> int:
         else:
             print(f"chain {res['chain']}: nothing older than {args.before}")
     if not args.dry_run:
-        import getpass
-
-        log = admin_log(cfg)
-        try:
-            log.write({"event": "admin", "action": "audit_prune", "outcome": "allow", "reason": "ok",
-                       "operator": getpass.getuser(), "detail": f"before {args.before}",
-                       "pruned": [r for r in results if r["files"]]})
-        finally:
-            log.close()
+        audit_admin(cfg, "audit_prune", detail=f"before {args.before}", pruned=[r for r in results if r["files"]])
     return 0
 
 
 def cmd_unthrottle(args) -> int:
-    from dpiguard.audit.ship import _client
-    from dpiguard.decision.massaccess import unthrottle
+    from dpiguard.services import admin_redis_client
 
-    cfg = _cfg(args)
-    removed = unthrottle(_client(cfg), cfg.redis.prefix, args.login)
-    import getpass
-
-    from dpiguard.audit.chain import admin_log
-
-    log = admin_log(cfg)
-    try:
-        log.write({"event": "admin", "action": "mass_access_unthrottle", "outcome": "allow", "reason": "ok",
-                   "operator": getpass.getuser(), "user": args.login})
-    finally:
-        log.close()
+    cfg = load(args, check_files=False)
+    removed = unthrottle(admin_redis_client(cfg), cfg.redis.prefix, args.login)
+    audit_admin(cfg, "mass_access_unthrottle", user=args.login)
     print(f"{args.login}: " + ("throttle lifted (all instances within mass_access.refresh_seconds)" if removed
                                else "was not throttled; counters reset"))
     return 0
 
 
-def register(sub, with_config) -> None:
+def register(sub) -> None:
     audit = sub.add_parser("audit", help="audit trail: verify, prune, query, report, collect, export")
     asub = audit.add_subparsers(dest="audit_cmd", required=True)
 
@@ -145,8 +134,240 @@ def register(sub, with_config) -> None:
     sp.add_argument("login")
     sp.set_defaults(func=cmd_unthrottle)
 
-    from dpiguard.audit import ship as auditcollect, export as auditexport, report as auditreport
+    register_query(asub)
+    register_ship(asub)
+    register_export(asub)
 
-    auditreport.register(asub, with_config)
-    auditcollect.register(asub, with_config)
-    auditexport.register(asub, with_config)
+
+
+
+
+
+def _time_bounds(args) -> tuple[str | None, str | None]:
+    since = time_arg(args.since) if args.since else None
+    until = time_arg(args.until) if args.until else None
+    return (iso_ms(since) if since is not None else None, iso_ms(until) if until is not None else None)
+
+
+def _source(args) -> Path:
+    return Path(args.source) if args.source else _store(args)
+
+
+def cmd_query(args) -> int:
+    since, until = _time_bounds(args)
+    flt = Filter(patient=args.patient, user=args.user, since=since, until=until, outcome=args.outcome,
+                 event=args.event, reason=args.reason, instance=args.instance)
+    rows = select(iter_store(_source(args)), flt, limit=args.limit)
+    emit(render(rows, QUERY_COLUMNS, args.format), args.out)
+    return 0
+
+
+def _display_names(args) -> dict[str, str]:
+    try:
+        from dpiguard.services import user_directory
+
+        return {u.login: u.display_name for u in user_directory(load(args, check_files=False)).list()}
+    except Exception as exc:  # names are a convenience; the logins are still shown
+        print(f"dpiguard: display names unavailable ({exc}); showing logins only", file=sys.stderr)
+        return {}
+
+
+def cmd_who_accessed(args) -> int:
+    since, until = _time_bounds(args)
+    names = _display_names(args) if args.names else None
+    rows = who_accessed(iter_store(_source(args)), args.patient, since, until, names, with_names=args.names)
+    columns = WHO_COLUMNS_NAMED if args.names else WHO_COLUMNS
+    text = who_accessed_html(args.patient, rows, columns) if args.format == "html" else render(rows, columns, args.format)
+    emit(text, args.out)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    since, until = _time_bounds(args)
+    summary = summarize(iter_store(_source(args)), Filter(since=since, until=until, instance=args.instance), args.top)
+    if args.format == "json":
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode() + "\n"
+    else:
+        fmt = "csv" if args.format == "csv" else "table"
+        text = ("# refusals by reason\n" + render(summary["refusals_by_reason"], ("reason", "count"), fmt)
+                + "\n# users with the most refusals\n" + render(summary["users_with_most_refusals"], ("user", "refusals"), fmt)
+                + "\n# top users by distinct patients\n"
+                + render(summary["top_users_by_distinct_patients"], ("user", "patients"), fmt)
+                + "\n# break-glass accesses\n"
+                + render(summary["break_glass"], ("time", "user", "patient", "category", "break_glass_reason",
+                                                  "outcome", "request_id"), fmt))
+    emit(text, args.out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    since, until = _time_bounds(args)
+    summary = summarize(iter_store(_source(args)), Filter(since=since, until=until, instance=args.instance), args.top)
+    emit(html_report(summary), args.out)
+    return 0
+
+
+def register_query(asub) -> None:
+    def common(sp):
+        with_config(sp)
+        sp.add_argument("--source", help="audit folder, chain folder or JSON-lines export (default: audit.path)")
+        sp.add_argument("--from", dest="since", help="start (date/time, UTC unless an offset is given)")
+        sp.add_argument("--to", dest="until", help="end (exclusive)")
+        sp.add_argument("--out", help="write to this file instead of standard output")
+        sp.set_defaults(dir=None)
+        return sp
+
+    sp = common(asub.add_parser("query", help="search records by patient, user, period, outcome"))
+    sp.add_argument("--patient"); sp.add_argument("--user"); sp.add_argument("--outcome", choices=("allow", "deny", "error"))
+    sp.add_argument("--event"); sp.add_argument("--reason"); sp.add_argument("--instance")
+    sp.add_argument("--limit", type=int, help="only the last N matching records")
+    sp.add_argument("--format", choices=("table", "csv", "json", "jsonl"), default="table")
+    sp.set_defaults(func=cmd_query)
+
+    sp = common(asub.add_parser("who-accessed", help="accesses to a patient's record, for the patient's request"))
+    sp.add_argument("patient")
+    sp.add_argument("--names", action="store_true", help="also show who (login and name): only when explicitly asked")
+    sp.add_argument("--format", choices=("table", "csv", "json", "html"), default="table")
+    sp.set_defaults(func=cmd_who_accessed)
+
+    sp = common(asub.add_parser("summary", help="refusal and break-glass summaries"))
+    sp.add_argument("--instance"); sp.add_argument("--top", type=int, default=10)
+    sp.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sp.set_defaults(func=cmd_summary)
+
+    sp = common(asub.add_parser("report", help="self-contained HTML report with charts"))
+    sp.add_argument("--instance"); sp.add_argument("--top", type=int, default=10)
+    sp.set_defaults(func=cmd_report)
+
+
+
+
+
+
+def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False) -> int:
+    while True:
+        try:
+            n = step()
+            if not follow and (not until_idle or n == 0):
+                return 0
+        except redis.RedisError as exc:
+            print(f"dpiguard audit {label}: Redis unavailable ({exc}); retrying", file=sys.stderr, flush=True)
+            if not follow:
+                return 1
+            time.sleep(interval)
+            continue
+        if follow and n == 0:
+            time.sleep(interval)
+
+
+def cmd_ship(args) -> int:
+    from dpiguard.services import admin_redis_client
+
+    cfg = load(args, check_files=False)
+    shipper = Shipper(admin_redis_client(cfg), cfg.path(cfg.audit.path), cfg.redis.prefix)
+    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True)
+
+
+def cmd_collect(args) -> int:
+    from dpiguard.services import admin_redis_client
+
+    cfg = load(args, check_files=False)
+    store = Path(args.store)
+    if store.resolve() == cfg.path(cfg.audit.path).resolve():
+        raise ValueError("--store must differ from audit.path (the central store is a separate copy)")
+    store.mkdir(parents=True, exist_ok=True)
+    lock = os.open(store / ".collector.lock", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ValueError(f"another collector is writing {store}") from None
+    collector = Collector(admin_redis_client(cfg), store, cfg.redis.prefix, cfg.audit.rotate_bytes)
+    return _loop(lambda: collector.collect_once(block_ms=int(args.interval * 1000)), args.follow, args.interval,
+                 "collect", until_idle=True)
+
+
+def register_ship(asub) -> None:
+    sp = with_config(asub.add_parser("ship", help="copy this host's audit chains into Redis Streams"))
+    sp.add_argument("--follow", action="store_true", help="keep shipping new records (a service)")
+    sp.add_argument("--interval", type=float, default=0.5, help="seconds between passes when idle")
+    sp.set_defaults(func=cmd_ship)
+    sp = with_config(asub.add_parser("collect", help="gather every instance's chain into a central store"))
+    sp.add_argument("--store", required=True, help="central audit folder (verifiable with audit verify --dir)")
+    sp.add_argument("--follow", action="store_true", help="keep collecting (a service)")
+    sp.add_argument("--interval", type=float, default=0.5)
+    sp.set_defaults(func=cmd_collect)
+
+
+
+
+
+
+def _records(args, state: dict[str, int]) -> list[dict[str, Any]]:
+    from dpiguard.audit.query import Filter
+    from dpiguard.cli.audit import _source, _time_bounds
+
+    since, until = _time_bounds(args)
+    flt = Filter(patient=args.patient, user=args.user, since=since, until=until, outcome=args.outcome,
+                 event=args.event)
+    source = _source(args)
+    chains = [source] if list_segments(source) else list_chains(source)
+    out = []
+    for chain in chains:
+        done = state.get(chain.name, 0)
+        for _, _, r in iter_chain(chain):
+            if r.get("seq", 0) <= done:
+                continue
+            if args.state:
+                state[chain.name] = max(state.get(chain.name, 0), r.get("seq", 0))
+            if flt.match(r):
+                out.append(r)
+    out.sort(key=lambda r: (r.get("time") or "", r.get("instance") or "", r.get("seq") or 0))
+    return out
+
+
+def cmd_export(args) -> int:
+    state: dict[str, int] = {}
+    state_path = Path(args.state) if args.state else None
+    if state_path and state_path.exists():
+        state = orjson.loads(state_path.read_bytes())
+    records = _records(args, state)
+    if args.format == "syslog":
+        if not args.target or ":" not in args.target:
+            raise ValueError("--format syslog needs --target HOST:PORT")
+        host, _, port = args.target.rpartition(":")
+        n = send_syslog(records, host, int(port))
+        print(f"sent {n} record(s) to {args.target}", file=sys.stderr)
+    else:
+        if args.format == "jsonl":
+            lines = (orjson.dumps(r) for r in records)
+        else:
+            lines = (orjson.dumps(to_audit_event(r)) for r in records)
+        if args.format == "fhir-bundle":
+            bundle = {"resourceType": "Bundle", "type": "collection", "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "entry": [{"resource": to_audit_event(r)} for r in records]}
+            data = orjson.dumps(bundle, option=orjson.OPT_INDENT_2) + b"\n"
+        else:
+            data = b"".join(line + b"\n" for line in lines)
+        if args.out:
+            Path(args.out).write_bytes(data)
+        else:
+            sys.stdout.buffer.write(data)
+    if state_path:  # only after a successful export
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        tmp.write_bytes(orjson.dumps(state))
+        tmp.replace(state_path)
+    return 0
+
+
+def register_export(asub) -> None:
+    sp = with_config(asub.add_parser("export", help="export records: JSON lines, FHIR AuditEvent, syslog to a SIEM"))
+    sp.add_argument("--format", choices=("jsonl", "fhir", "fhir-bundle", "syslog"), default="jsonl",
+                    help="fhir: one AuditEvent per line (NDJSON); fhir-bundle: one Bundle")
+    sp.add_argument("--source", help="audit folder or chain folder (default: audit.path)")
+    sp.add_argument("--target", help="syslog receiver HOST:PORT (TCP)")
+    sp.add_argument("--state", help="file remembering the last seq exported per chain (send each record once)")
+    sp.add_argument("--from", dest="since"); sp.add_argument("--to", dest="until")
+    sp.add_argument("--patient"); sp.add_argument("--user"); sp.add_argument("--event")
+    sp.add_argument("--outcome", choices=("allow", "deny", "error"))
+    sp.add_argument("--out")
+    sp.set_defaults(func=cmd_export, dir=None)

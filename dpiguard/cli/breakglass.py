@@ -18,6 +18,10 @@ from datetime import datetime, timezone
 
 import orjson
 
+from dpiguard.careteam.breakglass import BreakGlassStore
+from dpiguard.careteam.objections import ObjectionStore
+from dpiguard.cli.common import audit_admin, load, with_config
+
 
 def _when(t: float | None) -> str:
     if t is None:
@@ -41,11 +45,9 @@ def cmd_breakglass(args) -> int:
 
 
 def _breakglass(args) -> int:
-    from dpiguard.careteam.breakglass import BreakGlassStore
-    from dpiguard.cli import _audit_admin, _config
     from dpiguard.services import redis_client
 
-    cfg = _config(args, check_files=False)
+    cfg = load(args, check_files=False)
     store = BreakGlassStore(redis_client(cfg), cfg.redis.prefix)
     operator = args.reviewer or getpass.getuser()
     if args.mark and args.revoke:
@@ -53,13 +55,13 @@ def _breakglass(args) -> int:
     if args.mark:
         grant_id, status = args.mark
         store.mark(grant_id, status, args.comment or "", by=operator)
-        _audit_admin(cfg, "break_glass_review", break_glass_id=grant_id, review=status, comment=args.comment,
+        audit_admin(cfg, "break_glass_review", break_glass_id=grant_id, review=status, comment=args.comment,
                      user=store.get(grant_id)["grant"].user)
         print(f"emergency access {grant_id} marked {status}")
         return 0
     if args.revoke:
         grant = store.revoke(args.revoke, by=operator)
-        _audit_admin(cfg, "break_glass_revoke", break_glass_id=grant.id, user=grant.user, patient=grant.patient)
+        audit_admin(cfg, "break_glass_revoke", break_glass_id=grant.id, user=grant.user, patient=grant.patient)
         print(f"emergency access {grant.id} of {grant.user} to {grant.patient} revoked on every instance")
         return 0
     now = time.time()
@@ -82,11 +84,9 @@ def _breakglass(args) -> int:
 
 
 def cmd_objections(args) -> int:
-    from dpiguard.cli import _audit_admin, _config
-    from dpiguard.careteam.objections import ObjectionStore
     from dpiguard.services import redis_client
 
-    cfg = _config(args, check_files=False)
+    cfg = load(args, check_files=False)
     store = ObjectionStore(redis_client(cfg), cfg.redis.prefix)
     c = args.obj_cmd
     if c in ("add", "remove"):
@@ -96,11 +96,11 @@ def cmd_objections(args) -> int:
         if c == "add":
             o = store.add(args.patient, kind, target, source=args.source or f"cli:{getpass.getuser()}",
                           comment=args.comment or "")
-            _audit_admin(cfg, "objection_add", patient=o.patient, target=o.field)
+            audit_admin(cfg, "objection_add", patient=o.patient, target=o.field)
             print(f"objection recorded: patient {o.patient} refuses access by {o.kind} {o.target}")
         else:
             removed = store.remove(args.patient, kind, target)
-            _audit_admin(cfg, "objection_remove", patient=args.patient, target=f"{kind}:{target}")
+            audit_admin(cfg, "objection_remove", patient=args.patient, target=f"{kind}:{target}")
             print("objection removed" if removed else "no such objection (nothing changed)")
             return 0 if removed else 1
         return 0
@@ -124,13 +124,13 @@ def cmd_objections(args) -> int:
         if args.dry_run:
             print(f"{args.file}: {report.rows} row(s), all valid (dry run: nothing written)")
             return 0
-        _audit_admin(cfg, "objection_import", file=str(args.file), count=report.added)
+        audit_admin(cfg, "objection_import", file=str(args.file), count=report.added)
         print(f"{report.added} objection(s) imported from {args.file}")
         return 0
     return 2
 
 
-def register(sub, with_config) -> None:
+def register(sub) -> None:
     bg = sub.add_parser("breakglass", help="emergency access (bris de glace): review queue")
     bg_sub = bg.add_subparsers(dest="bg_cmd", required=True)
     sp = with_config(bg_sub.add_parser("review", help="list emergency accesses; mark or revoke one"))

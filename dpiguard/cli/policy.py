@@ -12,15 +12,28 @@ that does not load (for ``test``/``explain``/``diff``).
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from dpiguard.policy.routes import PolicyError
-from dpiguard.policy.table import Policy
+from dpiguard.cli.common import config_path, load, with_config
+from dpiguard.policy.files import PolicyError
+from dpiguard.policy.lint import lint
+from dpiguard.policy.sim import (
+    TestFileError,
+    case_failure,
+    decide_category,
+    decide_request,
+    diff_policies,
+    explain_lines,
+    live_careteam,
+    load_test_file,
+    parse_request_line,
+    run_case,
+    situation_careteam,
+)
+from dpiguard.policy.snapshot import PolicySet
 
 DEFAULT_DIR = "policies"
 
@@ -29,55 +42,41 @@ def _policy_dir(args) -> Path:
     """--dir, else the configured policies.dir (--config / DPIGUARD_CONFIG), else ./policies."""
     if getattr(args, "dir", None):
         return Path(args.dir)
-    path = getattr(args, "config", None) or os.environ.get("DPIGUARD_CONFIG")
-    if path:
-        from dpiguard.config import load_config
-
-        cfg = load_config(path, check_files=False)
+    if config_path(args):
+        cfg = load(args, check_files=False)
         return cfg.path(cfg.policies.dir)
     return Path(DEFAULT_DIR)
 
 
-# -- check -----------------------------------------------------------------------------------------
-def _check_companions(directory: Path, policy: Policy) -> set[tuple[str, str]]:
-    """Validate fhir.yaml, breakglass.yaml and careteam.yaml (PolicyError naming file and line); return
-    the (category, action) pairs the FHIR resource types open."""
-    from dpiguard.careteam.breakglass import BreakGlassPolicy
-    from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
-    from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
+def _load(directory: Path) -> PolicySet:
+    return PolicySet.load(directory)
 
-    BreakGlassPolicy.load(directory, policy.roles, policy.categories)
-    CareTeamPolicy.load(directory / CARETEAM_FILE, policy.categories)
+
+# -- check -----------------------------------------------------------------------------------------
+def _fhir_routed(policies: PolicySet) -> set[tuple[str, str]]:
+    """The (category, action) pairs the FHIR resource types of fhir.yaml open."""
     routed: set[tuple[str, str]] = set()
-    if (directory / FHIR_FILE).exists():
-        fhir = FhirPolicy.load(directory / FHIR_FILE, policy.roles, policy.categories)
-        for rule in fhir.types.values():
+    if policies.fhir is not None:
+        for rule in policies.fhir.types.values():
             for category in rule.categories:
                 routed |= {(category, "read"), (category, "write")}
     return routed
 
 
 def cmd_check(args) -> int:
-    from dpiguard.policy.lint import lint
-
     directory = _policy_dir(args)
     try:
-        policy = Policy.load(directory)
+        policies = _load(directory)
     except PolicyError as exc:
         print(f"{exc.file}{':' + str(exc.line) if exc.line else ''}: error: {exc.message}")
-        print(f"policy NOT valid: dpiguard refuses it (a running proxy keeps its current version)")
+        print("policy NOT valid: dpiguard refuses it (a running proxy keeps its current version)")
         return 1
-    try:
-        extra_routed = _check_companions(directory, policy)
-    except PolicyError as exc:
-        print(f"{exc.file}{':' + str(exc.line) if exc.line else ''}: error: {exc.message}")
-        print(f"policy NOT valid: dpiguard refuses it (a running proxy keeps its current version)")
-        return 1
-    findings = lint(policy, extra_routed)
+    policy = policies.table
+    findings = lint(policy, _fhir_routed(policies))
     for finding in findings:
         print(finding)
     warnings = len(findings)
-    summary = (f"policy OK: version {policy.version}; {len(policy.roles)} roles, {len(policy.categories)} "
+    summary = (f"policy OK: version {policies.version}; {len(policy.roles)} roles, {len(policy.categories)} "
                f"categories, {len(policy.rule_lines)} rules, {len(policy.routes.routes)} routes; "
                f"{warnings} warning(s)")
     print(summary)
@@ -89,10 +88,8 @@ def cmd_check(args) -> int:
 
 # -- test ------------------------------------------------------------------------------------------
 def cmd_test(args) -> int:
-    from dpiguard.policy.sim import TestFileError, case_failure, explain_lines, load_test_file, run_case
-
     directory = _policy_dir(args)
-    policy = Policy.load(directory)  # PolicyError -> exit 2 via cli.main
+    policy = _load(directory)  # PolicyError -> exit 2 via cli.main
     suites = []
     failed = total = 0
     for path in args.files:
@@ -125,7 +122,7 @@ def cmd_test(args) -> int:
     return 1 if failed else 0
 
 
-def _write_junit(out: str, suites, policy: Policy) -> None:
+def _write_junit(out: str, suites, policy: PolicySet) -> None:
     root = ET.Element("testsuites", name="dpiguard policy test")
     for path, results, duration in suites:
         failures = sum(1 for _, _, problem, _ in results if problem)
@@ -138,8 +135,6 @@ def _write_junit(out: str, suites, policy: Policy) -> None:
             tc = ET.SubElement(suite, "testcase", classname=Path(path).stem, name=case.name,
                                file=str(path), line=str(case.line), time=f"{seconds:.4f}")
             if problem:
-                from dpiguard.policy.sim import explain_lines
-
                 failure = ET.SubElement(tc, "failure", message=problem, type="decision")
                 failure.text = "\n".join(explain_lines(policy, decision))
     ET.indent(root)
@@ -152,17 +147,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 
 def cmd_explain(args) -> int:
-    from dpiguard.policy.sim import (
-        decide_category,
-        decide_request,
-        explain_lines,
-        live_careteam,
-        load_test_file,
-        parse_request_line,
-        situation_careteam,
-    )
-
-    policy = Policy.load(_policy_dir(args))
+    policy = _load(_policy_dir(args))
     now = time.time()
     roles, units, user = _csv(args.roles), tuple(u.upper() for u in _csv(args.units)), args.user or "someone"
     source = None
@@ -173,10 +158,9 @@ def cmd_explain(args) -> int:
         source, now = test.fixture.careteam, test.now
         origin = f"care team from the fixture of {args.fixture}"
     elif args.live or (args.config and not (args.patient_in_unit or args.assigned)):
-        from dpiguard.cli import _config
         from dpiguard.services import careteam_store, user_directory
 
-        cfg = _config(args)
+        cfg = load(args, check_files=True)
         if not args.user:
             raise ValueError("--live needs --user (the login whose care team is read from Redis)")
         if not roles:
@@ -216,9 +200,7 @@ def cmd_explain(args) -> int:
 
 # -- diff ------------------------------------------------------------------------------------------
 def cmd_diff(args) -> int:
-    from dpiguard.policy.sim import diff_policies
-
-    old, new = Policy.load(args.old), Policy.load(args.new)
+    old, new = _load(Path(args.old)), _load(Path(args.new))
     changes = diff_policies(old, new)
     print(f"old: {args.old} (version {old.version})\nnew: {args.new} (version {new.version})")
     decisions = [c for c in changes if c.what == "decision"]
@@ -241,7 +223,7 @@ def cmd_diff(args) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------
-def register(sub, with_config) -> None:
+def register(sub) -> None:
     group = sub.add_parser("policy", help="check, test, explain and compare policy files").add_subparsers(
         dest="policy_cmd", required=True)
 

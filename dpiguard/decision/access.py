@@ -22,13 +22,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpiguard.careteam.breakglass import BreakGlassPolicy, BreakGlassStore, Grant, parse_grant
-from dpiguard.careteam.store import CareTeamStore, _check_id, _text, compute_membership, parse_unit_window
+from dpiguard.careteam.breakglass import BreakGlassStore, Grant, parse_grant
+from dpiguard.careteam.membership import compute_membership, parse_unit_window
 from dpiguard.careteam.objections import ObjectionStore, find_objection
+from dpiguard.careteam.store import CareTeamStore
+from dpiguard.ids import check_id
+from dpiguard.policy.breakglass import BreakGlassPolicy
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.storage.clients import as_text
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessDecision:
+    """The answer of step 5 (cached per user, patient, category and action)."""
+
     member: bool  # allowed by this step
     source: str | None  # why (care-team source, "break_glass:ID", "objection:user:X"...)
     reason: str = "not_in_care_team"  # refusal reason when not member
@@ -37,22 +44,24 @@ class AccessDecision:
 
 
 class AccessDecider:
-    def __init__(self, careteam: CareTeamStore, objections: ObjectionStore, grants: BreakGlassStore,
-                 policy: BreakGlassPolicy):
+    """Reads what step 5 needs from Redis in one round trip and decides with the rules of one policy set
+    (``policies.breakglass``, ``policies.careteam``), given at each call."""
+
+    def __init__(self, careteam: CareTeamStore, objections: ObjectionStore, grants: BreakGlassStore):
         self.careteam = careteam
         self.objections = objections
         self.grants = grants
-        self.policy = policy
 
     def decide(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
-               now: float) -> tuple[AccessDecision, float | None]:
-        decision, valid_until, _ = self.decide_with_units(login, patient, category, action, care_team_required, now)
+               now: float, policies: PolicySet) -> tuple[AccessDecision, float | None]:
+        decision, valid_until, _ = self.decide_with_units(login, patient, category, action, care_team_required,
+                                                          now, policies)
         return decision, valid_until
 
     def decide_with_units(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
-                          now: float) -> tuple[AccessDecision, float | None, list[str]]:
+                          now: float, policies: PolicySet) -> tuple[AccessDecision, float | None, list[str]]:
         """:meth:`decide`, plus the user's units valid at ``now`` from the same round trip."""
-        login, patient = _check_id(login, "login"), _check_id(patient, "patient")
+        login, patient = check_id(login, "login"), check_id(patient, "patient")
         ct = self.careteam
         pipe = ct.redis.pipeline(transaction=False)
         pipe.hgetall(ct.key_user_units(login))
@@ -62,10 +71,10 @@ class AccessDecider:
         pipe.hget(self.grants.key_user(login), patient)
         user_units, stays, assignment, objections, grant_raw = pipe.execute()
         decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
-                                            stays, assignment, objections, grant_raw, ct.grace, self.policy,
-                                            ct.transversal)
-        units = sorted(_text(u).upper() for u, raw in user_units.items()
-                       if parse_unit_window(raw, _text(u)).contains(now))
+                                            stays, assignment, objections, grant_raw, policies.grace_seconds,
+                                            policies.breakglass, policies.careteam.units)
+        units = sorted(as_text(u).upper() for u, raw in user_units.items()
+                       if parse_unit_window(raw, as_text(u)).contains(now))
         return decision, valid_until, units
 
 
@@ -76,7 +85,7 @@ def decide_from(login, patient, category, action, care_team_required, now, user_
     boundaries: list[float] = []
     active_units = []
     for unit, raw in user_units.items():
-        unit = _text(unit).upper()
+        unit = as_text(unit).upper()
         window = parse_unit_window(raw, unit)
         boundaries += window.changes(now)
         if window.contains(now):

@@ -1,10 +1,10 @@
-"""FHIR enforcement glue: the pipeline asks it about requests under the FHIR base path, the addon about
-request bodies (writes) and responses.
+"""The FHIR step of the decision: the pipeline asks it about requests under the FHIR base path, the
+proxy edge about request bodies (writes) and answers.
 
 Three moments, all fail closed:
 
 1. ``decide`` (requestheaders, no I/O in the common case): session, request analysis
-   (:mod:`.compartment`), role x category (policy.csv), care team of every patient the request names.
+   (:mod:`dpiguard.fhir.compartment`), role x category (policy.csv), care team of every patient the request names.
    Reads by id and searches are forwarded with a :class:`FhirContext` for the response check.
    Writes are "pending": decided by ``decide_body`` once the body is in.
 2. ``decide_body`` (request hook, worker thread): the patients in the body and, for update / patch /
@@ -22,11 +22,12 @@ from typing import Any, Callable
 
 import orjson
 
-from dpiguard.policy.routes import HostileRequest, normalize_path, parse_query
-from dpiguard.decision.pipeline import UNSAFE_METHODS, Incoming, Pipeline, Verdict, fhir_resource
-from dpiguard.policy.fhir import FhirPolicy
-from dpiguard.fhir.compartment import FhirRefusal, FhirRequest, analyze
+from dpiguard.decision.pipeline import Pipeline
+from dpiguard.decision.verdict import Incoming, Verdict
+from dpiguard.fhir.compartment import FhirRefusal, FhirRequest, analyze, fhir_resource
 from dpiguard.fhir.response import BundleRewriter, Judge, patient_links, process
+from dpiguard.policy.paths import HostileRequest, normalize_path, parse_query
+from dpiguard.policy.snapshot import PolicySet
 
 MAX_BODY = 5 * 1024 * 1024
 STATUS_OF = {"not_in_care_team": 403, "category_not_permitted": 403, "fhir_type_not_mapped": 403,
@@ -46,9 +47,10 @@ Fetcher = Callable[[str, str, dict], "dict | None"]
 
 
 class FhirEnforcer:
-    def __init__(self, policy: FhirPolicy, fetcher: Fetcher | None, upstream_origin: str,
-                 public_origin: str = ""):
-        self.policy = policy  # swapped whole on reload
+    """The FHIR step. Holds no policy: each call uses the policy set of its decision (``policies.fhir``
+    for the FHIR mapping, ``policies.table`` for roles and categories)."""
+
+    def __init__(self, fetcher: Fetcher | None, upstream_origin: str, public_origin: str = ""):
         self.fetcher = fetcher
         self.upstream_origin = upstream_origin.rstrip("/")
         # mitmproxy has already replaced the client's Host header by the upstream's when our hooks run,
@@ -56,10 +58,10 @@ class FhirEnforcer:
         self.public_origin = public_origin.rstrip("/")
 
     # -- 1. request headers --------------------------------------------------------------------------
-    def decide(self, pipe: Pipeline, req: Incoming, path: str, query: dict, raw_query: str, io: bool,
-               now: float) -> Verdict:
-        fhir = self.policy
-        session, token_source = pipe._session(req, io, now)
+    def decide(self, pipe: Pipeline, policies: PolicySet, req: Incoming, path: str, query: dict, raw_query: str,
+               io: bool, now: float) -> Verdict:
+        fhir = policies.fhir
+        session, token_source = pipe.session(req, io, now)
         if session is None:
             v = Verdict(False, "session_expired" if token_source else "not_authenticated", 401, "please log in")
             v.fhir = True
@@ -72,7 +74,7 @@ class FhirEnforcer:
             return _refuse(v, exc.reason, exc.message, exc.status, exc.issue)
         v.action = freq.action
         v.patient = ",".join(freq.patients) or None
-        if req.method in UNSAFE_METHODS and token_source == "cookie" and not pipe._same_origin(req):
+        if not pipe.origin_ok(req, token_source):
             return _refuse(v, "csrf_origin_mismatch", "cross-site request refused")
         ctx = FhirContext(freq, freq.interaction == "search" and not freq.scoped, self.public_origin)
         if freq.interaction not in ("capabilities", "bundle"):
@@ -81,7 +83,7 @@ class FhirEnforcer:
             else:
                 rule = fhir.types[freq.resource_type]
                 categories = [rule.category] + sorted(rule.categories - {rule.category})
-            permitted = [c for c in categories if pipe.policy.permits(session.roles, c, freq.action)]
+            permitted = [c for c in categories if policies.permits(session.roles, c, freq.action)]
             if not permitted:
                 v.category = categories[0]
                 return _refuse(v, "category_not_permitted", f"your role may not {freq.action} "
@@ -91,17 +93,17 @@ class FhirEnforcer:
             if ctx.filtered_search and fhir.types[freq.resource_type].search != "filter":
                 return _refuse(v, "fhir_search_not_scoped",
                                f"a {freq.resource_type} search must name the patient (patient=...)")
-            probe = self._masked_probe(pipe, session.roles, freq, permitted)
+            probe = self._masked_probe(policies, session.roles, freq, permitted)
             if probe:
                 return _refuse(v, "fhir_forbidden_parameter",
                                f"search parameter {probe!r} is about an element your role does not see")
             strict = freq.interaction == "operation"  # $everything: the care team, whatever the categories
             for patient in freq.patients:
-                if not self._passes(pipe, session.user, patient, permitted, freq.action, io, now, strict):
+                if not self._passes(pipe, policies, session.user, patient, permitted, freq.action, io, now, strict):
                     v.patient = patient
                     return _refuse(v, "not_in_care_team", "you are not in this patient's care team")
         forward = path + ("?" + raw_query if raw_query else "")
-        pipe._grant(req, v, session, token_source, forward, io, now)
+        pipe.grant(req, v, session, token_source, forward, io, now)
         if not v.allowed:
             return v  # refused at the last step (mass-access throttle): traced now, never left pending
         v.fhir_context = ctx
@@ -109,25 +111,25 @@ class FhirEnforcer:
         return v
 
     @staticmethod
-    def _passes(pipe: Pipeline, user: str, patient: str, categories, action: str, io: bool, now: float,
-                strict: bool = False) -> bool:
+    def _passes(pipe: Pipeline, policies: PolicySet, user: str, patient: str, categories, action: str, io: bool,
+                now: float, strict: bool = False) -> bool:
         """The patient passes if, for one category the role may use, no care team is needed or the user
         is in it (the response check then applies each resource's own category). ``strict``: the user
         must be in the care team as soon as one of the categories needs it."""
-        needing = [c for c in categories if pipe.policy.category(c).care_team_required]
+        needing = [c for c in categories if policies.category(c).care_team_required]
         if needing and (len(needing) == len(categories) or strict):
-            return pipe._care_team(user, patient, needing[0], action, io, now).member
-        if pipe.access is not None:  # a patient objection refuses whatever the category
-            free = [c for c in categories if c not in needing]
-            return pipe._care_team(user, patient, free[0], action, io, now, False).member
-        return True
+            return pipe.care_team(user, patient, needing[0], action, io, now, policies).member
+        # a patient objection refuses whatever the category
+        free = [c for c in categories if c not in needing]
+        return pipe.care_team(user, patient, free[0], action, io, now, policies, False).member
 
-    def _masked_probe(self, pipe: Pipeline, roles, freq: FhirRequest, categories) -> str | None:
+    @staticmethod
+    def _masked_probe(policies: PolicySet, roles, freq: FhirRequest, categories) -> str | None:
         """A search parameter on an element masked for the user (Patient?address=...) is refused."""
         if freq.interaction != "search":
             return None
         for category in categories:
-            masked = self.policy.masked(roles, category, lambda r, c=category: pipe.policy.permits([r], c, "read"))
+            masked = policies.fhir.masked(roles, category, lambda r, c=category: policies.permits([r], c, "read"))
             for element in masked.get(freq.resource_type, []):
                 top = element.split(".")[0].lower()
                 aliases = {top} | ({"phone", "email"} if top == "telecom" else set())
@@ -151,7 +153,7 @@ class FhirEnforcer:
             detail = f"{type(exc).__name__}: {exc}"[:500]
         v.pending = False
         try:
-            v.audit = pipe._trace(req, v, detail=detail)  # the addon awaits its durability
+            v.audit = pipe.trace(req, v, v.policies, detail)  # the edge awaits its durability
         except Exception:
             _refuse(v, "internal_error", "the access trace could not be written; request refused", 503, "exception")
         return v
@@ -208,6 +210,7 @@ class FhirEnforcer:
         entries = bundle.get("entry") or []
         if not isinstance(entries, list):
             return "fhir_invalid_request", "Bundle.entry must be a list"
+        fhir = v.policies.fhir
         for number, entry in enumerate(entries, start=1):
             request = entry.get("request") if isinstance(entry, dict) else None
             if not isinstance(request, dict) or not isinstance(request.get("url"), str):
@@ -225,20 +228,20 @@ class FhirEnforcer:
             except HostileRequest as exc:
                 return "fhir_invalid_request", f"entry {number}: {exc}"
             try:
-                freq = analyze(method, segments, query, types=self.policy.types,
-                               allowed_params=self.policy.allow_parameters, operations=frozenset())
+                freq = analyze(method, segments, query, types=fhir.types,
+                               allowed_params=fhir.allow_parameters, operations=frozenset())
             except FhirRefusal as exc:
                 return exc.reason, f"entry {number}: {exc.message}"
             if freq.interaction in ("bundle", "operation", "capabilities"):
                 return "fhir_not_supported", f"entry {number}: not allowed inside a Bundle"
-            rule = self.policy.types[freq.resource_type]
-            permitted = [c for c in sorted(rule.categories) if pipe.policy.permits(v.roles, c, freq.action)]
+            rule = fhir.types[freq.resource_type]
+            permitted = [c for c in sorted(rule.categories) if v.policies.permits(v.roles, c, freq.action)]
             if not permitted:
                 return "category_not_permitted", f"entry {number}: your role may not {freq.action} {freq.resource_type}"
             if freq.interaction == "search" and not freq.scoped and rule.search != "filter":
                 return "fhir_search_not_scoped", f"entry {number}: the search must name the patient"
             for patient in freq.patients:
-                if not self._passes(pipe, v.user, patient, permitted, freq.action, True, now):
+                if not self._passes(pipe, v.policies, v.user, patient, permitted, freq.action, True, now):
                     return "not_in_care_team", f"entry {number}: you are not in this patient's care team"
             if freq.action == "write":
                 reason, message = self._check_entry(v, judge, freq, entry.get("resource"))
@@ -249,13 +252,14 @@ class FhirEnforcer:
     def _fetch(self, v: Verdict, kind: str, ident: str) -> dict | None:
         if self.fetcher is None:
             raise RuntimeError("no upstream fetcher configured for FHIR writes")
-        return self.fetcher(f"{self.policy.base_path}/{kind}/{ident}", ident, dict(v.set_headers))
+        return self.fetcher(f"{v.policies.fhir.base_path}/{kind}/{ident}", ident, dict(v.set_headers))
 
     def _judge(self, pipe: Pipeline, v: Verdict, io: bool, now: float) -> Judge:
         user = v.user
-        return Judge(fhir=self.policy, policy=pipe.policy, roles=tuple(v.roles),
-                     member=lambda patient, category, action: pipe._care_team(
-                         user, patient, category, action, io, now).member)
+        policies = v.policies
+        return Judge(fhir=policies.fhir, policy=policies, roles=tuple(v.roles),
+                     member=lambda patient, category, action: pipe.care_team(
+                         user, patient, category, action, io, now, policies).member)
 
     # -- 3. response ------------------------------------------------------------------------------------
     def process_response(self, pipe: Pipeline, req: Incoming, v: Verdict, status: int, content_type: str,
@@ -270,8 +274,8 @@ class FhirEnforcer:
                   "path": req.target[:512], "fhir_type": fhir_type, "fhir_id": fhir_id,
                   "category": v.category, "action": v.action, "client": req.client_ip,
                   "interaction": ctx.request.interaction, "resource_type": ctx.request.resource_type,
-                  "upstream_status": status, "policy_version": pipe._policy_version(),
-                  "fhir_policy_version": self.policy.version}
+                  "upstream_status": status, "policy_version": v.policies.version,
+                  "fhir_policy_version": v.policies.fhir.version}
         if not body.strip():
             if 200 <= status < 300 and ctx.request.interaction in ("read", "vread", "search", "history", "operation"):
                 raise ValueError("empty FHIR answer to a read")
@@ -320,35 +324,3 @@ def _outcome(reason: str, message: str, request_id: str) -> dict:
     from dpiguard.fhir.response import operation_outcome
     return operation_outcome(reason, STATUS_OF.get(reason, 403), message, request_id,
                              "exception" if reason == "fhir_invalid_response" else "forbidden")
-
-
-def load_enforcer(policies_dir, policy, upstream_url: str, ca_file: str | None,
-                  public_origin: str = "") -> FhirEnforcer | None:
-    """The FHIR enforcer when ``policies_dir/fhir.yaml`` exists (PolicyError if it is invalid), else None."""
-    from pathlib import Path
-
-    from dpiguard.policy.fhir import FHIR_FILE
-
-    path = Path(policies_dir) / FHIR_FILE
-    if not path.exists():
-        return None
-    fhir = FhirPolicy.load(path, policy.roles, policy.categories)
-    return FhirEnforcer(fhir, make_fetcher(upstream_url, ca_file), upstream_url, public_origin)
-
-
-def make_fetcher(upstream_url: str, ca_file: str | None, timeout: float = 5.0) -> Fetcher:
-    """GET a stored resource from the DPI with the user's identity headers (for update/patch/delete)."""
-    import httpx
-
-    client = httpx.Client(base_url=upstream_url.rstrip("/"), verify=ca_file or True, timeout=timeout,
-                          follow_redirects=False)
-
-    def fetch(path: str, _ident: str, headers: dict) -> dict | None:
-        response = client.get(path, headers={**headers, "accept": "application/fhir+json"})
-        if response.status_code in (404, 410):
-            return None
-        if response.status_code != 200:
-            raise RuntimeError(f"the DPI answered {response.status_code} to {path}")
-        return orjson.loads(response.content)
-
-    return fetch

@@ -1,7 +1,7 @@
 """The request pipeline: from an incoming request to a verdict (forward with identity, or refuse).
 
-It knows nothing of mitmproxy: ``dpiguard/addon.py`` adapts flows to :class:`Incoming` and verdicts
-back to flows. Steps, in order (see docs/architecture.md):
+It knows nothing of mitmproxy: the proxy edge (``dpiguard/edge/addon.py``) adapts flows to
+:class:`Incoming` and verdicts back to flows. Steps, in order (see docs/architecture.md):
 
 1. limits (URL and header sizes) and forged identity headers;
 2. HTTP mapping: normalize the path, match a route → (patient, category, action) or public;
@@ -9,6 +9,9 @@ back to flows. Steps, in order (see docs/architecture.md):
 4. authorization: the user's roles may do the action on the category (precomputed from Casbin);
 5. care team: patient objection, care-team membership, emergency access (``access.py``; decision
    cache, Redis behind);
+   under the FHIR base path, steps 2-5 are the FHIR step (``fhir.py``), which uses the same public
+   steps of this class (:meth:`Pipeline.session`, :meth:`Pipeline.care_team`, :meth:`Pipeline.grant`,
+   :meth:`Pipeline.trace`);
 6. identity headers and signed assertion for the upstream;
 7. one trace record per decision.
 
@@ -16,135 +19,44 @@ The common case does no I/O at all: sessions, units and care-team decisions come
 caches kept exact by the invalidation bus. When a step needs Redis, :meth:`Pipeline.decide` raises
 :class:`NeedIO` if called with ``io=False``; the addon then re-runs it with ``io=True`` in a worker
 thread so the event loop never blocks on the network.
+
+Each decision reads the policy set once (``pipeline.policies``, swapped whole by a reload) and hands
+that same :class:`~dpiguard.policy.snapshot.PolicySet` to every step; the verdict keeps it
+(``verdict.policies``) for the checks of the answer, and its trace record names its version.
 """
 
 from __future__ import annotations
 
-import secrets
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Mapping
 
 import redis
 
-from dpiguard.decision import assertion as identity
 from dpiguard import metrics
 from dpiguard.audit.chain import AuditError, AuditLog
-from dpiguard.decision.cache import DecisionCache
+from dpiguard.auth.sessions import Session, SessionStore, presented_token
 from dpiguard.careteam.store import CareTeamStore
-from dpiguard.policy.routes import HostileRequest, RouteMatch, normalize_path, parse_query
+from dpiguard.decision import assertion as identity
+from dpiguard.decision.access import AccessDecider, AccessDecision
 from dpiguard.decision.assertion import AssertionSigner
-from dpiguard.policy.table import Policy
-from dpiguard.auth.sessions import Session, SessionStore
-
-UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-REFUSAL_MESSAGES = {
-    "not_in_care_team": "you are not in this patient's care team",
-    "patient_objection": "the patient has objected to your access to their record",
-}
-
-
-# -- the pure part of the decision (also used by `dpiguard policy test|explain|diff`) ---------------
-def parse_target(target: str) -> tuple[str, dict[str, list[str]], str]:
-    """Step 2a: (normalized path, parsed query, raw query) of a request target.
-
-    Raises HostileRequest (reason ``hostile_path``)."""
-    raw_path, _, raw_query = target.partition("?")
-    if "#" in raw_query or "#" in raw_path:
-        raise HostileRequest("hostile_path", "fragment in request target")
-    return normalize_path(raw_path), parse_query(raw_query), raw_query
-
-
-def map_request(policy: Policy, method: str, target: str) -> tuple[RouteMatch | None, str, str]:
-    """Step 2: (route match or None, normalized path, raw query) of a request target.
-
-    Raises HostileRequest (reason ``hostile_path`` or ``ambiguous_patient``)."""
-    path, query, raw_query = parse_target(target)
-    return policy.routes.match(method, path, query), path, raw_query
-
-
-def authorize(policy: Policy, roles: tuple[str, ...] | list[str], match: RouteMatch) -> tuple[str, str] | None:
-    """Step 4: None if one of ``roles`` may do the matched action on its category, else
-    (refusal reason, message). The care team (step 5) is still to be checked when
-    :func:`needs_care_team` says so."""
-    if not policy.permits(roles, match.category, match.action):
-        return "category_not_permitted", f"your role may not {match.action} {match.category} data"
-    if needs_care_team(policy, match) and not match.patient:
-        return "no_route", "no patient in this request"  # a route must name the patient of such a category
-    return None
-
-
-def needs_care_team(policy: Policy, match: RouteMatch) -> bool:
-    return policy.category(match.category).care_team_required
-
-
-class NeedIO(Exception):
-    """The decision needs a Redis round trip; retry with io=True off the event loop."""
-
-
-@dataclass
-class Incoming:
-    """What the pipeline needs to know about a request."""
-
-    method: str
-    target: str  # path and query exactly as received
-    headers: Mapping[str, str]  # lower-case names → value (multi-valued headers joined by ", ")
-    client_ip: str
-    tls: bool
-    header_bytes: int = 0
-    request_id: str = field(default_factory=lambda: secrets.token_hex(8))
-
-
-@dataclass
-class Verdict:
-    allowed: bool
-    reason: str
-    status: int = 200
-    message: str = ""
-    forward_target: str = ""  # normalized path + query to send upstream
-    set_headers: dict[str, str] = field(default_factory=dict)
-    cookie_header: str | None = None  # Cookie header to forward (dpiguard's cookie removed); None = unchanged
-    drop_authorization: bool = False
-    user: str | None = None
-    roles: tuple[str, ...] = ()
-    patient: str | None = None
-    category: str | None = None
-    action: str | None = None
-    fhir: bool = False
-    public: bool = False
-    source: str | None = None  # why the care-team check passed/failed
-    retry_after: int = 0
-    session: Session | None = None
-    break_glass: object | None = None  # the emergency-access Grant the request relies on (access.py)
-    objection_overridden: str | None = None
-    fhir_context: object | None = None  # FHIR requests: what the response and body checks need
-    fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
-    pending: bool = False  # FHIR writes: decided (and traced) once the body is in
-    units: tuple[str, ...] | None = None
-    audit: Future | None = None  # resolves once the decision's trace record is on disk
-
-
-@dataclass(frozen=True, slots=True)
-class CachedDecision:
-    member: bool
-    source: str
-    reason: str = "not_in_care_team"
-    break_glass: object | None = None
-    objection_overridden: str | None = None
+from dpiguard.decision.cache import DecisionCache
+from dpiguard.decision.massaccess import MassAccessMonitor
+from dpiguard.decision.verdict import REFUSAL_MESSAGES, Incoming, NeedIO, Verdict, audit_unavailable
+from dpiguard.fhir.compartment import fhir_resource
+from dpiguard.policy.evaluate import KNOWN_METHODS, UNSAFE_METHODS, authorize, needs_care_team, parse_target
+from dpiguard.policy.paths import HostileRequest, normalize_path
+from dpiguard.policy.snapshot import PolicySet
 
 
 class Pipeline:
     def __init__(
         self,
         *,
-        policy: Policy,
+        policies: PolicySet,
         sessions: SessionStore,
         careteam: CareTeamStore,
+        access: AccessDecider,
         cache: DecisionCache,
         signer: AssertionSigner,
         audit: AuditLog,
@@ -155,11 +67,13 @@ class Pipeline:
         max_url_bytes: int = 4096,
         extra_identity_headers: tuple[str, ...] = (),
         require_tls: bool = False,
-        access=None,
+        fhir=None,
+        mass_access: MassAccessMonitor | None = None,
     ):
-        self.policy = policy  # swapped whole (one attribute assignment) on reload
+        self.policies = policies  # swapped whole (one attribute assignment) on reload
         self.sessions = sessions
         self.careteam = careteam
+        self.access = access  # objections + care team + emergency access in one round trip (access.py)
         self.cache = cache
         self.signer = signer
         self.audit = audit
@@ -170,14 +84,12 @@ class Pipeline:
         self.max_url_bytes = max_url_bytes
         self.extra_identity_headers = tuple(h.lower() for h in extra_identity_headers)
         self.require_tls = require_tls
-        # Objections + care team + emergency access in one round trip (dpiguard/access.py); None = care team only.
-        self.access = access
-        self.fhir = None  # dpiguard.fhir.enforce.FhirEnforcer when policies/fhir.yaml is loaded
+        self.fhir = fhir  # dpiguard.decision.fhir.FhirEnforcer: requests under the base path of fhir.yaml
+        self.mass_access = mass_access  # in-process checks only (massaccess.py)
         # Units of each user, valid now (for the identity headers); dropped on `user:U` events.
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
         self.units_ttl = 60.0
-        self.mass_access = None  # MassAccessMonitor (dpiguard/massaccess.py): in-process checks only
 
     # -- invalidation hooks (called by the bus thread) ---------------------------------------------
     def drop_user(self, user: str) -> None:
@@ -192,9 +104,9 @@ class Pipeline:
     def decide(self, req: Incoming, *, io: bool, now: float | None = None) -> Verdict:
         """Decide and trace. Never raises except NeedIO (when io is False)."""
         now = time.time() if now is None else now
-        policy = self.policy  # read once: a reload swaps the attribute, never mutates a Policy
+        policies = self.policies  # read once: a reload swaps the attribute, never mutates a set
         try:
-            verdict = self._decide(req, io, now, policy)
+            verdict = self._decide(req, io, now, policies)
         except NeedIO:
             raise
         except Exception as exc:  # fail closed: any unexpected error is a refusal
@@ -205,15 +117,16 @@ class Pipeline:
             detail = f"{type(exc).__name__}: {exc}"[:500]
         else:
             detail = None
-            if verdict.pending:
-                return verdict  # traced by the FHIR body check, once the body is in
+        verdict.policies = policies
+        if verdict.pending:
+            return verdict  # traced by the FHIR body check, once the body is in
         try:
-            verdict.audit = self._trace(req, verdict, policy, detail)
+            verdict.audit = self.trace(req, verdict, policies, detail)
         except AuditError:
             return audit_unavailable()
         return verdict
 
-    def _decide(self, req: Incoming, io: bool, now: float, policy: Policy) -> Verdict:
+    def _decide(self, req: Incoming, io: bool, now: float, policies: PolicySet) -> Verdict:
         if self.require_tls and not req.tls:
             return Verdict(False, "tls_required", 400, "this service is only served over HTTPS")
         if req.method not in KNOWN_METHODS:
@@ -231,11 +144,10 @@ class Pipeline:
             path, query, raw_query = parse_target(req.target)
         except HostileRequest as exc:
             return Verdict(False, exc.reason, 400, str(exc))
-        fhir = self.fhir
-        if fhir is not None and fhir.policy.owns(path):
-            return fhir.decide(self, req, path, query, raw_query, io, now)
+        if self.fhir is not None and policies.fhir is not None and policies.fhir.owns(path):
+            return self.fhir.decide(self, policies, req, path, query, raw_query, io, now)
         try:
-            match = policy.routes.match(req.method, path, query)
+            match = policies.table.routes.match(req.method, path, query)
         except HostileRequest as exc:
             return Verdict(False, exc.reason, 400, str(exc))
         forward_target = path + ("?" + raw_query if raw_query else "")
@@ -243,7 +155,7 @@ class Pipeline:
         if match is not None and match.public:
             return Verdict(True, "public", forward_target=forward_target, public=True)
 
-        session, token_source = self._session(req, io, now)
+        session, token_source = self.session(req, io, now)
         if session is None:
             reason = "session_expired" if token_source else "not_authenticated"
             return Verdict(False, reason, 401, "please log in")
@@ -254,17 +166,16 @@ class Pipeline:
         verdict.patient, verdict.category, verdict.action, verdict.fhir = (
             match.patient, match.category, match.action, match.fhir)
 
-        if req.method in UNSAFE_METHODS and token_source == "cookie" and not self._same_origin(req):
+        if not self.origin_ok(req, token_source):
             verdict.reason, verdict.message = "csrf_origin_mismatch", "cross-site request refused"
             return verdict
-        refusal = authorize(policy, session.roles, match)
+        refusal = authorize(policies.table, session.roles, match)
         if refusal is not None:
             verdict.reason, verdict.message = refusal
             return verdict
-        care_team_required = needs_care_team(policy, match)
-        if match.patient and (care_team_required or self.access is not None):
-            decision = self._care_team(session.user, match.patient, match.category, match.action, io, now,
-                                       care_team_required)
+        if match.patient:
+            decision = self.care_team(session.user, match.patient, match.category, match.action, io, now,
+                                      policies, needs_care_team(policies.table, match))
             verdict.source = decision.source
             if not decision.member:
                 verdict.reason = decision.reason
@@ -273,11 +184,62 @@ class Pipeline:
             verdict.break_glass = decision.break_glass
             verdict.objection_overridden = decision.objection_overridden
 
-        return self._grant(req, verdict, session, token_source, forward_target, io, now)
+        return self.grant(req, verdict, session, token_source, forward_target, io, now)
 
-    def _grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
-               forward_target: str, io: bool, now: float) -> Verdict:
-        """Allow: identity headers and signed assertion for the upstream, session credentials removed."""
+    # -- public steps (the FHIR step uses them too) ------------------------------------------------
+    def session_token(self, req: Incoming) -> tuple[str | None, str | None]:
+        """The session id the client presented, and where: ('cookie'|'bearer'|None)."""
+        return presented_token(req.headers, self.cookie_name)
+
+    def session(self, req: Incoming, io: bool, now: float) -> tuple[Session | None, str | None]:
+        """Step 3: the session of the request and where its id came from (None if there is none or it
+        ended). Raises NeedIO when ``io`` is False and this instance does not have the session."""
+        token, source = self.session_token(req)
+        if not token:
+            return None, None
+        if not io:
+            session = self.sessions.get_local(token, now)
+            metrics.session_lookup(session is not None)
+            if session is None:
+                raise NeedIO()
+        else:
+            session = self.sessions.get(token, now)
+        return session, source
+
+    @staticmethod
+    def origin_ok(req: Incoming, token_source: str | None) -> bool:
+        """An unsafe request authenticated by the cookie must come from our own pages.
+
+        SameSite=Strict already keeps the cookie off cross-site requests; browsers also say where an
+        unsafe request comes from (Fetch Metadata), so cross-site ones are refused explicitly."""
+        if req.method not in UNSAFE_METHODS or token_source != "cookie":
+            return True
+        return req.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+
+    def care_team(self, user: str, patient: str, category: str, action: str, io: bool, now: float,
+                  policies: PolicySet, care_team_required: bool = True) -> AccessDecision:
+        """Step 5 for one patient: objection, care team, emergency access (cached; Redis behind).
+        Raises NeedIO when ``io`` is False and the decision is not cached."""
+        key = (user, patient, category, action)
+        cached = self.cache.get(key, now)
+        if cached is not None:
+            return cached
+        if not io:
+            raise NeedIO()
+        generation = self.cache.generation()
+        decision, valid_until, units = self.access.decide_with_units(
+            user, patient, category, action, care_team_required, now, policies)
+        expires = now + self.decision_ttl
+        if valid_until is not None:
+            expires = min(expires, valid_until)
+        self.cache.put(key, decision, expires, generation)
+        self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
+        return decision
+
+    def grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
+              forward_target: str, io: bool, now: float) -> Verdict:
+        """Step 6, allow: identity headers and signed assertion for the upstream, session credentials
+        removed. May still refuse (mass-access throttle): check ``verdict.allowed``."""
         mass = self.mass_access
         if mass is not None and verdict.patient and mass.blocked(session.user, now):
             verdict.reason = "mass_access"
@@ -305,85 +267,9 @@ class Pipeline:
             verdict.drop_authorization = True
         return verdict
 
-    # -- steps -------------------------------------------------------------------------------------
-    def session_token(self, req: Incoming) -> tuple[str | None, str | None]:
-        """The session id the client presented, and where: ('cookie'|'bearer'|None)."""
-        auth = req.headers.get("authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return auth[7:].strip(), "bearer"
-        cookie = req.headers.get("cookie")
-        if cookie:
-            for part in cookie.split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == self.cookie_name:
-                    return value, "cookie"
-        return None, None
-
-    def _session(self, req: Incoming, io: bool, now: float) -> tuple[Session | None, str | None]:
-        token, source = self.session_token(req)
-        if not token:
-            return None, None
-        if not io:
-            session = self.sessions.get_local(token, now)
-            metrics.session_lookup(session is not None)
-            if session is None:
-                raise NeedIO()
-        else:
-            session = self.sessions.get(token, now)
-        return session, source
-
-    def _care_team(self, user: str, patient: str, category: str, action: str, io: bool, now: float,
-                   care_team_required: bool = True) -> CachedDecision:
-        key = (user, patient, category, action)
-        cached = self.cache.get(key, now)
-        if cached is not None:
-            return cached
-        if not io:
-            raise NeedIO()
-        generation = self.cache.generation()
-        if self.access is not None:
-            decision, valid_until, units = self.access.decide_with_units(
-                user, patient, category, action, care_team_required, now)
-        else:
-            membership, units = self.careteam.membership_and_units(user, patient, now, category)
-            decision, valid_until = CachedDecision(membership.member, membership.source), membership.valid_until
-        expires = now + self.decision_ttl
-        if valid_until is not None:
-            expires = min(expires, valid_until)
-        self.cache.put(key, decision, expires, generation)
-        self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
-        return decision
-
-    def _user_units(self, user: str, io: bool, now: float) -> tuple[str, ...]:
-        with self._units_lock:
-            hit = self._units.get(user)
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        if not io:
-            raise NeedIO()
-        generation = self.cache.generation()
-        units = tuple(self.careteam.user_units(user, now))
-        self._remember_units(user, units, now, generation)
-        return units
-
-    def _remember_units(self, user: str, units: tuple[str, ...], now: float, generation: int) -> None:
-        if self.cache.enabled and self.cache.generation() == generation:
-            with self._units_lock:
-                self._units[user] = (units, now + self.units_ttl)
-
-    @staticmethod
-    def _same_origin(req: Incoming) -> bool:
-        # SameSite=Strict already keeps the cookie off cross-site requests; browsers also say where an
-        # unsafe request comes from (Fetch Metadata), so refuse cross-site ones explicitly.
-        return req.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
-
-    def _strip_cookie(self, cookie: str) -> str:
-        kept = [p.strip() for p in cookie.split(";") if p.strip() and p.strip().partition("=")[0] != self.cookie_name]
-        return "; ".join(kept)
-
-    # -- trace -------------------------------------------------------------------------------------
-    def _trace(self, req: Incoming, v: Verdict, policy: Policy | None = None, detail: str | None = None) -> Future:
-        """Queue the decision's record (schema: docs/audit.md); the caller awaits the future."""
+    def trace(self, req: Incoming, v: Verdict, policies: PolicySet | None, detail: str | None = None) -> Future:
+        """Step 7: queue the decision's record (schema: docs/audit.md); the caller awaits the future
+        before answering or forwarding. ``policies``: the set the decision was taken with."""
         if v.user is None and not v.public:
             v.user = self._known_user(req)  # attribute early refusals (hostile paths...) when we can
         if v.forward_target:
@@ -394,6 +280,7 @@ class Pipeline:
             except HostileRequest:
                 path = None
         fhir_type, fhir_id = fhir_resource(path) if v.fhir and path else (None, None)
+        policies = policies or v.policies or self.policies
         return self.audit.submit({
             "event": "access",
             "request_id": req.request_id,
@@ -414,10 +301,32 @@ class Pipeline:
             "break_glass_reason": None,
             "client": req.client_ip,
             "care_team": v.source,
-            "policy_version": getattr(policy, "version", None) or self._policy_version(),
+            "policy_version": policies.version,
             "detail": detail,
             **(self._break_glass_fields(v) if v.break_glass is not None else {}),
         })
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _user_units(self, user: str, io: bool, now: float) -> tuple[str, ...]:
+        with self._units_lock:
+            hit = self._units.get(user)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        if not io:
+            raise NeedIO()
+        generation = self.cache.generation()
+        units = tuple(self.careteam.user_units(user, now))
+        self._remember_units(user, units, now, generation)
+        return units
+
+    def _remember_units(self, user: str, units: tuple[str, ...], now: float, generation: int) -> None:
+        if self.cache.enabled and self.cache.generation() == generation:
+            with self._units_lock:
+                self._units[user] = (units, now + self.units_ttl)
+
+    def _strip_cookie(self, cookie: str) -> str:
+        kept = [p.strip() for p in cookie.split(";") if p.strip() and p.strip().partition("=")[0] != self.cookie_name]
+        return "; ".join(kept)
 
     @staticmethod
     def _break_glass_fields(v: Verdict) -> dict:
@@ -435,21 +344,3 @@ class Pipeline:
         except Exception:
             return None
         return session.user if session else None
-
-    def _policy_version(self) -> str | None:
-        return getattr(self.policy, "version", None)
-
-
-def audit_unavailable() -> Verdict:
-    """The refusal given when a decision's trace cannot be made durable (audit.on_failure: refuse)."""
-    return Verdict(False, "audit_unavailable", 503, "the access trace could not be written; request refused")
-
-
-def fhir_resource(path: str) -> tuple[str | None, str | None]:
-    """(resource type, id) of a FHIR REST path such as /fhir/Patient/P0001/_history/2 or /fhir/Observation."""
-    parts = [p for p in path.split("/") if p]
-    for i, part in enumerate(parts):
-        if part[:1].isupper() and part.isalnum():
-            ident = parts[i + 1] if i + 1 < len(parts) and not parts[i + 1].startswith(("_", "$")) else None
-            return part, ident
-    return None, None

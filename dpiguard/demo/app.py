@@ -29,8 +29,6 @@ from flask import Flask, Response, g, redirect, render_template, request, url_fo
 from jinja2 import DictLoader
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from dpiguard.demo.data import Dataset, PatientRecord
-from dpiguard.demo.fhir_server import register_fhir
 from dpiguard.decision.assertion import (
     HEADER_ASSERTION,
     HEADER_BREAK_GLASS,
@@ -41,6 +39,8 @@ from dpiguard.decision.assertion import (
     AssertionVerifier,
     InvalidAssertion,
 )
+from dpiguard.demo.data import Dataset, PatientRecord
+from dpiguard.demo.fhir_server import register_fhir
 
 STATIC_DIR = Path(__file__).parent / "static"
 FHIR_JSON = "application/fhir+json"

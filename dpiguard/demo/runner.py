@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
-import redis
 import yaml
 
-from dpiguard.config import Config, load_config
-from dpiguard.decision.assertion import AssertionVerifier, generate_keypair
 from dpiguard.auth.users import SecretBox
+from dpiguard.config import Config, load_config
+from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.data import Dataset, build_dataset
+from dpiguard.signing import generate_keypair
 
 DEMO_PASSWORD = "Demo-Hopital-2026!"
 POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
@@ -93,9 +93,10 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 
 def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".dpiguard-demo"),
              seed_value: int = 2026) -> int:
+    from dpiguard.demo.app import create_app, start_in_thread
     from dpiguard.demo.redis import LocalRedis
     from dpiguard.edge.runner import run_proxy
-    from dpiguard.demo.app import create_app, start_in_thread
+    from dpiguard.services import build_services
 
     workdir = workdir.resolve()
     server = LocalRedis(persist_dir=workdir / "redis").start()
@@ -111,7 +112,8 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".d
         (workdir / "demo-accounts.json").write_bytes(orjson.dumps(
             [a.__dict__ for a in accounts], option=orjson.OPT_INDENT_2))
         _print_banner(host, port, workdir, config_path, accounts, server.url)
-        return run_proxy(cfg)
+        services = build_services(cfg)
+        return run_proxy(cfg, services, services.adt_processor())
     finally:
         if upstream is not None:
             upstream.shutdown()

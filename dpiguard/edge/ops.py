@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 
 from dpiguard import metrics
-from dpiguard.decision.pipeline import Incoming
+from dpiguard.decision.verdict import Incoming
 
 log = logging.getLogger("dpiguard")
 
@@ -92,11 +92,11 @@ class Monitor:
         checks = {
             "redis": redis_ok,
             "cache_coherent": s.bus.coherent,
-            "policy_loaded": s.policy is not None,
+            "policy_loaded": s.policies is not None,
             "audit_writable": self._audit_ok,
         }
         out = {"ready": all(checks.values()), **checks, "instance": s.config.instance_id,
-               "policy_version": s.policy.version if s.policy is not None else None,
+               "policy_version": s.policies.version if s.policies is not None else None,
                "redis_mode": self.redis_mode}
         if not redis_ok:
             out["redis_error"] = self._redis_error or "probe is stale"

@@ -31,8 +31,9 @@ import orjson
 from dpiguard import metrics
 from dpiguard.audit.chain import AuditError, AuditLog
 from dpiguard.auth.login import Authenticator, LoginResult
-from dpiguard.decision.pipeline import Incoming, Verdict
-from dpiguard.auth.sessions import SessionStore
+from dpiguard.auth.sessions import SessionStore, cookie_value, presented_token
+from dpiguard.decision.verdict import Incoming, Verdict
+from dpiguard.policy.snapshot import PolicySet
 
 PREFIX = "/_dpiguard/"
 MAX_BODY = 16 * 1024
@@ -114,6 +115,7 @@ class Portal:
         secure_cookies: bool,
         units_of: Callable[[str], list[str]],
         health: Callable[[], dict[str, Any]],
+        policies: Callable[[], PolicySet],
         breakglass=None,
     ):
         self.authenticator = authenticator
@@ -126,6 +128,7 @@ class Portal:
         self.health = health
         self._traced = threading.local()  # events written while serving the current request (handle)
         self.breakglass = breakglass  # BreakGlassService, or None (emergency access off)
+        self.policies = policies  # the policy set in service now (the pipeline's)
 
     # -- dispatch ----------------------------------------------------------------------------------
     def handle(self, req: Incoming, body: bytes, session_token: str | None) -> Reply:
@@ -211,7 +214,7 @@ class Portal:
     def login_submit(self, req: Incoming, body: bytes) -> Reply:
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
         sent = form.get("csrf", "")
-        cookie = _cookie_value(req.headers.get("cookie", ""), self.csrf_cookie)
+        cookie = cookie_value(req.headers.get("cookie", ""), self.csrf_cookie)
         if not sent or not cookie or not hmac.compare_digest(sent, cookie):
             self._event(req, "login_failure", form.get("username", "")[:64] or None, "deny", "csrf_failed")
             return self.login_form(req, "", "Your form expired; please try again.", 400, form.get("next", "/"))
@@ -264,7 +267,7 @@ class Portal:
         return result
 
     def _open_session(self, req: Incoming, result: LoginResult):
-        old, _ = _presented_token(req, self.cookie_name)
+        old, _ = presented_token(req.headers, self.cookie_name)
         if old:
             self.sessions.destroy(old)  # the id is rotated at login
         token, session = self.sessions.create(result.user.login, result.user.roles)
@@ -318,10 +321,11 @@ class Portal:
                 }],
             }
             return Reply(v.status, orjson.dumps(outcome), "application/fhir+json", extra)
-        offer = self.breakglass is not None and self.breakglass.offer(v.reason, v.roles, v.patient, v.category,
-                                                                      v.action)
+        bg_policy = (v.policies or self.policies()).breakglass
+        offer = self.breakglass is not None and self.breakglass.offer(bg_policy, v.reason, v.roles, v.patient,
+                                                                      v.category, v.action)
         if wants_html(req.headers, req.method):
-            form = self._breakglass_form(v.patient, v.session.csrf, req.target) if offer and v.session else ""
+            form = self._breakglass_form(bg_policy, v.patient, v.session.csrf, req.target) if offer and v.session else ""
             body = _page("Access refused", f"""<h1>Access refused</h1><p class="err">{html.escape(REASON_TEXT.get(v.reason, text))}</p>
 <p>Reason code: <code>{html.escape(v.reason)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
 <p><small>This refusal has been recorded. If you need this access for care, contact your supervisor or IT support with the request id.</small></p>{form}""")
@@ -332,9 +336,9 @@ class Portal:
         return self._json(v.status, data, extra)
 
     # -- emergency access (bris de glace) ----------------------------------------------------------
-    def _breakglass_form(self, patient: str, csrf: str, next_target: str, error: str = "",
+    @staticmethod
+    def _breakglass_form(policy, patient: str, csrf: str, next_target: str, error: str = "",
                          reason: str = "", text: str = "") -> str:
-        policy = self.breakglass.policy
         options = "".join(
             f'<option value="{html.escape(code)}"{" selected" if code == reason else ""}>{html.escape(label)}</option>'
             for code, label in policy.reasons.items())
@@ -358,7 +362,7 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
             self._event(req, "break_glass_request", None, "deny", "not_authenticated")
             return self._json(401, {"error": "not_authenticated", "message": "please log in"},
                               [("WWW-Authenticate", 'Bearer realm="dpiguard"')])
-        _, source = _presented_token(req, self.cookie_name)
+        _, source = presented_token(req.headers, self.cookie_name)
         if form:
             data = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=10).items()}
             if not hmac.compare_digest(data.get("csrf", ""), session.csrf):
@@ -379,8 +383,9 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
         if source == "cookie" and req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             self._event(req, "break_glass_request", session.user, "deny", "csrf_origin_mismatch")
             return self._json(403, {"error": "csrf_origin_mismatch"})
+        bg_policy = self.policies().breakglass
         outcome = self.breakglass.request(
-            user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
+            bg_policy, user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
             text=data.get("text"), totp=data.get("totp"), client_ip=req.client_ip, request_id=req.request_id)
         self._traced.count += 1  # the emergency-access service traces every request it decides
         headers = [("Retry-After", str(outcome.retry_after))] if outcome.retry_after else []
@@ -389,7 +394,7 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
                 return Reply(303, b"", "text/plain", [("Location", safe_next(data.get("next", "/")))])
             page = _page("Emergency access", f"""<h1>Emergency access refused</h1>
 <p>Reason code: <code>{html.escape(outcome.error)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
-""" + (self._breakglass_form(str(data.get("patient", ""))[:64], session.csrf, data.get("next", "/"),
+""" + (self._breakglass_form(bg_policy, str(data.get("patient", ""))[:64], session.csrf, data.get("next", "/"),
                               outcome.message, str(data.get("reason", "")), str(data.get("text", ""))[:2000])
        if outcome.status in (400, 401) else f'<p class="err">{html.escape(outcome.message)}</p>'))
             return Reply(outcome.status, page, "text/html; charset=utf-8", headers)
@@ -428,22 +433,6 @@ def _login_error(result: LoginResult) -> str:
         minutes = max(1, (result.retry_after + 59) // 60)
         return f"Too many failed attempts. Try again in {minutes} minute(s)."
     return "Login failed: user name, password or authenticator code is incorrect."
-
-
-def _cookie_value(cookie_header: str, name: str) -> str | None:
-    for part in cookie_header.split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == name:
-            return v
-    return None
-
-
-def _presented_token(req: Incoming, cookie_name: str) -> tuple[str | None, str | None]:
-    auth = req.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip(), "bearer"
-    value = _cookie_value(req.headers.get("cookie", ""), cookie_name)
-    return (value, "cookie") if value else (None, None)
 
 
 def safe_next(target: str) -> str:

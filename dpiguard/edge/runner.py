@@ -8,13 +8,14 @@ import os
 import signal
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mitmproxy import options
 from mitmproxy.tools.dump import DumpMaster
 
-from dpiguard.edge.addon import DpiGuard
+from dpiguard.careteam.mllp import MllpServer, listener_settings
 from dpiguard.config import Config
-from dpiguard.services import build_services
+from dpiguard.edge.addon import DpiGuard
 
 
 def mitmproxy_options(cfg: Config, runtime_dir: Path) -> dict:
@@ -50,31 +51,27 @@ def _combined_pem(cfg: Config, runtime_dir: Path) -> Path:
     return target
 
 
-def run_proxy(cfg: Config) -> int:
-    """Run until SIGINT/SIGTERM. Everything is validated and built before anything listens."""
-    services = build_services(cfg)  # raises on bad policy, keys, audit path
+def run_proxy(cfg: Config, services: Any, adt_processor: Any = None) -> int:
+    """Serve until SIGINT/SIGTERM. ``services`` (dpiguard.services.Services) is built, and so every
+    file validated, before anything listens; ``adt_processor``: the ADT feed to serve on the same loop
+    (``adt.enabled``), or None."""
     runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="dpiguard-"))
     mitm_opts = mitmproxy_options(cfg, runtime_dir)
 
     async def main() -> int:
         opts = options.Options()
         master = DumpMaster(opts, with_termlog=True, with_dumper=False)
-        addon = DpiGuard(cfg)
-        addon.services = services
-        master.addons.add(addon)
+        master.addons.add(DpiGuard(services))
         opts.update(**mitm_opts)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, master.shutdown)
         adt_server = None
-        if cfg.adt.enabled:  # the ADT feed listener shares the loop, the Redis client and the trace
-            from dpiguard.careteam.mllp import MllpServer, build_processor, settings_from_config
-
-            adt_server = await MllpServer(build_processor(cfg, services.redis, services.audit),
-                                          settings_from_config(cfg)).start()
+        if adt_processor is not None:  # the ADT feed listener shares the loop, the Redis client and the trace
+            adt_server = await MllpServer(adt_processor, listener_settings(cfg)).start()
             print(f"dpiguard: ADT feed (HL7 MLLP) on {cfg.adt.listen_host}:{adt_server.port}", flush=True)
         print(f"dpiguard: listening on {'https' if cfg.tls_enabled else 'http'}://{cfg.listen.host}:{cfg.listen.port}"
-              f" → {cfg.upstream.url} (policy {services.policy.version})", flush=True)
+              f" → {cfg.upstream.url} (policy {services.policies.version})", flush=True)
         try:
             await master.run()
         finally:

@@ -416,3 +416,13 @@ def _include_value(req: FhirRequest, base: str, value: str, allowed: frozenset[s
         if "_revinclude" not in allowed:
             raise forbidden_param(base, f"{value[:64]!r} does not point at the patient")
     req.revincludes.append(value)
+
+
+def fhir_resource(path: str) -> tuple[str | None, str | None]:
+    """(resource type, id) of a FHIR REST path such as /fhir/Patient/P0001/_history/2 or /fhir/Observation."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        if part[:1].isupper() and part.isalnum():
+            ident = parts[i + 1] if i + 1 < len(parts) and not parts[i + 1].startswith(("_", "$")) else None
+            return part, ident
+    return None, None

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from dpiguard.policy.fhir import FhirPolicy
 from dpiguard.fhir.compartment import patient_of_reference
+from dpiguard.policy.fhir import FhirPolicy
 
 NO_PATIENT = "fhir_no_patient"
 
@@ -51,7 +51,7 @@ def patient_links(resource: Any) -> tuple[set[str], bool]:
 
 
 @dataclass
-class Verdict:
+class Judgement:
     ok: bool
     reason: str
     category: str | None
@@ -65,27 +65,27 @@ class Judge:
                  member: Callable[[str, str, str], bool]):
         self.fhir, self.policy, self.roles, self.member = fhir, policy, roles, member
 
-    def resource(self, resource: Any, action: str = "read") -> Verdict:
+    def resource(self, resource: Any, action: str = "read") -> Judgement:
         if not isinstance(resource, dict):
-            return Verdict(False, "fhir_invalid_response", None)
+            return Judgement(False, "fhir_invalid_response", None)
         kind = resource.get("resourceType")
         if kind == "OperationOutcome":
-            return Verdict(True, "allowed", None)
+            return Judgement(True, "allowed", None)
         category = self.fhir.category_of(resource)
         if category is None:
-            return Verdict(False, "fhir_type_not_mapped", None)
+            return Judgement(False, "fhir_type_not_mapped", None)
         if not self.policy.permits(self.roles, category, action):
-            return Verdict(False, "category_not_permitted", category)
+            return Judgement(False, "category_not_permitted", category)
         patients, unreadable = patient_links(resource)
         if self.policy.category(category).care_team_required:
             if unreadable:
-                return Verdict(False, NO_PATIENT, category, tuple(sorted(patients)))
+                return Judgement(False, NO_PATIENT, category, tuple(sorted(patients)))
             if not patients:
-                return Verdict(False, NO_PATIENT, category)
+                return Judgement(False, NO_PATIENT, category)
             for patient in sorted(patients):
                 if not self.member(patient, category, action):
-                    return Verdict(False, "not_in_care_team", category, tuple(sorted(patients)))
-        return Verdict(True, "allowed", category, tuple(sorted(patients)))
+                    return Judgement(False, "not_in_care_team", category, tuple(sorted(patients)))
+        return Judgement(True, "allowed", category, tuple(sorted(patients)))
 
     def masks(self, category: str) -> dict[str, list[str]]:
         return self.fhir.masked(self.roles, category, lambda role: self.policy.permits([role], category, "read"))
@@ -126,7 +126,7 @@ def apply_masks(resource: dict, judge: Judge, category: str | None) -> list[str]
 
 
 @dataclass
-class Outcome:
+class CheckedAnswer:
     """The result of processing one response body."""
 
     body: Any
@@ -152,9 +152,9 @@ class BundleRewriter:
         return url
 
 
-def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, filtered_search: bool) -> Outcome:
+def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, filtered_search: bool) -> CheckedAnswer:
     """Check, filter and mask a parsed FHIR response body."""
-    out = Outcome(body, status)
+    out = CheckedAnswer(body, status)
     if not isinstance(body, dict) or "resourceType" not in body:
         raise ValueError("the FHIR response is not a resource")
     if body["resourceType"] == "Bundle":
@@ -173,7 +173,7 @@ def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, f
     return out
 
 
-def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: Outcome, filtered_search: bool) -> None:
+def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: CheckedAnswer, filtered_search: bool) -> None:
     kind = bundle.get("type")
     entries = bundle.get("entry") or []
     if not isinstance(entries, list):

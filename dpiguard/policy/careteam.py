@@ -19,8 +19,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Iterable, Mapping
 
-from dpiguard.policy.routes import LineDict, LineList, PolicyError, load_yaml, read_policy_file
-from dpiguard.careteam.store import _ID_RE
+from dpiguard.ids import ID_RE
+from dpiguard.policy.files import LineDict, LineList, PolicyError, load_yaml, read_policy_file
 
 CARETEAM_FILE = "careteam.yaml"
 SCOPES = ("open_stay_anywhere", "recent_stay_anywhere", "any_patient")
@@ -49,8 +49,12 @@ class CareTeamPolicy:
         path = Path(path)
         if not path.exists():
             return cls()
-        label = str(path)
         _, text = read_policy_file(path)
+        return cls.from_text(text, str(path), categories)
+
+    @classmethod
+    def from_text(cls, text: str, label: str, categories: Iterable[str] | None = None) -> "CareTeamPolicy":
+        """Validate the text of a careteam.yaml (``label`` names it in errors)."""
         data = load_yaml(text, label)
         known = set(categories) if categories is not None else None
         for key in data:
@@ -70,7 +74,7 @@ class CareTeamPolicy:
                               "'transversal_units' must map unit names to their settings")
         for name, value in section.items():
             line = section.line_of(name)
-            if not isinstance(name, str) or not _ID_RE.fullmatch(name):
+            if not isinstance(name, str) or not ID_RE.fullmatch(name):
                 raise PolicyError(label, line, f"unit name {name!r}: 1-64 characters among A-Z a-z 0-9 . _ -")
             what = f"transversal unit {name!r}"
             if not isinstance(value, LineDict):

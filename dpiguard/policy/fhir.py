@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dpiguard.policy.routes import LineDict, LineList, PolicyError, load_yaml, read_policy_file
 from dpiguard.fhir.compartment import PATIENT_COMPARTMENT, PROBING_CONTROLS, R4_TYPES
+from dpiguard.policy.files import LineDict, LineList, PolicyError, load_yaml, read_policy_file
 
 FHIR_FILE = "fhir.yaml"
 SEARCH_MODES = ("refuse", "filter")
@@ -70,7 +70,13 @@ class FhirPolicy:
     @classmethod
     def load(cls, path: str | Path, roles: Iterable[str], categories: Mapping[str, Any]) -> FhirPolicy:
         data, text = read_policy_file(path)
-        return _Reader(str(path), set(roles), categories).read(text, hashlib.sha256(data).hexdigest()[:16])
+        return cls.from_text(text, str(path), roles, categories, hashlib.sha256(data).hexdigest()[:16])
+
+    @classmethod
+    def from_text(cls, text: str, label: str, roles: Iterable[str], categories: Mapping[str, Any],
+                  version: str) -> FhirPolicy:
+        """Validate the text of a fhir.yaml (``label`` names it in errors; ``version`` identifies it)."""
+        return _Reader(label, set(roles), categories).read(text, version)
 
     # -- questions -------------------------------------------------------------------------------
     def owns(self, path: str) -> bool:

@@ -4,13 +4,14 @@ A daemon thread of each proxy instance reads the four policy files every ``polic
 seconds (1 s by default; plain polling of contents, no inotify dependency) and compares a sha256 of
 their bytes with the last state it looked at. When they changed:
 
-1. the whole policy is loaded and validated again (:meth:`Policy.load`, the same code as at start-up);
+1. the whole policy set is loaded and validated again (:meth:`PolicySet.load`, the same code as at
+   start-up: every file of the folder, read once);
 2. if that fails, the running policy stays in service untouched; the error is logged, written to the
    trace (``event: policy_reload, outcome: deny``) and shown in the health output (``policy_error``)
    until a later edit loads;
-3. if it loads, it replaces the running policy in **one attribute assignment** (``pipeline.policy``):
-   a request is decided entirely with the old or entirely with the new policy, never with a mix and
-   never with none. The in-process decision caches are dropped, the trace gets
+3. if it loads, it replaces the running set in **one attribute assignment** (``pipeline.policies``):
+   a request, and the checks of its answer, are decided entirely with the old or entirely with the
+   new set, never with a mix and never with none. The in-process decision caches are dropped, the trace gets
    ``event: policy_reload, outcome: allow`` with both versions, the version is written to Redis
    (``P:policy:version``, and ``P:policy:instances`` instance → version) and an ``all`` message is
    published on the invalidation bus.
@@ -33,7 +34,8 @@ from typing import Any, Callable
 import redis
 
 from dpiguard.audit.chain import AuditLog
-from dpiguard.policy.table import VERSIONED_FILES, Policy
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.policy.table import VERSIONED_FILES
 
 log = logging.getLogger("dpiguard")
 
@@ -61,14 +63,15 @@ def instances_key(prefix: str) -> str:
 
 
 class PolicyReloader:
-    """Watches a policy folder and swaps the policy of ``target`` (anything with a ``policy``
-    attribute, i.e. the Pipeline) when a valid edit appears. Thread-safe; see the module docstring."""
+    """Watches a policy folder and swaps the policy set of ``target`` (anything with a ``policies``
+    attribute, i.e. the Pipeline) when a valid edit appears. Thread-safe; see the module docstring.
+
+    ``load``: reads and validates the folder into a new :class:`PolicySet` (raises on any mistake)."""
 
     def __init__(self, *, target: Any, directory: Path, interval: float, audit: AuditLog,
-                 on_swap: Callable[[], Any] = lambda: None, redis_client: redis.Redis | None = None,
-                 prefix: str = "dpiguard", instance_id: str = "", publish: Callable[[str], Any] | None = None,
-                 loaded_fingerprint: str | None = None,
-                 load_companions: Callable[[Policy], Callable[[], Any]] | None = None):
+                 load: Callable[[], PolicySet], on_swap: Callable[[], Any] = lambda: None,
+                 redis_client: redis.Redis | None = None, prefix: str = "dpiguard", instance_id: str = "",
+                 publish: Callable[[str], Any] | None = None, loaded_fingerprint: str | None = None):
         if interval <= 0:
             raise ValueError("interval must be positive")
         self.target = target
@@ -80,9 +83,7 @@ class PolicyReloader:
         self.prefix = prefix
         self.instance_id = instance_id
         self.publish = publish
-        # Loads and validates the companion files (fhir.yaml...) for a new policy and returns the
-        # function that puts them in service; raising refuses the whole edit.
-        self.load_companions = load_companions or (lambda policy: (lambda: None))
+        self.load = load
         self._lock = threading.Lock()  # one reload at a time
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -143,10 +144,9 @@ class PolicyReloader:
             if files_fingerprint(self.directory) != fingerprint:
                 return None  # still being written; next tick
             self._seen = fingerprint
-            old = self.target.policy
+            old = self.target.policies
             try:
-                new = Policy.load(self.directory)
-                apply_companions = self.load_companions(new)
+                new = self.load()
             except Exception as exc:  # PolicyError, or anything unexpected: keep the running policy
                 self._refuse(old, exc)
                 return False
@@ -157,8 +157,7 @@ class PolicyReloader:
             if new.version == old.version:
                 self._clear_error(old)  # an invalid edit was undone
                 return None
-            apply_companions()  # companion files first: each is complete and valid on its own
-            self.target.policy = new  # the swap: one attribute assignment
+            self.target.policies = new  # the swap: one attribute assignment
             self.error, self.error_since = None, None
             self.last_reload, self.reloads = time.time(), self.reloads + 1
         try:
@@ -171,7 +170,7 @@ class PolicyReloader:
         self.announce(changed=True)
         return True
 
-    def _refuse(self, old: Policy, exc: Exception) -> None:
+    def _refuse(self, old: PolicySet, exc: Exception) -> None:
         message = str(exc) if str(exc) else type(exc).__name__
         self.failures += 1
         self.error, self.error_since = message[:1000], time.time()
@@ -179,7 +178,7 @@ class PolicyReloader:
         self._audit({"event": "policy_reload", "outcome": "deny", "reason": "policy_invalid",
                      "policy_version": old.version, "detail": message[:1000]})
 
-    def _clear_error(self, current: Policy) -> None:
+    def _clear_error(self, current: PolicySet) -> None:
         if self.error is not None:
             log.warning("dpiguard: policy files are back to version %s", current.version)
             self._audit({"event": "policy_reload", "outcome": "allow", "reason": "unchanged",
@@ -195,7 +194,7 @@ class PolicyReloader:
     # -- shared version ----------------------------------------------------------------------------
     def announce(self, changed: bool = False) -> None:
         """Write this instance's version to Redis; after a change, tell the other instances."""
-        version = self.target.policy.version
+        version = self.target.policies.version
         try:
             if self.redis is not None:
                 pipe = self.redis.pipeline(transaction=True)
@@ -216,7 +215,7 @@ class PolicyReloader:
                 shared = raw.decode() if isinstance(raw, bytes) else raw
             except redis.RedisError:
                 shared = None
-        local = self.target.policy.version
+        local = self.target.policies.version
         return {
             "policy_version": local,
             "policy_shared_version": shared,

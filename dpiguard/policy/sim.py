@@ -18,19 +18,13 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
-from dpiguard.careteam.store import Membership, compute_membership
-from dpiguard.policy.routes import (
-    ACTIONS,
-    HostileRequest,
-    LineDict,
-    LineList,
-    PolicyError,
-    RouteMatch,
-    load_yaml,
-    read_policy_file,
-)
-from dpiguard.decision.pipeline import KNOWN_METHODS, authorize, map_request, needs_care_team, parse_target
-from dpiguard.policy.table import CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE, Policy
+from dpiguard.careteam.membership import Membership, compute_membership
+from dpiguard.policy.evaluate import KNOWN_METHODS, authorize, map_request, needs_care_team, parse_target
+from dpiguard.policy.files import LineDict, LineList, PolicyError, load_yaml, read_policy_file
+from dpiguard.policy.paths import HostileRequest
+from dpiguard.policy.routes import ACTIONS, RouteMatch
+from dpiguard.policy.snapshot import PolicySet
+from dpiguard.policy.table import CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE
 
 DEFAULT_GRACE = 86400.0
 # Care-team situations of the `policy diff` grid.
@@ -74,7 +68,7 @@ def parse_request_line(line: str) -> tuple[str, str]:
     return parts[0].upper(), parts[1]
 
 
-def _route_line(policy: Policy, name: str) -> int | None:
+def _route_line(policy: PolicySet, name: str) -> int | None:
     for route in policy.routes.routes:
         if route.name == name:
             return route.line
@@ -82,28 +76,14 @@ def _route_line(policy: Policy, name: str) -> int | None:
 
 
 # -- FHIR requests: mapped by the same analyzer as the proxy (policies/fhir.yaml) ---------------------
-_FHIR_POLICIES: dict[tuple[str, str], Any] = {}
-
-
-def _fhir_policy(policy: Policy):
-    """The FHIR policy of the policy's folder (None without fhir.yaml), loaded once per version."""
-    from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
-
-    key = (str(policy.directory), policy.version)
-    if key not in _FHIR_POLICIES:
-        path = policy.directory / FHIR_FILE
-        _FHIR_POLICIES[key] = FhirPolicy.load(path, policy.roles, policy.categories) if path.exists() else None
-    return _FHIR_POLICIES[key]
-
-
-def map_any(policy: Policy, method: str, target: str) -> RouteMatch | None:
+def map_any(policy: PolicySet, method: str, target: str) -> RouteMatch | None:
     """Like pipeline.map_request, but FHIR addresses go through the FHIR analyzer as in the proxy.
 
     Raises HostileRequest, or FhirRefusal for a FHIR request the proxy refuses before forwarding. A FHIR
     search without patient gives a match without patient (the proxy filters the answer)."""
     from dpiguard.fhir.compartment import FhirRefusal, analyze
 
-    fhir = _fhir_policy(policy)
+    fhir = policy.fhir
     if fhir is not None:
         path, query, _ = parse_target(target)
         if fhir.owns(path):
@@ -125,7 +105,7 @@ def map_any(policy: Policy, method: str, target: str) -> RouteMatch | None:
     return match
 
 
-def decide_request(policy: Policy, roles: Iterable[str], method: str, target: str, *, user: str,
+def decide_request(policy: PolicySet, roles: Iterable[str], method: str, target: str, *, user: str,
                    units: tuple[str, ...], careteam: CareTeamSource, now: float) -> Decision:
     """Decide a raw request line as the proxy would for a logged-in user with ``roles``."""
     roles = tuple(roles)
@@ -150,14 +130,14 @@ def decide_request(policy: Policy, roles: Iterable[str], method: str, target: st
     return decide_match(policy, roles, match, user=user, units=units, careteam=careteam, now=now, decision=d)
 
 
-def decide_match(policy: Policy, roles: Iterable[str], match: RouteMatch, *, user: str, units: tuple[str, ...],
+def decide_match(policy: PolicySet, roles: Iterable[str], match: RouteMatch, *, user: str, units: tuple[str, ...],
                  careteam: CareTeamSource, now: float, decision: Decision | None = None) -> Decision:
     """Steps 4 and 5 (permission, care team) for an already mapped request."""
     roles = tuple(roles)
     d = decision or Decision("deny", "", roles=roles, policy_version=policy.version)
     d.route, d.category, d.action, d.patient = match.route_name, match.category, match.action, match.patient
     d.route_line = _route_line(policy, match.route_name) if match.route_name else None
-    d.granting_rules = [(role, policy.rule_lines.get((role, match.category, match.action)))
+    d.granting_rules = [(role, policy.table.rule_lines.get((role, match.category, match.action)))
                         for role in roles if policy.permits([role], match.category, match.action)]
     refusal = authorize(policy, roles, match)
     if refusal is not None:
@@ -174,7 +154,7 @@ def decide_match(policy: Policy, roles: Iterable[str], match: RouteMatch, *, use
     return d
 
 
-def decide_category(policy: Policy, roles: Iterable[str], category: str, action: str, patient: str | None, *,
+def decide_category(policy: PolicySet, roles: Iterable[str], category: str, action: str, patient: str | None, *,
                     user: str, units: tuple[str, ...], careteam: CareTeamSource, now: float) -> Decision:
     """Decide (category, action, patient) without an address: as if a route mapped the request so."""
     if category not in policy.categories:
@@ -462,7 +442,7 @@ def _read_case(entry: Any, line: int, label: str, fixture: Fixture, names: dict[
     return TestCase(name, line, user or "test.user", roles, units, req_line, category, expect, reason)
 
 
-def run_case(policy: Policy, test: TestFile, case: TestCase) -> Decision:
+def run_case(policy: PolicySet, test: TestFile, case: TestCase) -> Decision:
     if case.request is not None:
         method, target = case.request
         return decide_request(policy, case.roles, method, target, user=case.user, units=case.units,
@@ -482,7 +462,7 @@ def case_failure(case: TestCase, decision: Decision) -> str | None:
 
 
 # -- explanation ------------------------------------------------------------------------------------
-def explain_lines(policy: Policy, d: Decision) -> list[str]:
+def explain_lines(policy: PolicySet, d: Decision) -> list[str]:
     """A decision in plain sentences, naming the files and lines involved."""
     out = [f"decision:    {d.outcome.upper()} ({d.reason})" + (f": {d.message}" if d.message else "")]
     out.append(f"policy:      version {policy.version} ({policy.directory})")
@@ -508,7 +488,7 @@ def explain_lines(policy: Policy, d: Decision) -> list[str]:
     else:
         out.append(f"permission:  no rule grants role {roles} action {d.action} on category {d.category} "
                    f"(no line 'p, ROLE, {d.category}, {d.action}' in {policy.file(POLICY_FILE)} for these roles)")
-        others = sorted(role for (role, cat, act) in policy.permitted if cat == d.category and act == d.action)
+        others = sorted(role for (role, cat, act) in policy.table.permitted if cat == d.category and act == d.action)
         out.append(f"             roles that may: {', '.join(others) or 'none'}")
         return out
     if d.reason == "no_route":
@@ -516,7 +496,7 @@ def explain_lines(policy: Policy, d: Decision) -> list[str]:
         return out
     if d.care_team_required is False:
         out.append(f"care team:   not required for {d.category} ({policy.file(CATEGORIES_FILE)}:"
-                   f"{policy.category_lines.get(d.category, '?')}: care_team_required: false)")
+                   f"{policy.table.category_lines.get(d.category, '?')}: care_team_required: false)")
     elif d.care_team:
         if d.care_team == "none":
             out.append(f"care team:   MISSING: no stay of patient {d.patient} in a unit of the user, "
@@ -537,7 +517,7 @@ class Change:
     new: str
 
 
-def diff_policies(old: Policy, new: Policy) -> list[Change]:
+def diff_policies(old: PolicySet, new: PolicySet) -> list[Change]:
     """Decisions that differ between two policies over roles x categories x actions x care-team
     situations, and addresses whose mapping (category, action, public) differs."""
     changes: list[Change] = []
@@ -570,7 +550,7 @@ def diff_policies(old: Policy, new: Policy) -> list[Change]:
     return changes
 
 
-def _example_requests(policy: Policy) -> set[tuple[str, str]]:
+def _example_requests(policy: PolicySet) -> set[tuple[str, str]]:
     from dpiguard.policy.routes import ANY_ONE, ANY_REST, PATIENT
 
     out = set()
@@ -585,7 +565,7 @@ def _example_requests(policy: Policy) -> set[tuple[str, str]]:
     return out
 
 
-def _mapped_as(policy: Policy, method: str, target: str) -> str:
+def _mapped_as(policy: PolicySet, method: str, target: str) -> str:
     from dpiguard.fhir.compartment import FhirRefusal
 
     try:

@@ -24,7 +24,8 @@ from types import MappingProxyType
 
 import casbin
 
-from dpiguard.policy.routes import ACTIONS, LineDict, PolicyError, RouteTable, load_yaml, read_policy_file
+from dpiguard.policy.files import LineDict, PolicyError, decode_policy_file, load_yaml, read_policy_file
+from dpiguard.policy.routes import ACTIONS, RouteTable
 
 __all__ = ["ACTIONS", "Category", "Policy", "PolicyError", "POLICY_FILES", "COMPANION_FILES", "VERSIONED_FILES"]
 
@@ -37,6 +38,19 @@ POLICY_FILES = (CATEGORIES_FILE, MODEL_FILE, POLICY_FILE, ROUTES_FILE)
 #: units). They are part of the policy version and of hot reload; each is optional.
 COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml")
 VERSIONED_FILES = POLICY_FILES + COMPANION_FILES
+
+
+def read_policy_files(directory: str | Path) -> dict[str, bytes]:
+    """The bytes of every versioned file of ``directory``, read once: the four policy files (required)
+    and the companion files that exist. PolicyError naming the file if one cannot be read."""
+    directory = Path(directory)
+    contents: dict[str, bytes] = {}
+    for name in VERSIONED_FILES:
+        path = directory / name
+        if name in COMPANION_FILES and not path.exists():
+            continue
+        contents[name] = read_policy_file(path)[0]
+    return contents
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _CASBIN_LINE_RE = re.compile(r"line (\d+)")
@@ -210,7 +224,8 @@ def _permitted_triples(model: casbin.Model, rules: Mapping[tuple[str, str, str],
     return permitted
 
 
-def _policy_version(contents: Mapping[str, bytes]) -> str:
+def policy_version(contents: Mapping[str, bytes]) -> str:
+    """First 16 hex characters of a sha256 over the files (name, length, bytes), in name order."""
     digest = hashlib.sha256()
     for name in sorted(contents):
         digest.update(name.encode() + b"\0" + str(len(contents[name])).encode() + b"\0")
@@ -241,12 +256,15 @@ class Policy:
     @classmethod
     def load(cls, directory: str | Path) -> Policy:
         """Read and validate the four policy files; PolicyError (file, line) on any mistake."""
+        return cls.from_files(directory, read_policy_files(directory))
+
+    @classmethod
+    def from_files(cls, directory: str | Path, contents: Mapping[str, bytes]) -> Policy:
+        """Validate the four policy files from their bytes (``contents``: file name -> bytes, as read by
+        :func:`read_policy_files`); the version covers every file of ``contents``."""
         directory = Path(directory)
         labels = {name: str(directory / name) for name in POLICY_FILES}
-        contents: dict[str, bytes] = {}
-        texts: dict[str, str] = {}
-        for name in POLICY_FILES:
-            contents[name], texts[name] = read_policy_file(labels[name])
+        texts = {name: decode_policy_file(labels[name], contents.get(name)) for name in POLICY_FILES}
         reader = _CategoriesReader(labels[CATEGORIES_FILE])
         roles, categories = reader.read(texts[CATEGORIES_FILE])
         model = _load_model(texts[MODEL_FILE], labels[MODEL_FILE])
@@ -255,15 +273,8 @@ class Policy:
                                        _line_of(texts[MODEL_FILE], "m ="), labels[POLICY_FILE])
         routes = RouteTable.from_text(texts[ROUTES_FILE], labels[ROUTES_FILE],
                                       {name: c.patient_bound for name, c in categories.items()})
-        for name in COMPANION_FILES:  # validated by their own loaders; here only versioned
-            try:
-                contents[name] = (directory / name).read_bytes()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                raise PolicyError(str(directory / name), None, f"cannot read: {exc}") from None
         return cls(directory=directory, roles=roles, categories=categories, permitted=permitted,
-                   routes=routes, version=_policy_version(contents), rule_lines=rules,
+                   routes=routes, version=policy_version(contents), rule_lines=rules,
                    role_lines=reader.role_lines, category_lines=reader.category_lines)
 
     def permits(self, roles: Iterable[str], category: str, action: str) -> bool:

@@ -284,3 +284,10 @@ def spec_of(cfg) -> RedisSpec:
 def client_for(cfg, **extra) -> Any:
     """The command client of a :class:`dpiguard.config.Config`."""
     return spec_of(cfg).client(cfg.redis.socket_timeout, **extra)
+
+
+def as_text(value: bytes | str | None) -> str | None:
+    """Redis replies are bytes unless the client decodes them; accept both."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return value

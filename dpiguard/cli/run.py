@@ -1,0 +1,98 @@
+"""``dpiguard run | demo | config check | keys init | totp-code``: serving, and what serving needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyotp
+
+from dpiguard.audit.chain import public_key_path
+from dpiguard.auth.users import SecretBox
+from dpiguard.cli.common import config_path, load, with_config
+from dpiguard.signing import generate_keypair
+
+
+def cmd_run(args) -> int:
+    from dpiguard.edge.runner import run_proxy
+    from dpiguard.edge.workers import run_workers
+    from dpiguard.services import build_services
+
+    cfg = load(args, check_files=True)
+    if args.workers != 1:
+        return run_workers(cfg, config_path(args), args.workers)
+    services = build_services(cfg)  # every file validated before anything listens
+    return run_proxy(cfg, services, services.adt_processor())
+
+
+def cmd_demo(args) -> int:
+    from dpiguard.demo.runner import run_demo
+
+    return run_demo(host=args.host, port=args.port, workdir=Path(args.dir), seed_value=args.seed)
+
+
+def cmd_config_check(args) -> int:
+    from dpiguard.services import load_policies
+
+    cfg = load(args, check_files=True)
+    p = load_policies(cfg)
+    print(f"configuration OK; policy version {p.version}; "
+          f"{len(p.roles)} roles, {len(p.categories)} categories, "
+          f"{len(p.careteam.units)} transversal units; emergency access {'on' if p.breakglass.enabled else 'off'}"
+          + (f"; FHIR under {p.fhir.base_path}, {len(p.fhir.types)} resource types" if p.fhir else ""))
+    return 0
+
+
+def cmd_keys_init(args) -> int:
+    cfg = load(args, check_files=False)
+    data_key = cfg.path(cfg.secrets.data_key_file)
+    private = cfg.path(cfg.secrets.assertion_private_key_file)
+    public = private.with_name(private.stem + ".pub.pem")
+    audit_key = cfg.path(cfg.audit.signing_key_file)
+    for path in (data_key, private, audit_key):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if data_key.exists():
+        print(f"kept existing data key {data_key}")
+    else:
+        SecretBox.generate_key_file(data_key)
+        print(f"created data key {data_key} (encrypts TOTP secrets; back it up, keep it out of Redis)")
+    if private.exists():
+        print(f"kept existing assertion key {private}")
+    else:
+        generate_keypair(private, public)
+        print(f"created assertion signing key {private} and public key {public} (give the public key to the DPI)")
+    if audit_key.exists():
+        print(f"kept existing audit signing key {audit_key}")
+    else:
+        generate_keypair(audit_key, public_key_path(audit_key))
+        print(f"created audit signing key {audit_key} and public key {public_key_path(audit_key)} "
+              f"(signs audit checkpoints; keep it outside the audit folder, give the public key to auditors)")
+    return 0
+
+
+def cmd_totp_code(args) -> int:
+    print(pyotp.TOTP(args.secret).now())
+    return 0
+
+
+def register(sub) -> None:
+    sp = with_config(sub.add_parser("run", help="run the proxy in front of the configured DPI"))
+    sp.add_argument("--workers", type=int, default=1,
+                    help="N proxy processes on ports listen.port .. listen.port+N-1 (see docs/deployment.md)")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("demo", help="run a complete demo on localhost (Redis, demo DPI, proxy)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8080, help="proxy port (the demo DPI listens on port+1)")
+    sp.add_argument("--dir", default=".dpiguard-demo", help="working folder for keys, data and traces")
+    sp.add_argument("--seed", type=int, default=2026)
+    sp.set_defaults(func=cmd_demo)
+
+    cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_cmd", required=True)
+    with_config(cfg.add_parser("check", help="validate configuration and policy files")).set_defaults(func=cmd_config_check)
+
+    keys = sub.add_parser("keys", help="key management").add_subparsers(dest="keys_cmd", required=True)
+    with_config(keys.add_parser("init", help="create missing keys")).set_defaults(func=cmd_keys_init)
+
+    sp = sub.add_parser("totp-code", help="print the current code of a TOTP secret (for testers)")
+    sp.add_argument("secret")
+    sp.set_defaults(func=cmd_totp_code)

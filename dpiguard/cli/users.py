@@ -1,0 +1,118 @@
+"""``dpiguard users ...`` and ``dpiguard sessions revoke``: the user directory and live sessions."""
+
+from __future__ import annotations
+
+import getpass
+import sys
+
+import orjson
+
+from dpiguard.auth.qr import qr_png, qr_terminal
+from dpiguard.cli.common import audit_admin, load, with_config
+
+
+def _read_password(args) -> str:
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Password again: "):
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def _show_enrollment(login: str, uri: str, png: str | None) -> None:
+    print(f"TOTP enrollment for {login}: scan this QR code with an authenticator app")
+    print(qr_terminal(uri))
+    print(f"otpauth URI: {uri}")
+    if png:
+        qr_png(uri, png)
+        print(f"QR code written to {png}")
+
+
+def cmd_users(args) -> int:
+    from dpiguard.services import authenticator, redis_client, session_store, user_directory
+
+    cfg = load(args, check_files=False)
+    users = user_directory(cfg)
+    if args.users_cmd == "add":
+        password = _read_password(args)
+        user, uri = users.add(args.login, password, args.role, display_name=args.name or "")
+        audit_admin(cfg, "user_add", user=user.login, roles=list(user.roles))
+        print(f"user {user.login} created with roles {', '.join(user.roles)}")
+        _show_enrollment(user.login, uri, args.qr_png)
+    elif args.users_cmd == "list":
+        rows = users.list()
+        if args.json:
+            print(orjson.dumps([{"login": u.login, "name": u.display_name, "roles": list(u.roles),
+                                 "disabled": u.disabled} for u in rows]).decode())
+        else:
+            print(f"{'LOGIN':24} {'ROLES':24} {'STATUS':9} NAME")
+            for u in rows:
+                print(f"{u.login:24} {','.join(u.roles):24} {'disabled' if u.disabled else 'active':9} {u.display_name}")
+    elif args.users_cmd in ("disable", "enable"):
+        getattr(users, args.users_cmd)(args.login)
+        revoked = 0
+        if args.users_cmd == "disable":
+            revoked = session_store(cfg).revoke_user(args.login)
+        audit_admin(cfg, f"user_{args.users_cmd}", user=args.login)
+        print(f"user {args.login} {args.users_cmd}d" + (f"; {revoked} session(s) revoked" if revoked else ""))
+    elif args.users_cmd == "reset-totp":
+        uri = users.reset_totp(args.login)
+        session_store(cfg).revoke_user(args.login)
+        audit_admin(cfg, "user_reset_totp", user=args.login)
+        _show_enrollment(args.login, uri, args.qr_png)
+    elif args.users_cmd == "set-roles":
+        users.set_roles(args.login, args.role)
+        session_store(cfg).revoke_user(args.login)  # roles live in sessions: make them log in again
+        audit_admin(cfg, "user_set_roles", user=args.login, roles=args.role)
+        print(f"user {args.login} now has roles {', '.join(args.role)}; sessions revoked")
+    elif args.users_cmd == "passwd":
+        users.set_password(args.login, _read_password(args))
+        revoked = session_store(cfg).revoke_user(args.login)
+        audit_admin(cfg, "user_passwd", user=args.login)
+        print(f"password of {args.login} changed; {revoked} session(s) revoked")
+    elif args.users_cmd == "unlock":
+        authenticator(cfg, redis_client(cfg), users).unlock(args.login)
+        audit_admin(cfg, "user_unlock", user=args.login)
+        print(f"user {args.login} unlocked")
+    return 0
+
+
+def cmd_sessions(args) -> int:
+    from dpiguard.services import session_store
+
+    cfg = load(args, check_files=False)
+    count = session_store(cfg).revoke_user(args.login)
+    audit_admin(cfg, "sessions_revoke", user=args.login, count=count)
+    print(f"{count} session(s) of {args.login} revoked on every instance")
+    return 0
+
+
+def register(sub) -> None:
+    users = sub.add_parser("users", help="user directory").add_subparsers(dest="users_cmd", required=True)
+    sp = with_config(users.add_parser("add", help="create a user and enroll TOTP"))
+    sp.add_argument("login")
+    sp.add_argument("--role", action="append", required=True, help="repeat for several roles")
+    sp.add_argument("--name", help="display name")
+    sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    sp.add_argument("--qr-png", help="also write the enrollment QR code to this PNG file")
+    sp = with_config(users.add_parser("list", help="list users"))
+    sp.add_argument("--json", action="store_true")
+    for name in ("disable", "enable", "unlock"):
+        with_config(users.add_parser(name, help=f"{name} a user")).add_argument("login")
+    sp = with_config(users.add_parser("reset-totp", help="new TOTP secret (revokes sessions)"))
+    sp.add_argument("login")
+    sp.add_argument("--qr-png")
+    sp = with_config(users.add_parser("set-roles", help="replace a user's roles (revokes sessions)"))
+    sp.add_argument("login")
+    sp.add_argument("--role", action="append", required=True)
+    sp = with_config(users.add_parser("passwd", help="set a user's password"))
+    sp.add_argument("login")
+    sp.add_argument("--password-stdin", action="store_true")
+    for sp in users.choices.values():
+        sp.set_defaults(func=cmd_users)
+
+    sess = sub.add_parser("sessions", help="sessions").add_subparsers(dest="sessions_cmd", required=True)
+    sp = with_config(sess.add_parser("revoke", help="end every session of a user on every instance"))
+    sp.add_argument("login")
+    sp.set_defaults(func=cmd_sessions)

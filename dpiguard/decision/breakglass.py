@@ -1,0 +1,124 @@
+"""Asking for emergency access ("bris de glace"): validate, check a fresh second factor, grant.
+
+When a request is refused with ``not_in_care_team``, a clinician whose roles allow it may ask for
+emergency access to that patient (refusal page form, or ``POST /_dpiguard/api/breakglass``): a reason
+from ``policies/breakglass.yaml``, a free-text justification of a minimum length, and a fresh TOTP
+code (single use, same anti-replay as the login; a wrong code counts as a login failure and three
+lock the account). The grant opens the configured categories of that patient to that user for
+``duration_seconds`` (default 4 h), on every instance.
+
+Alerting: each grant writes an ``event: break_glass`` trace record with ``alert: true`` and a WARNING
+log line; each request made under it carries ``break_glass: true`` in its trace record and the
+``X-DPIGuard-Break-Glass: ID`` header upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from dpiguard.careteam.breakglass import MAX_TEXT, BreakGlassStore, Grant
+from dpiguard.ids import ID_RE
+from dpiguard.policy.breakglass import BreakGlassPolicy
+
+log = logging.getLogger("dpiguard")
+
+
+# ------------------------------------------------------------------------------------ the request
+
+@dataclass
+class RequestOutcome:
+    ok: bool
+    status: int
+    error: str = ""
+    message: str = ""
+    grant: Grant | None = None
+    retry_after: int = 0
+
+
+class BreakGlassService:
+    """Decides and records a request for emergency access (used by the portal, in a worker thread).
+
+    The rules (``p``) come from the caller's policy set (``policies.breakglass``) at each call."""
+
+    def __init__(self, *, store: BreakGlassStore, objections, careteam, authenticator, audit, on_grant=None):
+        # Called with (user, patient) after a grant is stored: drops this instance's cached decisions at
+        # once (its own bus message may arrive after the client's next request).
+        self.on_grant = on_grant
+        self.store = store
+        self.objections = objections
+        self.careteam = careteam
+        self.authenticator = authenticator
+        self.audit = audit
+        self.grants_issued = 0  # emergency accesses opened by this instance (metrics)
+
+    @staticmethod
+    def offer(p: BreakGlassPolicy, reason: str, roles: Iterable[str], patient: str | None, category: str | None,
+              action: str | None) -> bool:
+        """Should a refusal offer emergency access to this user?"""
+        if not patient or not p.reachable(category, action) or not p.roles_allowed(roles):
+            return False
+        return reason == "not_in_care_team" or (reason == "patient_objection" and p.override_patient_objection)
+
+    def request(self, p: BreakGlassPolicy, *, user: str, roles: Iterable[str], patient: Any, reason: Any, text: Any,
+                totp: Any, client_ip: str, request_id: str, now: float | None = None) -> RequestOutcome:
+        """Validate, check the TOTP code, check objections, then grant. Every outcome is traced."""
+        now = time.time() if now is None else now
+        roles = tuple(roles)
+        patient = patient.strip() if isinstance(patient, str) else ""
+        reason = reason.strip() if isinstance(reason, str) else ""
+        text = text.strip() if isinstance(text, str) else ""
+        base = {"request_id": request_id, "user": user, "roles": list(roles), "patient": patient[:64] or None,
+                "client": client_ip, "break_glass_reason": reason[:64] or None}
+
+        def refuse(status: int, error: str, message: str, detail: str | None = None, retry_after: int = 0):
+            self.audit.write({"event": "break_glass_request", "outcome": "deny", "reason": error, **base,
+                              "detail": detail})
+            return RequestOutcome(False, status, error, message, retry_after=retry_after)
+
+        if not p.enabled:
+            return refuse(404, "break_glass_disabled", "Emergency access is not enabled here.")
+        if not p.roles_allowed(roles):
+            return refuse(403, "break_glass_forbidden", "Your role may not use emergency access.")
+        if not ID_RE.fullmatch(patient):
+            return refuse(400, "invalid_request", "Unknown or missing patient id.")
+        if reason not in p.reasons:
+            return refuse(400, "invalid_request", "Choose a reason from the list: " + ", ".join(p.reasons))
+        if len(text) < p.justification_min_length:
+            return refuse(400, "invalid_request",
+                          f"The justification needs at least {p.justification_min_length} characters.")
+        if len(text) > MAX_TEXT or any(not c.isprintable() for c in text):
+            return refuse(400, "invalid_request",
+                          f"The justification must be plain text of at most {MAX_TEXT} characters.")
+        # Objection before the code: a request that cannot succeed does not burn the user's code.
+        units = self.careteam.user_units(user, now)
+        objection = self.objections.find(patient, user, units)
+        if objection is not None and not p.override_patient_objection:
+            return refuse(403, "patient_objection",
+                          "The patient has objected to your access; emergency access cannot override it.",
+                          f"objection:{objection.field}")
+        code = totp.strip() if isinstance(totp, str) else ""
+        result = self.authenticator.reauthenticate(user, code, client_ip, now=now)
+        if not result.ok:
+            if result.retry_after:
+                return refuse(429, result.reason, "Too many failed attempts; try again later.",
+                              result.detail, result.retry_after)
+            return refuse(401, "invalid_totp", "The authenticator code is incorrect or was already used.",
+                          result.detail)
+        grant = Grant(self.store.new_id(), user, patient, reason, text, tuple(sorted(p.categories)),
+                      tuple(sorted(p.actions)), now, now + p.duration_seconds)
+        # Trace first: an emergency access may never exist without its alert line.
+        self.audit.write({"event": "break_glass", "outcome": "allow", "reason": reason, "alert": True, **base,
+                          "break_glass_id": grant.id, "break_glass_text": text,
+                          "break_glass_label": p.reasons[reason], "categories": list(grant.categories),
+                          "expires": grant.end,
+                          "objection_overridden": objection.field if objection is not None else None})
+        self.store.create(grant)
+        self.grants_issued += 1
+        if self.on_grant is not None:
+            self.on_grant(user, patient)
+        log.warning("dpiguard: EMERGENCY ACCESS (bris de glace) %s: user %s opened patient %s for %d s, "
+                    "reason %s: %s", grant.id, user, patient, int(p.duration_seconds), reason, text[:200])
+        return RequestOutcome(True, 201, grant=grant)

@@ -1,0 +1,72 @@
+"""What flows through the decision: the request as dpiguard sees it, and the verdict on it.
+
+:class:`Incoming` is built by the proxy edge from a mitmproxy flow (or by a test); :class:`Verdict` goes
+back to the edge, which forwards (with the identity headers it carries) or answers the refusal.
+"""
+
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from dpiguard.auth.sessions import Session
+from dpiguard.policy.snapshot import PolicySet
+
+REFUSAL_MESSAGES = {
+    "not_in_care_team": "you are not in this patient's care team",
+    "patient_objection": "the patient has objected to your access to their record",
+}
+
+
+class NeedIO(Exception):
+    """The decision needs a Redis round trip; retry with io=True off the event loop."""
+
+
+@dataclass
+class Incoming:
+    """What the pipeline needs to know about a request."""
+
+    method: str
+    target: str  # path and query exactly as received
+    headers: Mapping[str, str]  # lower-case names → value (multi-valued headers joined by ", ")
+    client_ip: str
+    tls: bool
+    header_bytes: int = 0
+    request_id: str = field(default_factory=lambda: secrets.token_hex(8))
+
+
+@dataclass
+class Verdict:
+    allowed: bool
+    reason: str
+    status: int = 200
+    message: str = ""
+    forward_target: str = ""  # normalized path + query to send upstream
+    set_headers: dict[str, str] = field(default_factory=dict)
+    cookie_header: str | None = None  # Cookie header to forward (dpiguard's cookie removed); None = unchanged
+    drop_authorization: bool = False
+    user: str | None = None
+    roles: tuple[str, ...] = ()
+    patient: str | None = None
+    category: str | None = None
+    action: str | None = None
+    fhir: bool = False
+    public: bool = False
+    source: str | None = None  # why the care-team check passed/failed
+    retry_after: int = 0
+    session: Session | None = None
+    break_glass: object | None = None  # the emergency-access Grant the request relies on (access.py)
+    objection_overridden: str | None = None
+    fhir_context: object | None = None  # FHIR requests: what the response and body checks need
+    fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
+    pending: bool = False  # FHIR writes: decided (and traced) once the body is in
+    units: tuple[str, ...] | None = None
+    audit: Future | None = None  # resolves once the decision's trace record is on disk
+    policies: PolicySet | None = None  # the policy set this decision was taken with (FHIR answers use it too)
+
+
+def audit_unavailable() -> Verdict:
+    """The refusal given when a decision's trace cannot be made durable (audit.on_failure: refuse)."""
+    return Verdict(False, "audit_unavailable", 503, "the access trace could not be written; request refused")

@@ -1,0 +1,97 @@
+"""One immutable set of every policy file, under one version: what a decision reads, whole.
+
+``PolicySet.load`` reads the bytes of every file of ``policies/`` once (:func:`read_policy_files`),
+validates each (any mistake is a ``PolicyError`` naming the file and line, and nothing of the set is
+used), and keeps them together:
+
+* ``table``      roles, categories, permissions and routes (categories.yaml, model.conf, policy.csv,
+                 routes.yaml: :mod:`dpiguard.policy.table`);
+* ``breakglass`` emergency access (breakglass.yaml: :mod:`dpiguard.policy.breakglass`);
+* ``careteam``   transversal units and the grace period (careteam.yaml: :mod:`dpiguard.policy.careteam`),
+                 the grace already resolved against ``careteam.grace_seconds`` of the configuration;
+* ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file.
+
+The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
+replaces it in one assignment; every step of a decision, and the FHIR checks of its answer, read the
+set the decision started with, and its trace record names that set's version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from dpiguard.policy.breakglass import FILE_NAME as BREAKGLASS_FILE
+from dpiguard.policy.breakglass import BreakGlassPolicy
+from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
+from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
+from dpiguard.policy.files import decode_policy_file
+from dpiguard.policy.routes import RouteTable
+from dpiguard.policy.table import Category, Policy, read_policy_files
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    directory: Path
+    version: str
+    table: Policy
+    breakglass: BreakGlassPolicy
+    careteam: CareTeamPolicy
+    fhir: FhirPolicy | None
+
+    @classmethod
+    def load(cls, directory: str | Path, *, default_grace_seconds: int = 86400) -> PolicySet:
+        """Read and validate every policy file of ``directory``; PolicyError on the first mistake.
+
+        ``default_grace_seconds``: the grace period when careteam.yaml does not set one."""
+        directory = Path(directory)
+        contents = read_policy_files(directory)
+        table = Policy.from_files(directory, contents)
+
+        def text(name: str) -> str | None:
+            return decode_policy_file(directory / name, contents[name]) if name in contents else None
+
+        bg_text = text(BREAKGLASS_FILE)
+        breakglass = (BreakGlassPolicy.from_text(bg_text, str(directory / BREAKGLASS_FILE), table.roles,
+                                                 table.categories)
+                      if bg_text is not None else BreakGlassPolicy.disabled())
+        ct_text = text(CARETEAM_FILE)
+        careteam = (CareTeamPolicy.from_text(ct_text, str(directory / CARETEAM_FILE), table.categories)
+                    if ct_text is not None else CareTeamPolicy())
+        if careteam.grace_seconds is None:
+            careteam = replace(careteam, grace_seconds=default_grace_seconds)
+        fhir_text = text(FHIR_FILE)
+        fhir = (FhirPolicy.from_text(fhir_text, str(directory / FHIR_FILE), table.roles, table.categories,
+                                     hashlib.sha256(contents[FHIR_FILE]).hexdigest()[:16])
+                if fhir_text is not None else None)
+        return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
+                   careteam=careteam, fhir=fhir)
+
+    # -- what the steps and the tools ask of the table (roles, categories, routes) -------------------
+    def permits(self, roles: Iterable[str], category: str, action: str) -> bool:
+        return self.table.permits(roles, category, action)
+
+    def category(self, name: str) -> Category:
+        return self.table.category(name)
+
+    @property
+    def roles(self) -> Mapping[str, str]:
+        return self.table.roles
+
+    @property
+    def categories(self) -> Mapping[str, Category]:
+        return self.table.categories
+
+    @property
+    def routes(self) -> RouteTable:
+        return self.table.routes
+
+    @property
+    def grace_seconds(self) -> float:
+        return self.careteam.grace_seconds
+
+    def file(self, name: str) -> str:
+        """The path of one policy file as shown in messages (``policies/policy.csv``)."""
+        return str(self.directory / name)
