@@ -15,7 +15,7 @@ from dpiguard.careteam.adt import Movement, ParseOptions
 from dpiguard.careteam.mllp import AdtProcessor, ListenerSettings, MllpServer
 from dpiguard.careteam.movements import MovementStore
 from dpiguard.careteam.store import CareTeamStore
-from dpiguard.storage.bus import events_channel
+from dpiguard.storage.keys import Keys
 
 from .hl7msgs import adt, mllp_exchange, msa, read_ack, send_on
 
@@ -168,7 +168,7 @@ def test_redis_down_gives_ae_and_nothing_applied(tmp_path):
 
 def test_movement_publishes_patient_invalidation(r, redis_url):
     sub = redis.Redis.from_url(redis_url).pubsub()
-    sub.subscribe(events_channel("dpiguard"))
+    sub.subscribe(Keys("dpiguard").events)
     sub.get_message(timeout=1)
     MovementStore(r).apply(Movement("X1", "PAS", "A01", "P5", "V5", "CARDIO", T0))
     msg = sub.get_message(timeout=2)
@@ -187,18 +187,18 @@ def test_replay_rebuilds_state_and_keeps_manual_stays(r):
               Movement("5", "PAS", "A01", "P3", "V3", "URG", T0 + 20),
               Movement("6", "PAS", "A40", "P4", None, None, T0 + 40, prior_patient="P3")):
         store.apply(m)
-    snapshot = {p: (r.hgetall(store.key_stays(p)), r.hgetall(store.key_visits(p))) for p in ("P1", "P2", "P3", "P4")}
+    snapshot = {p: (r.hgetall(store.keys.stays(p)), r.hgetall(store.keys.visits(p))) for p in ("P1", "P2", "P3", "P4")}
     assert store.replay(dry_run=True)["changed"] == []
     # Lose the state (e.g. a restore of an old dump), keep the journal: replay rebuilds it.
     for p in ("P1", "P2", "P3", "P4"):
-        r.delete(store.key_visits(p))
-    r.hdel(store.key_stays("P1"), "V1.2")
-    r.hset(store.key_stays("P2"), "V2.1", b'{"unit":"URG","start":0,"end":null}')
+        r.delete(store.keys.visits(p))
+    r.hdel(store.keys.stays("P1"), "V1.2")
+    r.hset(store.keys.stays("P2"), "V2.1", b'{"unit":"URG","start":0,"end":null}')
     result = store.replay()
     assert set(result["changed"]) == {"P1", "P2", "P4"}
-    after = {p: (r.hgetall(store.key_stays(p)), r.hgetall(store.key_visits(p))) for p in ("P1", "P2", "P3", "P4")}
+    after = {p: (r.hgetall(store.keys.stays(p)), r.hgetall(store.keys.visits(p))) for p in ("P1", "P2", "P3", "P4")}
     assert after == snapshot
-    assert b"manual1" in r.hgetall(store.key_stays("P1"))
+    assert b"manual1" in r.hgetall(store.keys.stays("P1"))
     assert r.smembers("dpiguard:ct:unit-patients:URG") == {b"P2", b"P4"}
 
 

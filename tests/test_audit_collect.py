@@ -14,9 +14,10 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from dpiguard.audit.chain import AuditLog, AuditSigner, AuditVerifier, list_chains, list_segments
-from dpiguard.audit.ship import Collector, Shipper, stream_key
+from dpiguard.audit.ship import Collector, Shipper
 from dpiguard.audit.verify import verify_store
 from dpiguard.demo.redis import LocalRedis
+from dpiguard.storage.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)
@@ -48,7 +49,7 @@ def test_ship_and_collect_copy_chains_exactly_once(tmp_path, r):
     reports = verify_store(central, AuditVerifier(key.public_key()))
     assert [rep.ok for rep in reports] == [True, True], [rep.describe() for rep in reports]
     # Collected entries are trimmed from Redis; a collector restarted from its files adds nothing.
-    assert r.xlen(stream_key("dpiguard", "px1")) == 1
+    assert r.xlen(Keys("dpiguard").audit_stream("px1")) == 1
     again = Collector(r, central)
     assert again.collect_once(block_ms=50) == 0
     # Redis lost everything (restart without data): shipping starts over, the collector keeps no duplicate.
@@ -65,11 +66,11 @@ def test_collector_never_writes_a_record_that_does_not_chain(tmp_path, r):
         for i in range(5):
             log.write({"event": "access", "i": i})
     Shipper(r, local).ship_once()
-    entries = r.xrange(stream_key("dpiguard", "px1"))
+    entries = r.xrange(Keys("dpiguard").audit_stream("px1"))
     forged = entries[2][1][b"l"].replace(b'"i":2', b'"i":9')
-    r.delete(stream_key("dpiguard", "px1"))
+    r.delete(Keys("dpiguard").audit_stream("px1"))
     for n, (entry_id, fields) in enumerate(entries):
-        r.xadd(stream_key("dpiguard", "px1"), {"l": forged if n == 2 else fields[b"l"]}, id=entry_id)
+        r.xadd(Keys("dpiguard").audit_stream("px1"), {"l": forged if n == 2 else fields[b"l"]}, id=entry_id)
     collector = Collector(r, central)
     collector.collect_once(block_ms=50)
     assert collector.chain("px1").seq == 2 and "does not continue" in collector.problems["px1"]

@@ -151,7 +151,7 @@ def test_decider_one_round_trip_and_grant_lifecycle(r):
     store.create(g)
     d, until = decider.decide("nina", "P1", "biology", "read", True, T0, POLICIES)
     assert d.member and d.break_glass == g and until == g.end
-    assert r.ttl(store.key_user("nina")) > 0  # the key goes away after its last grant
+    assert r.ttl(store.keys.grants_of("nina")) > 0  # the key goes away after its last grant
     rec = store.get(g.id)
     assert rec["status"] == "pending" and rec["grant"] == g
     assert [x["grant"].id for x in store.review_queue(pending_only=True)] == [g.id]

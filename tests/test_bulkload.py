@@ -7,7 +7,7 @@ import redis
 
 from dpiguard.careteam.bulkload import AssignmentRow, CareTeamBulkLoader, MembershipRow, StayRow
 from dpiguard.careteam.store import CareTeamStore
-from dpiguard.storage.bus import events_channel
+from dpiguard.storage.keys import Keys
 
 MEMBERS = [MembershipRow("dr.a", "cardio", None, None), MembershipRow("inf.b", "PNEUMO", 100, 5000),
            MembershipRow("dr.a", "URG", 10, None), MembershipRow("dr.a", "CARDIO", 50, 60)]  # replaces
@@ -75,7 +75,7 @@ def test_bad_row_is_refused_with_its_index_and_batch_not_written(r):
 
 def test_each_batch_publishes_all(r):
     sub = r.pubsub()
-    sub.subscribe(events_channel("pub"))
+    sub.subscribe(Keys("pub").events)
     sub.get_message(timeout=1)  # subscription confirmation
     bulk = CareTeamBulkLoader(CareTeamStore(r, prefix="pub"), batch_size=2)
     bulk.assign_many([AssignmentRow("u1", "P1"), AssignmentRow("u2", "P2"), AssignmentRow("u3", "P3")])

@@ -9,8 +9,9 @@ import time
 import pytest
 
 from dpiguard.audit.chain import AuditLog, read_records
-from dpiguard.policy.reload import PolicyReloader, instances_key, version_key
+from dpiguard.policy.reload import PolicyReloader
 from dpiguard.policy.snapshot import PolicySet
+from dpiguard.storage.keys import Keys
 
 from .test_policy import BROKEN_VARIANTS, POLICIES, edit
 
@@ -47,8 +48,8 @@ def test_valid_edit_is_swapped_and_announced(setup, r):
     assert target.policies is not old and target.policies.version != old.version
     assert not target.policies.permits(["nurse"], "biology", "read")
     assert swaps == [target.policies.version] and published == ["all"]
-    assert r.get(version_key("pt")).decode() == target.policies.version
-    assert r.hget(instances_key("pt"), "t1").decode().startswith(target.policies.version + "|")
+    assert r.get(Keys("pt").policy_version).decode() == target.policies.version
+    assert r.hget(Keys("pt").policy_instances, "t1").decode().startswith(target.policies.version + "|")
     rec = [x for x in read_records(audit_path) if x["event"] == "policy_reload"][-1]
     assert (rec["outcome"], rec["old_version"], rec["new_version"]) == ("allow", old.version, target.policies.version)
     status = reloader.status()

@@ -39,20 +39,9 @@ from dpiguard.audit.chain import (
     read_signed_json,
     segment_name,
 )
+from dpiguard.storage.keys import Keys
 
 log = logging.getLogger("dpiguard.audit")
-
-
-def stream_key(prefix: str, instance: str) -> str:
-    return f"{prefix}:audit:stream:{{{instance}}}"
-
-
-def collected_key(prefix: str, instance: str) -> str:
-    return f"{prefix}:audit:collected:{{{instance}}}"
-
-
-def chains_key(prefix: str) -> str:
-    return f"{prefix}:audit:chains"
 
 
 def _seq_of(entry_id: bytes | str) -> int:
@@ -67,13 +56,14 @@ class Shipper:
         self.r = client
         self.store = Path(store)
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.batch = batch
         self._hint: dict[str, tuple[Path, int, int]] = {}  # chain -> (segment, byte offset, seq before it)
 
     def position(self, chain: str) -> int:
-        last = self.r.xrevrange(stream_key(self.prefix, chain), count=1)
+        last = self.r.xrevrange(self.keys.audit_stream(chain), count=1)
         shipped = _seq_of(last[0][0]) if last else 0
-        collected = int(self.r.get(collected_key(self.prefix, chain)) or 0)
+        collected = int(self.r.get(self.keys.audit_collected(chain)) or 0)
         return max(shipped, collected)
 
     def ship_once(self) -> int:
@@ -89,11 +79,11 @@ class Shipper:
             return 0
         head_seq = int(head["seq"])
         name = chain.name
-        self.r.sadd(chains_key(self.prefix), name)
+        self.r.sadd(self.keys.audit_chains, name)
         pos = self.position(name)
         if pos >= head_seq:
             return 0
-        key = stream_key(self.prefix, name)
+        key = self.keys.audit_stream(name)
         sent = 0
         pipe = self.r.pipeline(transaction=False)
         pending = 0
@@ -203,6 +193,7 @@ class Collector:
         self.r = client
         self.store = Path(store)
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.rotate_bytes = rotate_bytes
         self.chains: dict[str, CentralChain] = {}
         self.problems: dict[str, str] = {}
@@ -213,11 +204,11 @@ class Collector:
         return self.chains[name]
 
     def collect_once(self, block_ms: int = 500, count: int = 2000) -> int:
-        names = sorted(n.decode() for n in self.r.smembers(chains_key(self.prefix)))
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.audit_chains))
         if not names:
             time.sleep(block_ms / 1000)
             return 0
-        streams = {stream_key(self.prefix, n): f"{self.chain(n).seq}-0" for n in names}
+        streams = {self.keys.audit_stream(n): f"{self.chain(n).seq}-0" for n in names}
         reply = self.r.xread(streams, count=count, block=block_ms) or []
         written = 0
         for key, entries in reply:
@@ -251,12 +242,12 @@ class Collector:
         chain.append(lines, head)
         chain.seq, chain.hash = seq, prev
         pipe = self.r.pipeline(transaction=False)
-        pipe.set(collected_key(self.prefix, name), seq)
+        pipe.set(self.keys.audit_collected(name), seq)
         if hole:
             # Redis lost entries (outage without persistence): make the shipper send again from here.
-            pipe.delete(stream_key(self.prefix, name))
+            pipe.delete(self.keys.audit_stream(name))
         else:
-            pipe.xtrim(stream_key(self.prefix, name), minid=f"{seq}-0")
+            pipe.xtrim(self.keys.audit_stream(name), minid=f"{seq}-0")
         pipe.execute()
         return len(lines)
 

@@ -37,6 +37,7 @@ from dpiguard.auth.users import (
 )
 from dpiguard.config import Login
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 MAX_LOGIN_LENGTH = 64
 
@@ -122,19 +123,11 @@ class Authenticator:
         self.users = users
         self.policy = policy
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self._account_failure = redis_client.register_script(_ACCOUNT_FAILURE_SCRIPT)
         self._ip_failure = redis_client.register_script(_IP_FAILURE_SCRIPT)
 
     # -- keys --------------------------------------------------------------------------------------
-
-    def fail_key(self, login: str) -> str:
-        return f"{self.prefix}:authfail:{{{login}}}"
-
-    def lock_key(self, login: str) -> str:
-        return f"{self.prefix}:lock:{{{login}}}"
-
-    def ip_key(self, ip: str) -> str:
-        return f"{self.prefix}:ipfail:{ip}"
 
     # -- the decision ------------------------------------------------------------------------------
 
@@ -163,7 +156,7 @@ class Authenticator:
         totp_outcome = self.users.check_totp(login, totp_code, now=now, consume=password_ok)
 
         if user is not None and not user.disabled and password_ok and totp_outcome == TOTP_OK:
-            self.redis.delete(self.fail_key(login))
+            self.redis.delete(self.keys.login_failures(login))
             return LoginResult(True, user, OK, detail=OK)
 
         if user is None:
@@ -208,25 +201,25 @@ class Authenticator:
     def unlock(self, login: str) -> None:
         """Lift an account lock and forget its recent failures."""
         login = normalize_login(login)
-        self.redis.delete(self.lock_key(login), self.fail_key(login))
+        self.redis.delete(self.keys.login_lock(login), self.keys.login_failures(login))
 
     def unblock_ip(self, client_ip: str) -> None:
         """Lift a client address block and forget its recent failures."""
-        self.redis.delete(self.ip_key(normalize_ip(client_ip)))
+        self.redis.delete(self.keys.address_failures(normalize_ip(client_ip)))
 
     # -- counters ----------------------------------------------------------------------------------
 
     def _ip_blocked_for(self, ip: str) -> int:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.ip_key(ip))
-        pipe.pttl(self.ip_key(ip))
+        pipe.get(self.keys.address_failures(ip))
+        pipe.pttl(self.keys.address_failures(ip))
         count, pttl = pipe.execute()
         if count is None or int(as_text(count)) < self.policy.ip_max_failures:
             return 0
         return _seconds_left(pttl, self.policy.ip_block_seconds)
 
     def _locked_for(self, login: str) -> int:
-        pttl = self.redis.pttl(self.lock_key(login))
+        pttl = self.redis.pttl(self.keys.login_lock(login))
         if pttl == -2:  # no such key
             return 0
         return _seconds_left(pttl, self.policy.lock_seconds)
@@ -234,11 +227,11 @@ class Authenticator:
     def _record_failure(self, login: str, ip: str) -> None:
         p = self.policy
         self._account_failure(
-            keys=[self.fail_key(login), self.lock_key(login)],
+            keys=[self.keys.login_failures(login), self.keys.login_lock(login)],
             args=[p.failure_window, p.max_failures, p.lock_seconds],
         )
         self._record_ip_failure(ip)
 
     def _record_ip_failure(self, ip: str) -> None:
         p = self.policy
-        self._ip_failure(keys=[self.ip_key(ip)], args=[p.ip_window, p.ip_max_failures, p.ip_block_seconds])
+        self._ip_failure(keys=[self.keys.address_failures(ip)], args=[p.ip_window, p.ip_max_failures, p.ip_block_seconds])

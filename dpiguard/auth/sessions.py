@@ -34,6 +34,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 SID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 SID_BYTES = 32
@@ -150,6 +151,7 @@ class SessionStore:
     ):
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.idle_timeout = idle_timeout
         self.absolute_lifetime = absolute_lifetime
         self.touch_interval = touch_interval
@@ -160,16 +162,6 @@ class SessionStore:
         self._touch = redis_client.register_script(_TOUCH_SCRIPT)
 
     # -- keys and events -------------------------------------------------------------------------
-
-    def session_key(self, h: str) -> str:
-        return f"{self.prefix}:session:{{{h}}}"
-
-    def user_sessions_key(self, login: str) -> str:
-        return f"{self.prefix}:user-sessions:{{{login}}}"
-
-    @property
-    def events_channel(self) -> str:
-        return f"{self.prefix}:events"
 
     # -- local cache switch ------------------------------------------------------------------------
 
@@ -209,13 +201,13 @@ class SessionStore:
             csrf=secrets.token_urlsafe(SID_BYTES),
             touched_at=now,
         )
-        key = self.session_key(session.sid_hash)
+        key = self.keys.session(session.sid_hash)
         with self._lock:
             generation = self._generation
         pipe = self.redis.pipeline(transaction=False)
         # Index first: revoke_user must find every session that exists.
-        pipe.sadd(self.user_sessions_key(user), session.sid_hash)
-        pipe.expire(self.user_sessions_key(user), self.absolute_lifetime)
+        pipe.sadd(self.keys.user_sessions(user), session.sid_hash)
+        pipe.expire(self.keys.user_sessions(user), self.absolute_lifetime)
         pipe.hset(
             key,
             mapping={
@@ -284,7 +276,7 @@ class SessionStore:
             return None, self._generation
 
     def _load(self, h: str) -> Session | None:
-        fields = self.redis.hgetall(self.session_key(h))
+        fields = self.redis.hgetall(self.keys.session(h))
         if not fields:
             return None
         f = {as_text(k): as_text(v) for k, v in fields.items()}
@@ -314,7 +306,7 @@ class SessionStore:
             self.drop_local(session.sid_hash)
             return False
         exists = self._touch(
-            keys=[self.session_key(session.sid_hash)], args=[repr(now), self._ttl_ms(now, session.abs_expiry)]
+            keys=[self.keys.session(session.sid_hash)], args=[repr(now), self._ttl_ms(now, session.abs_expiry)]
         )
         if not exists:
             self.drop_local(session.sid_hash)
@@ -338,29 +330,29 @@ class SessionStore:
         if not is_valid_sid(sid):
             return False
         h = sid_hash(sid)
-        key = self.session_key(h)
+        key = self.keys.session(h)
         user = as_text(self.redis.hget(key, "user"))
         existed = bool(self.redis.delete(key))
         if user is not None:
-            self.redis.srem(self.user_sessions_key(user), h)
+            self.redis.srem(self.keys.user_sessions(user), h)
         self.drop_local(h)
-        self.redis.publish(self.events_channel, f"session:{h}")
+        self.redis.publish(self.keys.events, f"session:{h}")
         return existed
 
     def revoke_user(self, login: str) -> int:
         """End every session of ``login``. Returns how many existed."""
-        index = self.user_sessions_key(login)
+        index = self.keys.user_sessions(login)
         hashes = [as_text(h) for h in self.redis.smembers(index)]
         count = 0
         if hashes:
             pipe = self.redis.pipeline(transaction=False)
             for h in hashes:
-                pipe.delete(self.session_key(h))
+                pipe.delete(self.keys.session(h))
             count = sum(pipe.execute())
             # Remove only what was read: a session created meanwhile stays indexed.
             self.redis.srem(index, *hashes)
         self.drop_local_user(login)
-        self.redis.publish(self.events_channel, f"user:{login}")
+        self.redis.publish(self.keys.events, f"user:{login}")
         return count
 
     # -- invalidation (called by the bus listener) ---------------------------------------------------

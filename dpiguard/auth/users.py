@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 LOGIN_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,63}")
 ROLE_RE = re.compile(r"[a-z][a-z0-9_]*")
@@ -212,6 +213,7 @@ class UserDirectory:
         self.redis = redis_client
         self.box = box
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.issuer = issuer
         self.hasher = PasswordHasher()
         # Verified against for unknown or disabled accounts so that they cost the same argon2 time.
@@ -222,21 +224,8 @@ class UserDirectory:
         self._totp_step = redis_client.register_script(_TOTP_STEP_SCRIPT)
         self._rehash = redis_client.register_script(_REHASH_SCRIPT)
 
-    # -- keys and events -------------------------------------------------------------------------
-
-    def user_key(self, login: str) -> str:
-        return f"{self.prefix}:user:{{{login}}}"
-
-    @property
-    def index_key(self) -> str:
-        return f"{self.prefix}:users"
-
-    @property
-    def events_channel(self) -> str:
-        return f"{self.prefix}:events"
-
     def _publish(self, login: str) -> None:
-        self.redis.publish(self.events_channel, f"user:{login}")
+        self.redis.publish(self.keys.events, f"user:{login}")
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -256,14 +245,14 @@ class UserDirectory:
         login = normalize_login(login)
         if not is_valid_login(login):
             return None
-        fields = self.redis.hgetall(self.user_key(login))
+        fields = self.redis.hgetall(self.keys.user(login))
         return self._user_from_hash(fields) if fields else None
 
     def list(self) -> list[User]:
-        logins = sorted(as_text(m) for m in self.redis.smembers(self.index_key))
+        logins = sorted(as_text(m) for m in self.redis.smembers(self.keys.users))
         pipe = self.redis.pipeline(transaction=False)
         for login in logins:
-            pipe.hgetall(self.user_key(login))
+            pipe.hgetall(self.keys.user(login))
         return [self._user_from_hash(fields) for fields in pipe.execute() if fields]
 
     # -- administration ----------------------------------------------------------------------------
@@ -294,9 +283,9 @@ class UserDirectory:
             "created": str(user.created),
         }
         argv = [item for pair in fields.items() for item in pair]
-        if not self._create(keys=[self.user_key(login)], args=argv):
+        if not self._create(keys=[self.keys.user(login)], args=argv):
             raise ValueError(f"user {login!r} already exists")
-        self.redis.sadd(self.index_key, login)
+        self.redis.sadd(self.keys.users, login)
         self._publish(login)
         return user, self.provisioning_uri(login, secret)
 
@@ -306,7 +295,7 @@ class UserDirectory:
         if not is_valid_login(login):
             raise KeyError(login)
         argv = [item for pair in fields.items() for item in pair]
-        if not self._update(keys=[self.user_key(login)], args=argv):
+        if not self._update(keys=[self.keys.user(login)], args=argv):
             raise KeyError(login)
         self._publish(login)
         return login
@@ -343,7 +332,7 @@ class UserDirectory:
         login = normalize_login(login)
         stored = None
         if is_valid_login(login) and isinstance(password, str):
-            pw_hash, disabled = self.redis.hmget(self.user_key(login), ["pw_hash", "disabled"])
+            pw_hash, disabled = self.redis.hmget(self.keys.user(login), ["pw_hash", "disabled"])
             if pw_hash is not None and as_text(disabled) == "0":
                 stored = as_text(pw_hash)
         candidate = password if isinstance(password, str) else ""
@@ -354,7 +343,7 @@ class UserDirectory:
         if stored is None:
             return False
         if self.hasher.check_needs_rehash(stored):
-            self._rehash(keys=[self.user_key(login)], args=[stored, self.hasher.hash(candidate)])
+            self._rehash(keys=[self.keys.user(login)], args=[stored, self.hasher.hash(candidate)])
         return True
 
     def check_totp(self, login: str, code: str, now: float | None = None, consume: bool = True) -> str:
@@ -368,7 +357,7 @@ class UserDirectory:
         login = normalize_login(login)
         if not isinstance(code, str) or not TOTP_CODE_RE.fullmatch(code) or not is_valid_login(login):
             return TOTP_BAD
-        key = self.user_key(login)
+        key = self.keys.user(login)
         enc, disabled = (as_text(v) for v in self.redis.hmget(key, ["totp_enc", "disabled"]))
         secret = self._dummy_secret
         if enc is not None and disabled == "0":

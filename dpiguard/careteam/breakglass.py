@@ -30,8 +30,9 @@ from typing import Any
 import orjson
 import redis
 
-from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 _GRANT_ID_RE = re.compile(r"BG[0-9a-f]{16}")
 MAX_TEXT = 2000
@@ -87,17 +88,8 @@ class BreakGlassStore:
     def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard"):
         self.redis = redis_client
         self.prefix = prefix
-        self.channel = events_channel(prefix)
-
-    def key_user(self, login: str) -> str:
-        return f"{self.prefix}:bg:{{{login}}}"
-
-    def key_grant(self, grant_id: str) -> str:
-        return f"{self.prefix}:bg:grant:{{{grant_id}}}"
-
-    @property
-    def key_review(self) -> str:
-        return f"{self.prefix}:bg:review"
+        self.keys = Keys(prefix)
+        self.channel = self.keys.events
 
     @staticmethod
     def new_id() -> str:
@@ -107,7 +99,7 @@ class BreakGlassStore:
     def create(self, grant: Grant) -> None:
         """Store the grant (replacing the user's previous grant for this patient), queue it for
         review, then publish ``patient:P`` and ``user:U``."""
-        user_key = self.key_user(grant.user)
+        user_key = self.keys.grants_of(grant.user)
 
         def write(pipe: redis.client.Pipeline) -> None:
             current = pipe.hgetall(user_key)
@@ -128,8 +120,8 @@ class BreakGlassStore:
             pipe.hset(user_key, grant.patient, grant.dumps())
             # Relative TTL (independent of the Redis server's clock): the key outlives its last grant.
             pipe.expire(user_key, int(last_end - grant.start) + 60)
-            pipe.hset(self.key_grant(grant.id), mapping={"grant": grant.dumps(), "status": "pending"})
-            pipe.zadd(self.key_review, {grant.id: grant.start})
+            pipe.hset(self.keys.grant(grant.id), mapping={"grant": grant.dumps(), "status": "pending"})
+            pipe.zadd(self.keys.grant_review, {grant.id: grant.start})
 
         self.redis.transaction(write, user_key)
         self._publish(grant.patient, grant.user)
@@ -138,7 +130,7 @@ class BreakGlassStore:
         """End a grant at once, on every instance. KeyError if unknown."""
         now = time.time() if now is None else now
         grant = self.get(grant_id)["grant"]
-        user_key = self.key_user(grant.user)
+        user_key = self.keys.grants_of(grant.user)
 
         def write(pipe: redis.client.Pipeline) -> None:
             raw = pipe.hget(user_key, grant.patient)
@@ -151,7 +143,7 @@ class BreakGlassStore:
             pipe.multi()
             if current == grant.id:
                 pipe.hdel(user_key, grant.patient)
-            pipe.hset(self.key_grant(grant.id), mapping={"revoked_at": str(now), "revoked_by": by})
+            pipe.hset(self.keys.grant(grant.id), mapping={"revoked_at": str(now), "revoked_by": by})
 
         self.redis.transaction(write, user_key)
         self._publish(grant.patient, grant.user)
@@ -166,7 +158,7 @@ class BreakGlassStore:
         if len(comment) > MAX_TEXT:
             raise ValueError(f"the comment must have at most {MAX_TEXT} characters")
         self.get(grant_id)  # KeyError if unknown
-        self.redis.hset(self.key_grant(grant_id), mapping={
+        self.redis.hset(self.keys.grant(grant_id), mapping={
             "status": status, "review_comment": comment, "reviewed_by": by,
             "reviewed_at": str(time.time() if now is None else now)})
 
@@ -178,14 +170,14 @@ class BreakGlassStore:
 
     # -- reads -------------------------------------------------------------------------------------
     def current(self, login: str, patient: str) -> Grant | None:
-        raw = self.redis.hget(self.key_user(login), patient)
+        raw = self.redis.hget(self.keys.grants_of(login), patient)
         return None if raw is None else parse_grant(raw, f"grant of {login} for {patient}")
 
     def get(self, grant_id: str) -> dict:
         """The review record of a grant: ``{"grant": Grant, "status", ...}``. KeyError if unknown."""
         if not isinstance(grant_id, str) or not _GRANT_ID_RE.fullmatch(grant_id):
             raise KeyError(f"no emergency access {grant_id!r} (ids look like BG0123456789abcdef)")
-        fields = {as_text(k): as_text(v) for k, v in self.redis.hgetall(self.key_grant(grant_id)).items()}
+        fields = {as_text(k): as_text(v) for k, v in self.redis.hgetall(self.keys.grant(grant_id)).items()}
         if not fields:
             raise KeyError(f"no emergency access {grant_id!r}")
         return self._record(grant_id, fields)
@@ -201,10 +193,10 @@ class BreakGlassStore:
 
     def review_queue(self, pending_only: bool = False, limit: int = 1000) -> list[dict]:
         """Review records, oldest first (``pending_only``: not yet marked)."""
-        ids = [as_text(i) for i in self.redis.zrange(self.key_review, 0, -1)]
+        ids = [as_text(i) for i in self.redis.zrange(self.keys.grant_review, 0, -1)]
         pipe = self.redis.pipeline(transaction=False)
         for grant_id in ids:
-            pipe.hgetall(self.key_grant(grant_id))
+            pipe.hgetall(self.keys.grant(grant_id))
         out = []
         for grant_id, raw in zip(ids, pipe.execute()):
             if not raw:

@@ -98,8 +98,8 @@ class CareTeamBulkLoader:
                 checked.append((login, unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}"))
             pipe = self.redis.pipeline(transaction=True)
             for login, unit, value in checked:
-                pipe.hset(self.store.key_user_units(login), unit, value)
-                pipe.sadd(self.store.key_unit_members(unit), login)
+                pipe.hset(self.store.keys.user_units(login), unit, value)
+                pipe.sadd(self.store.keys.unit_members(unit), login)
             pipe.execute()
             self._publish_all()
             count += len(batch)
@@ -124,8 +124,8 @@ class CareTeamBulkLoader:
                 checked.append((login, patient, orjson.dumps({"kind": kind, "start": start, "end": end})))
             pipe = self.redis.pipeline(transaction=True)
             for login, patient, value in checked:
-                pipe.hset(self.store.key_assign(patient), login, value)
-                pipe.sadd(self.store.key_user_assign(login), patient)
+                pipe.hset(self.store.keys.assignments(patient), login, value)
+                pipe.sadd(self.store.keys.user_assignments(login), patient)
             pipe.execute()
             self._publish_all()
             count += len(batch)
@@ -154,7 +154,7 @@ class CareTeamBulkLoader:
         return count
 
     def _write_stays(self, checked: Sequence[tuple[str, str, str, bytes]]) -> None:
-        keys = sorted({self.store.key_stays(patient) for patient, *_ in checked})
+        keys = sorted({self.store.keys.stays(patient) for patient, *_ in checked})
         for _ in range(self.max_retries):
             with self.redis.pipeline(transaction=True) as pipe:
                 try:
@@ -167,13 +167,13 @@ class CareTeamBulkLoader:
                     current = dict(zip(keys, reader.execute()))
                     pipe.multi()
                     for patient, unit, stay_id, value in checked:
-                        stays_key = self.store.key_stays(patient)
+                        stays_key = self.store.keys.stays(patient)
                         stays = current[stays_key]
                         old_unit = self.store._unit_to_release(stays, stay_id, keep_unit=unit)
                         pipe.hset(stays_key, stay_id, value)
-                        pipe.sadd(self.store.key_unit_patients(unit), patient)
+                        pipe.sadd(self.store.keys.unit_patients(unit), patient)
                         if old_unit is not None:
-                            pipe.srem(self.store.key_unit_patients(old_unit), patient)
+                            pipe.srem(self.store.keys.unit_patients(old_unit), patient)
                         # Later rows of the same batch see this one, as sequential add_stay calls would.
                         stays = dict(stays)
                         stays[stay_id.encode()] = value

@@ -30,7 +30,8 @@ import redis
 from dpiguard.careteam.adt import AdtError, Movement
 from dpiguard.careteam.movements import MovementStore
 from dpiguard.ids import ID_RE
-from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.bus import format_event
+from dpiguard.storage.keys import Keys
 from dpiguard.times import fmt_epoch
 
 KINDS = {
@@ -204,11 +205,12 @@ def import_members(client: redis.Redis, prefix: str, path: str | Path, tz: str =
     sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
+    keys = Keys(prefix)
     pipe = client.pipeline(transaction=True)
     for login, unit, start, end in parsed:
-        pipe.hset(f"{prefix}:ct:user-units:{{{login}}}", unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
-        pipe.sadd(f"{prefix}:ct:unit-members:{unit}", login)
-    pipe.publish(events_channel(prefix), format_event("all"))
+        pipe.hset(keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
+        pipe.sadd(keys.unit_members(unit), login)
+    pipe.publish(keys.events, format_event("all"))
     pipe.execute()
     report.applied = len(parsed)
     return report
@@ -239,12 +241,13 @@ def import_assignments(client: redis.Redis, prefix: str, path: str | Path, tz: s
     sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
+    keys = Keys(prefix)
     pipe = client.pipeline(transaction=True)
     for login, patient, kind, start, end in parsed:
-        pipe.hset(f"{prefix}:ct:assign:{{{patient}}}", login,
+        pipe.hset(keys.assignments(patient), login,
                   orjson.dumps({"kind": kind, "start": start, "end": end}))
-        pipe.sadd(f"{prefix}:ct:user-assign:{{{login}}}", patient)
-    pipe.publish(events_channel(prefix), format_event("all"))
+        pipe.sadd(keys.user_assignments(login), patient)
+    pipe.publish(keys.events, format_event("all"))
     pipe.execute()
     report.applied = len(parsed)
     return report

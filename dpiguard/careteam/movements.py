@@ -47,8 +47,9 @@ import redis
 
 from dpiguard.careteam.adt import ERR_DUPLICATE_KEY, ERR_INTERNAL, ERR_UNKNOWN_KEY, AdtError, Movement
 from dpiguard.careteam.membership import CareTeamDataError, parse_stay
-from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 LATEST = "!latest"
 ERR_STALE = "100"  # segment sequence error: the closest HL7 0357 code for "out of order"
@@ -282,34 +283,22 @@ class MovementStore:
     def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard", dedup_ttl: int = 7 * 86400):
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.dedup_ttl = int(dedup_ttl)
-        self.channel = events_channel(prefix)
+        self.channel = self.keys.events
 
     # keys (same layout as careteam.py for stays and the unit index)
-    def key_stays(self, patient: str) -> str:
-        return f"{self.prefix}:ct:stays:{{{patient}}}"
-
-    def key_visits(self, patient: str) -> str:
-        return f"{self.prefix}:ct:visits:{{{patient}}}"
-
-    def key_unit_patients(self, unit: str) -> str:
-        return f"{self.prefix}:ct:unit-patients:{unit}"
-
-    @property
-    def key_journal(self) -> str:
-        return f"{self.prefix}:ct:journal"
-
-    def key_seen(self, mv: Movement) -> str:
+    def seen_key(self, mv: Movement) -> str:
         digest = hashlib.sha256(f"{mv.sender}\0{mv.control_id}".encode()).hexdigest()[:32]
-        return f"{self.prefix}:adt:seen:{digest}"
+        return self.keys.adt_seen(digest)
 
     # ----------------------------------------------------------------- apply
 
     def apply(self, mv: Movement, *, journal: bool = True, dedup: bool = True) -> MovementResult:
         """Apply one movement atomically. AdtError (AE) for a refusal; Redis errors propagate."""
         patients = [mv.patient] + ([mv.prior_patient] if mv.trigger == "A40" and mv.prior_patient else [])
-        watched = [k for p in patients for k in (self.key_visits(p), self.key_stays(p))]
-        seen_key = self.key_seen(mv)
+        watched = [k for p in patients for k in (self.keys.visits(p), self.keys.stays(p))]
+        seen_key = self.seen_key(mv)
         if dedup:
             watched.append(seen_key)
 
@@ -320,17 +309,17 @@ class MovementStore:
                     first = orjson.loads(seen)
                     return MovementResult("AA", f"duplicate of an applied message: {first.get('text', '')}"[:200],
                                    duplicate=True, patient=mv.patient, visit=first.get("visit"))
-            visits, latest = parse_visits(pipe.hgetall(self.key_visits(mv.patient)))
-            stays = parse_stays(pipe.hgetall(self.key_stays(mv.patient)))
+            visits, latest = parse_visits(pipe.hgetall(self.keys.visits(mv.patient)))
+            stays = parse_stays(pipe.hgetall(self.keys.stays(mv.patient)))
             other = None
             if len(patients) == 2:
-                other_visits, _ = parse_visits(pipe.hgetall(self.key_visits(patients[1])))
-                other = (other_visits, parse_stays(pipe.hgetall(self.key_stays(patients[1]))))
+                other_visits, _ = parse_visits(pipe.hgetall(self.keys.visits(patients[1])))
+                other = (other_visits, parse_stays(pipe.hgetall(self.keys.stays(patients[1]))))
             p = plan(mv, visits, stays, latest, other)
             pipe.multi()
             self._write(pipe, p, stays, other[1] if other else None)
             if journal:
-                pipe.xadd(self.key_journal, {"mv": orjson.dumps(mv.to_dict()), "summary": p.summary,
+                pipe.xadd(self.keys.journal, {"mv": orjson.dumps(mv.to_dict()), "summary": p.summary,
                                              "applied": repr(time.time())})
             if dedup:
                 pipe.set(seen_key, orjson.dumps({"text": p.summary, "visit": p.visit}), ex=self.dedup_ttl)
@@ -348,9 +337,9 @@ class MovementStore:
             old_units = {s["unit"] for s in before.values()}
             new_units = {s["unit"] for s in after.values()}
             for unit in sorted(new_units - old_units):
-                pipe.sadd(self.key_unit_patients(unit), patient)
+                pipe.sadd(self.keys.unit_patients(unit), patient)
             for unit in sorted(old_units - new_units):
-                pipe.srem(self.key_unit_patients(unit), patient)
+                pipe.srem(self.keys.unit_patients(unit), patient)
 
         def hash_changes(key: str, changes: dict) -> None:
             sets = {k: orjson.dumps(v) for k, v in changes.items() if v is not None}
@@ -360,28 +349,28 @@ class MovementStore:
             if dels:
                 pipe.hdel(key, *dels)
 
-        hash_changes(self.key_stays(p.patient), p.stays)
-        hash_changes(self.key_visits(p.patient), p.visits)
+        hash_changes(self.keys.stays(p.patient), p.stays)
+        hash_changes(self.keys.visits(p.patient), p.visits)
         if p.latest is not None:
-            pipe.hset(self.key_visits(p.patient), LATEST, p.latest)
+            pipe.hset(self.keys.visits(p.patient), LATEST, p.latest)
         index(p.patient, old_stays, p.stays)
         if p.other_patient is not None:
-            hash_changes(self.key_stays(p.other_patient), p.other_stays)
-            hash_changes(self.key_visits(p.other_patient), p.other_visits)
-            pipe.hdel(self.key_visits(p.other_patient), LATEST)
+            hash_changes(self.keys.stays(p.other_patient), p.other_stays)
+            hash_changes(self.keys.visits(p.other_patient), p.other_visits)
+            pipe.hdel(self.keys.visits(p.other_patient), LATEST)
             index(p.other_patient, other_old_stays or {}, p.other_stays)
 
     # ----------------------------------------------------------------- reads
 
     def visits(self, patient: str) -> dict:
-        visits, latest = parse_visits(self.redis.hgetall(self.key_visits(patient)))
+        visits, latest = parse_visits(self.redis.hgetall(self.keys.visits(patient)))
         return {"latest": latest, "visits": visits}
 
     def journal(self, count: int = 1000) -> Iterable[tuple[str, Movement]]:
         """Every journal entry, oldest first: (entry id, movement)."""
         start = "-"
         while True:
-            batch = self.redis.xrange(self.key_journal, min=start, count=count)
+            batch = self.redis.xrange(self.keys.journal, min=start, count=count)
             for entry_id, fields in batch:
                 data = fields.get(b"mv") or fields.get("mv")
                 yield as_text(entry_id), Movement.from_dict(orjson.loads(data))
@@ -423,7 +412,7 @@ class MovementStore:
                 _merge_changes(sim_visits[p.other_patient], p.other_visits)
                 sim_latest.pop(p.other_patient, None)
         # Patients with a visit state in Redis but none in the journal lose it too.
-        for key in self.redis.scan_iter(match=f"{self.prefix}:ct:visits:*", count=1000):
+        for key in self.redis.scan_iter(match=self.keys.visits_pattern, count=1000):
             patient = as_text(key).split(":ct:visits:", 1)[1].strip("{}")
             sim_visits.setdefault(patient, {})
             sim_stays.setdefault(patient, {})
@@ -437,7 +426,7 @@ class MovementStore:
 
     def _replace_patient(self, patient: str, visits: dict, stays: dict, latest: str | None,
                          dry_run: bool) -> bool:
-        vkey, skey = self.key_visits(patient), self.key_stays(patient)
+        vkey, skey = self.keys.visits(patient), self.keys.stays(patient)
 
         def transaction(pipe) -> bool:
             cur_visits, cur_latest = parse_visits(pipe.hgetall(vkey))

@@ -30,8 +30,9 @@ from typing import Any, Iterable, Mapping
 import orjson
 import redis
 
-from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KINDS = ("user", "unit")
@@ -156,14 +157,8 @@ class ObjectionStore:
     def __init__(self, redis_client: redis.Redis, prefix: str = "dpiguard"):
         self.redis = redis_client
         self.prefix = prefix
-        self.channel = events_channel(prefix)
-
-    def key(self, patient: str) -> str:
-        return f"{self.prefix}:obj:{{{patient}}}"
-
-    @property
-    def index_key(self) -> str:
-        return f"{self.prefix}:obj:patients"
+        self.keys = Keys(prefix)
+        self.channel = self.keys.events
 
     # -- writes ------------------------------------------------------------------------------------
     def add(self, patient: str, kind: str, target: str, *, source: str = "cli", comment: str = "",
@@ -177,11 +172,11 @@ class ObjectionStore:
         patient = check_patient(patient)
         kind, target = check_target(kind, target)
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hdel(self.key(patient), f"{kind}:{target}")
-        pipe.hlen(self.key(patient))
+        pipe.hdel(self.keys.objections(patient), f"{kind}:{target}")
+        pipe.hlen(self.keys.objections(patient))
         removed, left = pipe.execute()
         if not left:
-            self.redis.srem(self.index_key, patient)
+            self.redis.srem(self.keys.objection_patients, patient)
         self._publish([patient])
         return bool(removed)
 
@@ -194,9 +189,9 @@ class ObjectionStore:
     def _write(self, objections: list[Objection]) -> None:
         pipe = self.redis.pipeline(transaction=True)
         for o in objections:
-            pipe.hset(self.key(o.patient), o.field,
+            pipe.hset(self.keys.objections(o.patient), o.field,
                       orjson.dumps({"date": o.date, "source": o.source, "comment": o.comment}))
-            pipe.sadd(self.index_key, o.patient)
+            pipe.sadd(self.keys.objection_patients, o.patient)
         pipe.execute()
         self._publish(sorted({o.patient for o in objections}))
 
@@ -208,17 +203,17 @@ class ObjectionStore:
 
     # -- reads -------------------------------------------------------------------------------------
     def list(self, patient: str | None = None) -> list[Objection]:
-        patients = [check_patient(patient)] if patient else sorted(as_text(p) for p in self.redis.smembers(self.index_key))
+        patients = [check_patient(patient)] if patient else sorted(as_text(p) for p in self.redis.smembers(self.keys.objection_patients))
         pipe = self.redis.pipeline(transaction=False)
         for p in patients:
-            pipe.hgetall(self.key(p))
+            pipe.hgetall(self.keys.objections(p))
         out = []
         for p, raw in zip(patients, pipe.execute()):
             out += [parse_stored(p, f, v) for f, v in raw.items()]
         return sorted(out, key=lambda o: (o.patient, o.kind, o.target))
 
     def find(self, patient: str, login: str, active_units: Iterable[str]) -> Objection | None:
-        return find_objection(patient, self.redis.hgetall(self.key(check_patient(patient))), login, active_units)
+        return find_objection(patient, self.redis.hgetall(self.keys.objections(check_patient(patient))), login, active_units)
 
     # -- CSV ---------------------------------------------------------------------------------------
     def import_csv(self, path: str | Path, *, source: str | None = None, dry_run: bool = False) -> ImportReport:

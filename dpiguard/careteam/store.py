@@ -55,8 +55,9 @@ from dpiguard.careteam.membership import (
     stay_window,
 )
 from dpiguard.ids import check_id, check_unit
-from dpiguard.storage.bus import events_channel, format_event
+from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
 from dpiguard.times import check_epoch, check_window, epoch_now, fmt_epoch
 
 # --------------------------------------------------------------------------- the store
@@ -71,29 +72,12 @@ class CareTeamStore:
             raise ValueError("grace_seconds must not be negative")
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.grace = grace_seconds
         self.transversal = dict(transversal or {})  # unit → TransversalUnit (policies/careteam.yaml)
-        self.channel = events_channel(prefix)
+        self.channel = self.keys.events
 
     # ----------------------------------------------------------------- keys
-
-    def key_user_units(self, login: str) -> str:
-        return f"{self.prefix}:ct:user-units:{{{login}}}"
-
-    def key_unit_members(self, unit: str) -> str:
-        return f"{self.prefix}:ct:unit-members:{unit}"
-
-    def key_stays(self, patient: str) -> str:
-        return f"{self.prefix}:ct:stays:{{{patient}}}"
-
-    def key_unit_patients(self, unit: str) -> str:
-        return f"{self.prefix}:ct:unit-patients:{unit}"
-
-    def key_assign(self, patient: str) -> str:
-        return f"{self.prefix}:ct:assign:{{{patient}}}"
-
-    def key_user_assign(self, login: str) -> str:
-        return f"{self.prefix}:ct:user-assign:{{{login}}}"
 
     # ----------------------------------------------------------------- writes: memberships
 
@@ -104,15 +88,15 @@ class CareTeamStore:
         start = check_epoch(start, "start", optional=True)
         end = check_epoch(end, "end", optional=True)
         check_window(start, end)
-        self.redis.sadd(self.key_unit_members(unit), login)  # index first
-        self.redis.hset(self.key_user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
+        self.redis.sadd(self.keys.unit_members(unit), login)  # index first
+        self.redis.hset(self.keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
         self._publish(("user", login))
 
     def remove_unit_member(self, login: str, unit: str) -> bool:
         """End ``login``'s membership of ``unit``; returns whether one existed."""
         login, unit = check_id(login, "login"), check_unit(unit)
-        removed = self.redis.hdel(self.key_user_units(login), unit)
-        self.redis.srem(self.key_unit_members(unit), login)  # index last
+        removed = self.redis.hdel(self.keys.user_units(login), unit)
+        self.redis.srem(self.keys.unit_members(unit), login)  # index last
         self._publish(("user", login))
         return bool(removed)
 
@@ -127,7 +111,7 @@ class CareTeamStore:
         check_window(start, end)
         stay_id = f"S{uuid.uuid4().hex[:16]}" if stay_id is None else check_id(stay_id, "stay id")
         value = orjson.dumps({"unit": unit, "start": start, "end": end})
-        stays_key = self.key_stays(patient)
+        stays_key = self.keys.stays(patient)
         release: list[str] = []
 
         def write(pipe: redis.client.Pipeline) -> None:
@@ -136,7 +120,7 @@ class CareTeamStore:
             pipe.multi()
             pipe.hset(stays_key, stay_id, value)
 
-        self.redis.sadd(self.key_unit_patients(unit), patient)  # index first
+        self.redis.sadd(self.keys.unit_patients(unit), patient)  # index first
         self.redis.transaction(write, stays_key)
         self._release_units(patient, release)
         self._publish(("patient", patient))
@@ -146,7 +130,7 @@ class CareTeamStore:
         """Set the end of an existing stay (KeyError if there is no such stay)."""
         patient, stay_id = check_id(patient, "patient"), check_id(stay_id, "stay id")
         end = check_epoch(end, "end", optional=False)
-        stays_key = self.key_stays(patient)
+        stays_key = self.keys.stays(patient)
 
         def write(pipe: redis.client.Pipeline) -> None:
             raw = pipe.hget(stays_key, stay_id)
@@ -164,7 +148,7 @@ class CareTeamStore:
     def remove_stay(self, patient: str, stay_id: str) -> None:
         """Delete a stay (KeyError if there is no such stay)."""
         patient, stay_id = check_id(patient, "patient"), check_id(stay_id, "stay id")
-        stays_key = self.key_stays(patient)
+        stays_key = self.keys.stays(patient)
 
         def write(pipe: redis.client.Pipeline) -> None:
             stays = pipe.hgetall(stays_key)
@@ -185,15 +169,15 @@ class CareTeamStore:
         if not units:
             return
         for unit in units:
-            self.redis.srem(self.key_unit_patients(unit), patient)
+            self.redis.srem(self.keys.unit_patients(unit), patient)
         try:
             still = {parse_stay(raw, as_text(sid))["unit"]
-                     for sid, raw in self.redis.hgetall(self.key_stays(patient)).items()}
+                     for sid, raw in self.redis.hgetall(self.keys.stays(patient)).items()}
         except CareTeamDataError:
             still = set(units)  # cannot tell: keep the (possibly stale) entries
         for unit in units:
             if unit in still:
-                self.redis.sadd(self.key_unit_patients(unit), patient)
+                self.redis.sadd(self.keys.unit_patients(unit), patient)
 
     @staticmethod
     def _unit_to_release(stays: Mapping[Any, Any], stay_id: str, keep_unit: str | None) -> str | None:
@@ -222,15 +206,15 @@ class CareTeamStore:
         start = check_epoch(start, "start", optional=True)
         end = check_epoch(end, "end", optional=True)
         check_window(start, end)
-        self.redis.sadd(self.key_user_assign(login), patient)  # index first
-        self.redis.hset(self.key_assign(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
+        self.redis.sadd(self.keys.user_assignments(login), patient)  # index first
+        self.redis.hset(self.keys.assignments(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
         self._publish(("patient", patient), ("user", login))
 
     def unassign(self, login: str, patient: str) -> bool:
         """Remove an explicit assignment; returns whether one existed."""
         login, patient = check_id(login, "login"), check_id(patient, "patient")
-        removed = self.redis.hdel(self.key_assign(patient), login)
-        self.redis.srem(self.key_user_assign(login), patient)  # index last
+        removed = self.redis.hdel(self.keys.assignments(patient), login)
+        self.redis.srem(self.keys.user_assignments(login), patient)  # index last
         self._publish(("patient", patient), ("user", login))
         return bool(removed)
 
@@ -256,9 +240,9 @@ class CareTeamStore:
         login, patient = check_id(login, "login"), check_id(patient, "patient")
         now = epoch_now(now)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(self.key_user_units(login))
-        pipe.hgetall(self.key_stays(patient))
-        pipe.hget(self.key_assign(patient), login)
+        pipe.hgetall(self.keys.user_units(login))
+        pipe.hgetall(self.keys.stays(patient))
+        pipe.hget(self.keys.assignments(patient), login)
         user_units, stays, assignment = pipe.execute()
         membership = compute_membership(user_units, stays, assignment, now, self.grace, category, self.transversal)
         units = sorted(as_text(u).upper() for u, raw in user_units.items()
@@ -272,7 +256,7 @@ class CareTeamStore:
 
     def patient_stays(self, patient: str) -> list[dict]:
         """All stays of ``patient``: ``{"id", "unit", "start", "end"}`` sorted by start."""
-        raw = self.redis.hgetall(self.key_stays(check_id(patient, "patient")))
+        raw = self.redis.hgetall(self.keys.stays(check_id(patient, "patient")))
         rows = [{"id": as_text(sid), **parse_stay(value, as_text(sid))} for sid, value in raw.items()]
         return sorted(rows, key=lambda row: (row["start"], row["id"]))
 
@@ -282,7 +266,7 @@ class CareTeamStore:
         stays = [{**stay, "active": stay_window(stay, self.grace).contains(now)}
                  for stay in self.patient_stays(patient)]
         assignments = []
-        for login, raw in sorted(self.redis.hgetall(self.key_assign(patient)).items()):
+        for login, raw in sorted(self.redis.hgetall(self.keys.assignments(patient)).items()):
             login = as_text(login)
             data = parse_assignment(raw, login)
             active = Window(data["start"], data["end"]).contains(now)
@@ -309,10 +293,10 @@ class CareTeamStore:
         """Units, assigned patients and patients currently staying in the user's units."""
         login, now = check_id(login, "login"), epoch_now(now)
         units = self._user_unit_rows(login, now)
-        assigned = sorted(as_text(p) for p in self.redis.smembers(self.key_user_assign(login)))
+        assigned = sorted(as_text(p) for p in self.redis.smembers(self.keys.user_assignments(login)))
         pipe = self.redis.pipeline(transaction=False)
         for patient in assigned:
-            pipe.hget(self.key_assign(patient), login)
+            pipe.hget(self.keys.assignments(patient), login)
         assignments = []
         for patient, raw in zip(assigned, pipe.execute()):
             if raw is None:
@@ -335,7 +319,7 @@ class CareTeamStore:
 
     def _user_unit_rows(self, login: str, now: float) -> list[dict]:
         rows = []
-        for unit, raw in self.redis.hgetall(self.key_user_units(login)).items():
+        for unit, raw in self.redis.hgetall(self.keys.user_units(login)).items():
             unit = as_text(unit).upper()
             window = parse_unit_window(raw, unit)
             rows.append({"unit": unit, "start": window.start, "end": window.end,
@@ -343,10 +327,10 @@ class CareTeamStore:
         return sorted(rows, key=lambda row: row["unit"])
 
     def _unit_member_rows(self, unit: str, now: float) -> list[dict]:
-        logins = sorted(as_text(m) for m in self.redis.smembers(self.key_unit_members(unit)))
+        logins = sorted(as_text(m) for m in self.redis.smembers(self.keys.unit_members(unit)))
         pipe = self.redis.pipeline(transaction=False)
         for login in logins:
-            pipe.hget(self.key_user_units(login), unit)
+            pipe.hget(self.keys.user_units(login), unit)
         rows = []
         for login, raw in zip(logins, pipe.execute()):
             if raw is None:
@@ -357,10 +341,10 @@ class CareTeamStore:
         return rows
 
     def _patients_staying(self, unit: str, now: float) -> list[str]:
-        patients = sorted(as_text(p) for p in self.redis.smembers(self.key_unit_patients(unit)))
+        patients = sorted(as_text(p) for p in self.redis.smembers(self.keys.unit_patients(unit)))
         pipe = self.redis.pipeline(transaction=False)
         for patient in patients:
-            pipe.hgetall(self.key_stays(patient))
+            pipe.hgetall(self.keys.stays(patient))
         staying = []
         for patient, stays in zip(patients, pipe.execute()):
             for sid, raw in stays.items():

@@ -64,11 +64,11 @@ class AccessDecider:
         login, patient = check_id(login, "login"), check_id(patient, "patient")
         ct = self.careteam
         pipe = ct.redis.pipeline(transaction=False)
-        pipe.hgetall(ct.key_user_units(login))
-        pipe.hgetall(ct.key_stays(patient))
-        pipe.hget(ct.key_assign(patient), login)
-        pipe.hgetall(self.objections.key(patient))
-        pipe.hget(self.grants.key_user(login), patient)
+        pipe.hgetall(ct.keys.user_units(login))
+        pipe.hgetall(ct.keys.stays(patient))
+        pipe.hget(ct.keys.assignments(patient), login)
+        pipe.hgetall(self.objections.keys.objections(patient))
+        pipe.hget(self.grants.keys.grants_of(login), patient)
         user_units, stays, assignment, objections, grant_raw = pipe.execute()
         decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
                                             stays, assignment, objections, grant_raw, policies.grace_seconds,

@@ -27,19 +27,9 @@ from collections import deque
 
 import redis
 
+from dpiguard.storage.keys import Keys
+
 log = logging.getLogger("dpiguard")
-
-
-def counter_key(prefix: str, user: str) -> str:
-    return f"{prefix}:mass:{{{user}}}"
-
-
-def alert_key(prefix: str, user: str) -> str:
-    return f"{prefix}:mass-alert:{{{user}}}"
-
-
-def blocked_key(prefix: str) -> str:
-    return f"{prefix}:mass-blocked"
 
 
 #: The worker sends noted accesses to Redis at most this often (one pipelined round trip per batch):
@@ -55,6 +45,7 @@ class MassAccessMonitor:
         self.r = client
         self.audit = audit
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.max_patients = max_patients
         self.window = window_seconds
         self.action = action
@@ -126,11 +117,11 @@ class MassAccessMonitor:
         users: dict[str, float] = {}
         pipe = self.r.pipeline(transaction=False)
         for (user, patient), t in latest.items():
-            pipe.zadd(counter_key(self.prefix, user), {patient: t})
+            pipe.zadd(self.keys.mass_counter(user), {patient: t})
             users[user] = max(t, users.get(user, 0.0))
         order = sorted(users)
         for user in order:
-            key = counter_key(self.prefix, user)
+            key = self.keys.mass_counter(user)
             pipe.zremrangebyscore(key, "-inf", users[user] - self.window)
             pipe.zcard(key)
             pipe.expire(key, int(self.window) + 1)
@@ -141,12 +132,12 @@ class MassAccessMonitor:
                 self._over(user, count, users[user])
 
     def _over(self, user: str, count: int, now: float) -> None:
-        if not self.r.set(alert_key(self.prefix, user), int(now), nx=True, ex=int(self.window) + 1):
+        if not self.r.set(self.keys.mass_alert(user), int(now), nx=True, ex=int(self.window) + 1):
             return  # already alerted in this window (by this or another instance)
         throttle = self.action == "throttle"
         until = now + self.throttle_seconds
         if throttle:
-            self.r.zadd(blocked_key(self.prefix), {user: until})
+            self.r.zadd(self.keys.mass_blocked, {user: until})
             self._blocked[user] = until
         self.alerts += 1
         try:
@@ -162,14 +153,15 @@ class MassAccessMonitor:
 
     def refresh(self) -> None:
         now = time.time()
-        self.r.zremrangebyscore(blocked_key(self.prefix), "-inf", now)
-        rows = self.r.zrangebyscore(blocked_key(self.prefix), now, "+inf", withscores=True)
+        self.r.zremrangebyscore(self.keys.mass_blocked, "-inf", now)
+        rows = self.r.zrangebyscore(self.keys.mass_blocked, now, "+inf", withscores=True)
         self._blocked = {(u.decode() if isinstance(u, bytes) else u): until for u, until in rows}
 
 
 def unthrottle(client: redis.Redis, prefix: str, user: str) -> bool:
     pipe = client.pipeline(transaction=False)
-    pipe.zrem(blocked_key(prefix), user)
-    pipe.delete(alert_key(prefix, user), counter_key(prefix, user))
+    keys = Keys(prefix)
+    pipe.zrem(keys.mass_blocked, user)
+    pipe.delete(keys.mass_alert(user), keys.mass_counter(user))
     removed, _ = pipe.execute()
     return bool(removed)

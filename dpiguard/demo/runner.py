@@ -20,6 +20,7 @@ from dpiguard.config import Config, load_config
 from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.data import Dataset, build_dataset
 from dpiguard.signing import generate_keypair
+from dpiguard.storage.keys import Keys
 
 DEMO_PASSWORD = "Demo-Hopital-2026!"
 POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
@@ -73,7 +74,7 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 
     client = redis_client(cfg)
     if flush:
-        for key in client.scan_iter(match=f"{cfg.redis.prefix}:*", count=1000):
+        for key in client.scan_iter(match=Keys(cfg.redis.prefix).everything, count=1000):
             client.delete(key)
     users = user_directory(cfg, client)
     careteam = careteam_store(cfg, client)

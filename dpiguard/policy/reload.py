@@ -36,6 +36,7 @@ import redis
 from dpiguard.audit.chain import AuditLog
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.policy.table import VERSIONED_FILES
+from dpiguard.storage.keys import Keys
 
 log = logging.getLogger("dpiguard")
 
@@ -52,14 +53,6 @@ def files_fingerprint(directory: Path) -> str:
             continue
         digest.update(str(len(data)).encode() + b"\0" + data)
     return digest.hexdigest()
-
-
-def version_key(prefix: str) -> str:
-    return f"{prefix}:policy:version"
-
-
-def instances_key(prefix: str) -> str:
-    return f"{prefix}:policy:instances"
 
 
 class PolicyReloader:
@@ -81,6 +74,7 @@ class PolicyReloader:
         self.on_swap = on_swap
         self.redis = redis_client
         self.prefix = prefix
+        self.keys = Keys(prefix)
         self.instance_id = instance_id
         self.publish = publish
         self.load = load
@@ -198,8 +192,8 @@ class PolicyReloader:
         try:
             if self.redis is not None:
                 pipe = self.redis.pipeline(transaction=True)
-                pipe.set(version_key(self.prefix), version)
-                pipe.hset(instances_key(self.prefix), self.instance_id, f"{version}|{int(time.time())}")
+                pipe.set(self.keys.policy_version, version)
+                pipe.hset(self.keys.policy_instances, self.instance_id, f"{version}|{int(time.time())}")
                 pipe.execute()
             if changed and self.publish is not None:
                 self.publish("all")
@@ -211,7 +205,7 @@ class PolicyReloader:
         shared = None
         if self.redis is not None:
             try:
-                raw = self.redis.get(version_key(self.prefix))
+                raw = self.redis.get(self.keys.policy_version)
                 shared = raw.decode() if isinstance(raw, bytes) else raw
             except redis.RedisError:
                 shared = None

@@ -47,6 +47,7 @@ from typing import Any, Callable
 import redis
 
 from dpiguard.storage.clients import RedisSpec
+from dpiguard.storage.keys import Keys
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,6 @@ _BACKOFF_MAX = 2.0
 EventCallback = Callable[[str, str], Any]
 ResyncCallback = Callable[[], Any]
 CoherenceCallback = Callable[[bool], Any]
-
-
-def events_channel(prefix: str = "dpiguard") -> str:
-    """Name of the invalidation channel for a key prefix (``P:events``)."""
-    return f"{prefix}:events"
 
 
 def format_event(kind: str, ident: str = "") -> str:
@@ -105,7 +101,7 @@ class InvalidationBus:
         self.spec = RedisSpec.from_url(redis_url) if isinstance(redis_url, str) else redis_url
         self._hook = on_event_hook  # metrics: called with "reconnect", "master_changed", "message"
         self._sentinel = None
-        self.channel = events_channel(prefix)
+        self.channel = Keys(prefix).events
         self.health_interval = float(health_interval)
         self._dead_after = 2 * self.health_interval + 0.5
         self._poll = min(0.25, self.health_interval / 2)
