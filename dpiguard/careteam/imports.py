@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -32,7 +31,7 @@ from dpiguard.careteam.movements import MovementStore
 from dpiguard.ids import ID_RE
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.keys import Keys
-from dpiguard.times import fmt_epoch
+from dpiguard.times import fmt_epoch, parse_time
 
 KINDS = {
     "stays": (("patient", "unit", "start"), ("visit",)),
@@ -92,17 +91,10 @@ class _Rows:
                 return False
             return None
         try:
-            return float(value)
-        except ValueError:
-            pass
-        try:
-            dt = datetime.fromisoformat(value)
+            return parse_time(value, self.tz)
         except ValueError:
             self.error(line, column, f"{value[:40]!r} is not a date/time (e.g. 2026-03-01 or 2026-03-01T08:30)")
             return False
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=self.tz)
-        return dt.timestamp()
 
 
 def read_rows(path: str | Path, kind: str, report: Report) -> list[tuple[int, dict]]:

@@ -19,11 +19,9 @@ validated first; any error gives a report naming line and column and nothing is 
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -33,6 +31,7 @@ import redis
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
 from dpiguard.storage.keys import Keys
+from dpiguard.times import parse_time
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 KINDS = ("user", "unit")
@@ -90,24 +89,6 @@ def _check_text(value: str | None, what: str) -> str:
     if any(not c.isprintable() for c in value):
         raise ValueError(f"{what} must not contain control characters")
     return value
-
-
-def parse_date(value: str) -> float:
-    """ISO date/time (UTC unless an offset is given) or epoch seconds."""
-    value = value.strip()
-    try:
-        number = float(value)
-    except ValueError:
-        try:
-            dt = datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError(f"not a date: {value!r} (use e.g. 2026-03-01 or 2026-03-01T14:30)") from None
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        return dt.timestamp()
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"not a date: {value!r}")
-    return number
 
 
 def parse_stored(patient: str, field: Any, raw: Any) -> Objection:
@@ -263,7 +244,7 @@ class ObjectionStore:
             date = None
             if cells.get("date", "").strip():
                 try:
-                    date = parse_date(cells["date"])
+                    date = parse_time(cells["date"])
                 except ValueError as exc:
                     fail("date", str(exc))
             for col in ("source", "comment"):

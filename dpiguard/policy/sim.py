@@ -25,6 +25,7 @@ from dpiguard.policy.paths import HostileRequest
 from dpiguard.policy.routes import ACTIONS, RouteMatch
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.policy.table import CATEGORIES_FILE, POLICY_FILE, ROUTES_FILE
+from dpiguard.times import parse_time
 
 DEFAULT_GRACE = 86400.0
 # Care-team situations of the `policy diff` grid.
@@ -169,12 +170,6 @@ def decide_category(policy: PolicySet, roles: Iterable[str], category: str, acti
 
 
 # -- care-team fixture (in memory) ------------------------------------------------------------------
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return ""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
 @dataclass
 class Fixture:
     """Units, users and patients of a test file, in the form Redis would return them."""
@@ -246,11 +241,9 @@ def parse_when(value: Any, now: float, label: str, line: int) -> float | None:
             factor = {"d": 86400, "h": 3600, "m": 60, "s": 1}[text[-1]]
             return now + float(text[:-1]) * factor
         try:
-            dt = datetime.fromisoformat(text)
+            return parse_time(text, now=now)
         except ValueError:
             pass
-        else:
-            return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
     raise TestFileError(label, line, f"not a time: {value!r} (use 2026-03-01T08:00, -2d, -3h or now)")
 
 
