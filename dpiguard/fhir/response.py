@@ -8,10 +8,9 @@ processing is then re-run in a worker thread (the same pattern as the request pi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from dpiguard.fhir.compartment import patient_of_reference
-from dpiguard.policy.fhir import FhirPolicy
 
 NO_PATIENT = "fhir_no_patient"
 
@@ -58,10 +57,28 @@ class Judgement:
     patients: tuple[str, ...] = ()
 
 
+class ResourceRules(Protocol):
+    """What the answer check needs of the FHIR mapping (``policies/fhir.yaml``, read by
+    :class:`dpiguard.policy.fhir.FhirPolicy`): a resource's category, and the elements masked for a role."""
+
+    def category_of(self, resource: Any) -> str | None: ...
+
+    def masked(self, roles: Iterable[str], category: str,
+               permits: Callable[[str], bool]) -> Mapping[str, list[str]]: ...
+
+
+class Permissions(Protocol):
+    """What the answer check needs of the role table (:class:`dpiguard.policy.snapshot.PolicySet`)."""
+
+    def permits(self, roles: Iterable[str], category: str, action: str) -> bool: ...
+
+    def category(self, name: str) -> Any: ...  # has .care_team_required
+
+
 class Judge:
     """Decides, resource by resource, for one user."""
 
-    def __init__(self, *, fhir: FhirPolicy, policy, roles: tuple[str, ...],
+    def __init__(self, *, fhir: ResourceRules, policy: Permissions, roles: tuple[str, ...],
                  member: Callable[[str, str, str], bool]):
         self.fhir, self.policy, self.roles, self.member = fhir, policy, roles, member
 
