@@ -1,8 +1,9 @@
-"""FHIR-aware enforcement: which patients a FHIR request or response touches, and what a role may see.
+"""FHIR R4 knowledge: which patients a FHIR request names and an answer holds, and how answers are filtered.
 
 * :mod:`.compartment` - the R4 Patient CompartmentDefinition as data, and request analysis;
-* :mod:`.categories`  - ``policies/fhir.yaml``: resource types (and codes) -> data categories, search
-  modes, allowed probing parameters, masks per role and category;
-* :mod:`.response`    - response checks, Bundle filtering, masking;
-* :mod:`.enforce`     - glue used by the pipeline (request) and the addon (body, response).
+* :mod:`.response`    - checks of returned resources, Bundle filtering, masking, link rewriting.
+
+Pure functions over parsed requests and JSON. The mapping to dpiguard's categories (``fhir.yaml``) is
+read by :mod:`dpiguard.policy.fhir`; applying all this to a request is the FHIR step of the decision
+(:mod:`dpiguard.decision.fhir`).
 """
