@@ -226,7 +226,7 @@ class Sessions(_Section):
 
 
 class Login(_Section):
-    """The [login] section, also the policy of :class:`dpiguard.auth.login.Authenticator`."""
+    """The ``login`` section, also the policy of :class:`dpiguard.auth.login.Authenticator`."""
 
     max_failures: PositiveWhole = 3
     failure_window: PositiveWhole = 600
