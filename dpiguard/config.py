@@ -5,21 +5,38 @@ variable ``DPIGUARD_<SECTION>__<KEY>`` overrides ``section.key`` (``DPIGUARD_RED
 ``redis.url``); ``DPIGUARD_INSTANCE_ID`` overrides the top-level ``instance_id``. Values from the
 environment are read as YAML scalars, so ``DPIGUARD_SESSIONS__IDLE_TIMEOUT=900`` is a number.
 
-An invalid configuration raises :class:`ConfigError` naming the key, before anything listens.
+The schema is a set of pydantic models. Types are strict (no ``"8080"`` for a number, no ``1`` for a
+boolean), unknown keys are refused, single values are checked by the field types below, and checks
+that involve several keys (or the files) by :meth:`Config._check_consistency`. The models are plain,
+mutable objects once built: reading an attribute does no validation.
+
+An invalid configuration raises :class:`ConfigError` naming the key, before anything listens; a
+pydantic ``ValidationError`` never reaches the user (:func:`_config_error` turns it into one).
 """
 
-from __future__ import annotations
-
-import dataclasses
+import ipaddress
 import os
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    model_validator,
+)
 
 ENV_PREFIX = "DPIGUARD_"
 #: Environment variables that are not configuration keys (see docs/configuration.md).
@@ -34,159 +51,302 @@ class ConfigError(ValueError):
         super().__init__(f"configuration key '{key}': {message}")
 
 
-@dataclass
-class Listen:
-    host: str = "127.0.0.1"
-    port: int = 8080
+# Field types ----------------------------------------------------------------------------------
+#
+# Each type carries its own error message. A value of the wrong type raises _WrongType (reported before
+# any value check, wherever it is in the file); a value check raises ValueError. The message is used
+# as is in the ConfigError.
 
 
-@dataclass
-class Upstream:
-    url: str = ""
-    ca_file: str | None = None
-    audience: str | None = None
+class _WrongType(ValueError):
+    """The value has the wrong type or shape for its key."""
 
 
-@dataclass
-class TLS:
-    cert_file: str | None = None
-    key_file: str | None = None
+def _expect(what: str) -> WrapValidator:
+    """Report any failure of the wrapped (strict) validation as 'expected WHAT, got VALUE'."""
+
+    def wrap(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise _WrongType(f"expected {what}, got {value!r}") from None
+
+    return WrapValidator(wrap)
 
 
-@dataclass
-class RedisSection:
-    url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "dpiguard"
-    socket_timeout: float = 0.5
-    # Topology, TLS and ACL: see dpiguard/redisconn.py and docs/operations.md.
-    username: str | None = None
-    password_file: str | None = None
-    sentinel_password_file: str | None = None
-    tls_ca_file: str | None = None
-    tls_cert_file: str | None = None
-    tls_key_file: str | None = None
+def _check(ok: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A value check; ``message`` may refer to the value as ``{value}`` or ``{value!r}``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(message.format(value=value))
+        return value
+
+    return AfterValidator(check)
 
 
-@dataclass
-class Policies:
-    dir: str = "policies"
-    reload_interval: float = 1.0
+def _split_commas(value: Any) -> Any:
+    # An environment variable can only hold a text: "a, b" is the list [a, b].
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
-@dataclass
-class Secrets:
-    data_key_file: str = "secrets/data.key"
-    assertion_private_key_file: str = "secrets/assertion-ed25519.pem"
-    assertion_ttl: int = 60
+_not_blank = _check(lambda v: bool(v.strip()), "blank")  # only ever seen through _expect's message
+
+Flag = Annotated[bool, Strict(), _expect("true or false")]
+Whole = Annotated[int, Strict(), _expect("a whole number")]
+Number = Annotated[float, Strict(), _expect("a number")]  # strict float still takes an int (as a float)
+Text = Annotated[str, Strict(), _not_blank, _expect("a non-empty text")]
+OptionalText = Annotated[Annotated[str, Strict(), _not_blank] | None, _expect("a text or null")]
+TextList = Annotated[list[Annotated[str, Strict()]], Strict(), BeforeValidator(_split_commas),
+                     _expect("a list of texts")]
+
+PositiveWhole = Annotated[Whole, _check(lambda v: v > 0, "must be greater than 0, got {value}")]
+Port = Annotated[PositiveWhole, _check(lambda v: v <= 65535, "must be at most 65535, got {value}")]
+PositiveNumber = Annotated[Number, _check(lambda v: v > 0, "must be greater than 0")]
+Name = Annotated[Text, _check(lambda v: v.replace("-", "").replace("_", "").isalnum(),
+                              "may contain only letters, digits, '-' and '_'")]
 
 
-@dataclass
-class Sessions:
-    idle_timeout: int = 1800
-    absolute_lifetime: int = 43200
-    touch_interval: int = 60
-    cookie_name: str = "dpiguard_session"
+def _split_url(url: str) -> Any:
+    try:
+        return urlsplit(url)
+    except ValueError:  # e.g. "http://[x": a bracket that opens no IPv6 address
+        return urlsplit("")
 
 
-@dataclass
-class Login:
-    max_failures: int = 3
-    failure_window: int = 600
-    lock_seconds: int = 300
-    ip_max_failures: int = 20
-    ip_window: int = 600
-    ip_block_seconds: int = 300
-    issuer: str = "dpiguard"
+def _http_origin(url: str) -> str:
+    parts = _split_url(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be an origin only (scheme://host[:port]), without path or query")
+    return url
 
 
-@dataclass
-class CareTeam:
-    grace_seconds: int = 86400
+def _public_origin(url: str | None) -> str | None:
+    if url is not None:
+        o = _split_url(url)
+        if o.scheme not in ("http", "https") or not o.hostname or o.path not in ("", "/") or o.query:
+            raise ValueError("must be an origin like https://dpi-proxy.example.org")
+    return url
 
 
-@dataclass
-class Adt:
-    enabled: bool = False
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 2575
-    max_message_bytes: int = 1_048_576
-    read_timeout: float = 30.0
-    dedup_ttl: int = 604800
-    patient_id_authority: str | None = None
-    timezone: str = "Europe/Paris"
-    application: str = "DPIGUARD"
+def _redis_url(url: str) -> str:
+    from dpiguard.storage.clients import RedisSpec, RedisURLError
+
+    try:
+        RedisSpec.from_url(url)
+    except RedisURLError as exc:
+        raise ValueError(str(exc)) from None
+    return url
 
 
-@dataclass
-class DecisionCacheSection:
-    ttl: float = 60.0
-    max_entries: int = 200_000
+def _networks(nets: list[str]) -> list[str]:
+    for net in nets:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            raise ValueError(f"not an address or CIDR network: {net!r}") from None
+    return nets
 
 
-@dataclass
-class Audit:
-    path: str = "var/audit"
-    signing_key_file: str = "secrets/audit-ed25519.pem"
-    rotate_bytes: int = 64 << 20
-    rotate_seconds: int = 86400
-    checkpoint_records: int = 1000
-    checkpoint_seconds: float = 60.0
-    group_commit_ms: float = 0.0
-    group_commit_max: int = 1024
-    on_failure: str = "refuse"
+def _time_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (e.g. Europe/Paris)") from None
+    return name
 
 
-@dataclass
-class MassAccess:
-    max_patients: int = 50
-    window_seconds: int = 600
-    action: str = "alert"
-    throttle_seconds: int = 900
-    refresh_seconds: float = 1.0
+# Sections -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Identity:
-    strip_headers: list[str] = field(default_factory=list)
+class _Section(BaseModel):
+    """A section of the file: only its own keys; an empty (null) section means all defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mapping(cls, data: Any) -> Any:
+        if data is None:
+            return {}
+        if not isinstance(data, (Mapping, cls)):
+            raise _WrongType(f"expected a mapping of keys, got {type(data).__name__}")
+        return data
 
 
-@dataclass
-class Limits:
-    max_header_bytes: int = 16384
-    max_url_bytes: int = 4096
+class Listen(_Section):
+    host: Text = "127.0.0.1"
+    port: Port = 8080
 
 
-@dataclass
-class FhirSection:
-    public_origin: str | None = None  # scheme://host[:port] clients use to reach dpiguard (FHIR links)
+class Upstream(_Section):
+    url: Annotated[Text, AfterValidator(_http_origin)] = ""  # required: see Config._check_consistency
+    ca_file: OptionalText = None
+    audience: OptionalText = None
 
 
-@dataclass
-class Metrics:
-    allow_from: list[str] = field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+class TLS(_Section):
+    cert_file: OptionalText = None
+    key_file: OptionalText = None
 
 
-@dataclass
-class Config:
-    instance_id: str = ""
-    listen: Listen = field(default_factory=Listen)
-    upstream: Upstream = field(default_factory=Upstream)
-    tls: TLS = field(default_factory=TLS)
-    redis: RedisSection = field(default_factory=RedisSection)
-    policies: Policies = field(default_factory=Policies)
-    secrets: Secrets = field(default_factory=Secrets)
-    sessions: Sessions = field(default_factory=Sessions)
-    login: Login = field(default_factory=Login)
-    careteam: CareTeam = field(default_factory=CareTeam)
-    adt: Adt = field(default_factory=Adt)
-    decision_cache: DecisionCacheSection = field(default_factory=DecisionCacheSection)
-    audit: Audit = field(default_factory=Audit)
-    mass_access: MassAccess = field(default_factory=MassAccess)
-    identity: Identity = field(default_factory=Identity)
-    limits: Limits = field(default_factory=Limits)
-    fhir: FhirSection = field(default_factory=FhirSection)
-    metrics: Metrics = field(default_factory=Metrics)
-    base_dir: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+class RedisSection(_Section):
+    url: Annotated[Text, AfterValidator(_redis_url)] = "redis://127.0.0.1:6379/0"
+    prefix: Name = "dpiguard"
+    socket_timeout: PositiveNumber = 0.5
+    # Topology, TLS and ACL: see dpiguard/storage/clients.py and docs/operations.md.
+    username: OptionalText = None
+    password_file: OptionalText = None
+    sentinel_password_file: OptionalText = None
+    tls_ca_file: OptionalText = None
+    tls_cert_file: OptionalText = None
+    tls_key_file: OptionalText = None
+
+
+class Policies(_Section):
+    dir: Text = "policies"
+    reload_interval: Annotated[Number, _check(lambda v: v >= 0, "must be 0 (no reload) or more seconds")] = 1.0
+
+
+class Secrets(_Section):
+    data_key_file: Text = "secrets/data.key"
+    assertion_private_key_file: Text = "secrets/assertion-ed25519.pem"
+    assertion_ttl: PositiveWhole = 60
+
+
+class Sessions(_Section):
+    idle_timeout: PositiveWhole = 1800
+    absolute_lifetime: PositiveWhole = 43200
+    touch_interval: PositiveWhole = 60
+    cookie_name: Name = "dpiguard_session"
+
+
+class Login(_Section):
+    """The ``login`` section, also the policy of :class:`dpiguard.auth.login.Authenticator`."""
+
+    max_failures: PositiveWhole = 3
+    failure_window: PositiveWhole = 600
+    lock_seconds: PositiveWhole = 300
+    ip_max_failures: PositiveWhole = 20
+    ip_window: PositiveWhole = 600
+    ip_block_seconds: PositiveWhole = 300
+    issuer: Text = "dpiguard"
+
+
+class CareTeam(_Section):
+    grace_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 or more")] = 86400
+
+
+class Adt(_Section):
+    enabled: Flag = False
+    listen_host: Text = "127.0.0.1"
+    listen_port: Port = 2575
+    max_message_bytes: PositiveWhole = 1_048_576
+    read_timeout: PositiveNumber = 30.0
+    dedup_ttl: PositiveWhole = 604800
+    patient_id_authority: OptionalText = None
+    timezone: Annotated[Text, AfterValidator(_time_zone)] = "Europe/Paris"
+    application: Text = "DPIGUARD"
+
+
+class DecisionCacheSection(_Section):
+    ttl: PositiveNumber = 60.0
+    max_entries: PositiveWhole = 200_000
+
+
+class Audit(_Section):
+    path: Text = "var/audit"
+    signing_key_file: Text = "secrets/audit-ed25519.pem"  # outside `path`: see Config._check_consistency
+    rotate_bytes: PositiveWhole = 64 << 20
+    rotate_seconds: PositiveWhole = 86400
+    checkpoint_records: PositiveWhole = 1000
+    checkpoint_seconds: PositiveNumber = 60.0
+    group_commit_ms: Annotated[Number, _check(lambda v: 0 <= v <= 100,
+                                              "must be between 0 and 100 (milliseconds)")] = 0.0
+    group_commit_max: PositiveWhole = 1024
+    on_failure: Annotated[Text, _check(lambda v: v in ("refuse", "serve"),
+                                       "must be 'refuse' or 'serve', got {value!r}")] = "refuse"
+
+
+class MassAccess(_Section):
+    max_patients: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 (off) or more")] = 50
+    window_seconds: PositiveWhole = 600
+    action: Annotated[Text, _check(lambda v: v in ("alert", "throttle"),
+                                   "must be 'alert' or 'throttle', got {value!r}")] = "alert"
+    throttle_seconds: PositiveWhole = 900
+    refresh_seconds: PositiveNumber = 1.0
+
+
+class Identity(_Section):
+    strip_headers: TextList = Field(default_factory=list)
+
+
+class Limits(_Section):
+    max_header_bytes: PositiveWhole = 16384
+    max_url_bytes: PositiveWhole = 4096
+
+
+class FhirSection(_Section):
+    # scheme://host[:port] clients use to reach dpiguard (FHIR links)
+    public_origin: Annotated[OptionalText, AfterValidator(_public_origin)] = None
+
+
+class Metrics(_Section):
+    allow_from: Annotated[TextList, AfterValidator(_networks)] = Field(
+        default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+
+def _default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+#: Files that must exist (when ``check_files``) if they are set, and files that must exist, full stop.
+_OPTIONAL_FILES = ("tls.cert_file", "tls.key_file", "upstream.ca_file", "redis.password_file",
+                   "redis.sentinel_password_file", "redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file")
+_KEY_FILES = ("secrets.data_key_file", "secrets.assertion_private_key_file", "audit.signing_key_file")
+
+
+class Config(BaseModel):
+    """The whole configuration. Build it with :func:`load_config`.
+
+    ``base_dir`` (the configuration file's folder, against which relative paths resolve) is not a key
+    of the file; :func:`load_config` sets it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    instance_id: Text = Field(default_factory=_default_instance_id)
+    listen: Listen = Field(default_factory=Listen)
+    upstream: Upstream = Field(default_factory=Upstream)
+    tls: TLS = Field(default_factory=TLS)
+    redis: RedisSection = Field(default_factory=RedisSection)
+    policies: Policies = Field(default_factory=Policies)
+    secrets: Secrets = Field(default_factory=Secrets)
+    sessions: Sessions = Field(default_factory=Sessions)
+    login: Login = Field(default_factory=Login)
+    careteam: CareTeam = Field(default_factory=CareTeam)
+    adt: Adt = Field(default_factory=Adt)
+    decision_cache: DecisionCacheSection = Field(default_factory=DecisionCacheSection)
+    audit: Audit = Field(default_factory=Audit)
+    mass_access: MassAccess = Field(default_factory=MassAccess)
+    identity: Identity = Field(default_factory=Identity)
+    limits: Limits = Field(default_factory=Limits)
+    fhir: FhirSection = Field(default_factory=FhirSection)
+    metrics: Metrics = Field(default_factory=Metrics)
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    @base_dir.setter
+    def base_dir(self, value: Path) -> None:
+        self._base_dir = Path(value)
 
     @property
     def tls_enabled(self) -> bool:
@@ -212,75 +372,103 @@ class Config:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
+    def _value(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return getattr(getattr(self, section), key)
 
-# Validation -----------------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _check_consistency(self, info: ValidationInfo) -> "Config":
+        """Checks across keys, then (context ``check_files``) the files; run once every key is valid.
 
-_POSITIVE_INTS = {
-    "listen.port", "secrets.assertion_ttl", "sessions.idle_timeout", "sessions.absolute_lifetime",
-    "sessions.touch_interval", "login.max_failures", "login.failure_window", "login.lock_seconds",
-    "login.ip_max_failures", "login.ip_window", "login.ip_block_seconds", "decision_cache.max_entries",
-    "limits.max_header_bytes", "limits.max_url_bytes",
-    "adt.listen_port", "adt.max_message_bytes", "adt.dedup_ttl",
-    "audit.rotate_bytes", "audit.rotate_seconds", "audit.checkpoint_records", "audit.group_commit_max",
-    "mass_access.window_seconds", "mass_access.throttle_seconds",
-}
+        The validation context of :func:`load_config` gives ``base_dir`` and ``check_files``.
+        """
+        context = info.context or {}
+        if "base_dir" in context:
+            self.base_dir = context["base_dir"]
+        if not self.upstream.url:
+            raise ConfigError("upstream.url",
+                              "is required (the DPI application dpiguard protects, e.g. https://dpi.example.org)")
+        r = self.redis
+        if bool(r.tls_cert_file) != bool(r.tls_key_file):
+            key = "redis.tls_key_file" if r.tls_cert_file else "redis.tls_cert_file"
+            raise ConfigError(key, "redis.tls_cert_file and redis.tls_key_file go together")
+        if self.sessions.idle_timeout > self.sessions.absolute_lifetime:
+            raise ConfigError("sessions.idle_timeout", "must not exceed sessions.absolute_lifetime")
+        store = self.path(self.audit.path).resolve()
+        key = self.path(self.audit.signing_key_file).resolve()
+        if key == store or store in key.parents:
+            raise ConfigError("audit.signing_key_file", "must be kept outside the audit folder (audit.path)")
+        if bool(self.tls.cert_file) != bool(self.tls.key_file):
+            key = "tls.key_file" if self.tls.cert_file else "tls.cert_file"
+            raise ConfigError(key, "tls.cert_file and tls.key_file go together")
+        if context.get("check_files"):
+            self._check_files()
+        return self
+
+    def _check_files(self) -> None:
+        for dotted in _OPTIONAL_FILES:
+            value = self._value(dotted)
+            if value and not self.path(value).is_file():
+                raise ConfigError(dotted, f"file not found: {self.path(value)}")
+        if not self.path(self.policies.dir).is_dir():
+            raise ConfigError("policies.dir", f"folder not found: {self.path(self.policies.dir)}")
+        for dotted in _KEY_FILES:
+            value = self._value(dotted)
+            if not self.path(value).is_file():
+                raise ConfigError(dotted, f"file not found: {self.path(value)} (create it with 'dpiguard keys init')")
 
 
-def _coerce(key: str, value: Any, typ: Any) -> Any:
-    text = str(typ)
-    if typ is bool or text == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true or false, got {value!r}")
-        return value
-    if typ is int or text == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected a whole number, got {value!r}")
-        return value
-    if typ is float or text == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if typ is str or text == "str":
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(key, f"expected a non-empty text, got {value!r}")
-        return value
-    if text == "str | None":
-        if value is None:
+# Errors ---------------------------------------------------------------------------------------
+
+_UNKNOWN_KEY = ("extra_forbidden", "invalid_key")  # a key not in the schema; a key that is not even a text
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model (Config or a section) that the location ``loc`` names, if any."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(key, f"expected a text or null, got {value!r}")
-        return value
-    if text == "list[str]":
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(key, f"expected a list of texts, got {value!r}")
-        return value
-    raise ConfigError(key, f"unsupported type {text}")  # pragma: no cover - schema error
+        model = field.annotation
+    return model
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix or "(top level)", f"expected a mapping of keys, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-    for key in data:
-        if key not in fields:
-            name = f"{prefix}.{key}" if prefix else str(key)
-            raise ConfigError(name, f"unknown key (known: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, f in fields.items():
-        dotted = f"{prefix}.{name}" if prefix else name
-        if name not in data:
-            continue
-        value = data[name]
-        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-            kwargs[name] = _build(f.default_factory, value if value is not None else {}, dotted)
-        else:
-            kwargs[name] = _coerce(dotted, value, f.type)
-    return cls(**kwargs)
+def _rank(error: dict) -> tuple:
+    """Which of several errors to report: unknown keys and wrong types anywhere come before value
+    checks; then the order of the file's schema, the unknown keys of a section before its fields."""
+    cause = (error.get("ctx") or {}).get("error")
+    first = error["type"] in _UNKNOWN_KEY or isinstance(cause, _WrongType)
+    position = []
+    for depth, part in enumerate(error["loc"]):
+        model = _model_at(error["loc"][:depth])
+        names = list(model.model_fields) if model is not None else []
+        position.append(names.index(part) + 1 if part in names else 0)
+    return (0 if first else 1, position)
+
+
+def _config_error(exc: ValidationError) -> ConfigError:
+    """The ConfigError that tells the user about the first problem pydantic found."""
+    error = min(exc.errors(), key=_rank)
+    loc = error["loc"]
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):
+        return cause
+    if error["type"] in _UNKNOWN_KEY:
+        model = _model_at(loc[:-1])
+        known = ", ".join(sorted(model.model_fields)) if model is not None else ""
+        return ConfigError(key, f"unknown key (known: {known})")
+    if isinstance(cause, ValueError):
+        return ConfigError(key, str(cause))
+    return ConfigError(key, error["msg"])  # not expected: every field type above gives its own message
+
+
+# Loading --------------------------------------------------------------------------------------
 
 
 def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """The keys set by DPIGUARD_* environment variables, as a nested mapping like the file's."""
     out: dict[str, Any] = {}
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name in ENV_ONLY:
@@ -311,105 +499,6 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _validate(cfg: Config, check_files: bool = True) -> None:
-    for dotted in _POSITIVE_INTS:
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value <= 0:
-            raise ConfigError(dotted, f"must be greater than 0, got {value}")
-    if cfg.listen.port > 65535:
-        raise ConfigError("listen.port", f"must be at most 65535, got {cfg.listen.port}")
-    if not cfg.upstream.url:
-        raise ConfigError("upstream.url", "is required (the DPI application dpiguard protects, e.g. https://dpi.example.org)")
-    parts = urlsplit(cfg.upstream.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("upstream.url", f"must be an http:// or https:// URL with a host, got {cfg.upstream.url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError("upstream.url", "must be an origin only (scheme://host[:port]), without path or query")
-    from dpiguard.storage.clients import RedisSpec, RedisURLError
-
-    try:
-        RedisSpec.from_url(cfg.redis.url)
-    except RedisURLError as exc:
-        raise ConfigError("redis.url", str(exc)) from None
-    if bool(cfg.redis.tls_cert_file) != bool(cfg.redis.tls_key_file):
-        key = "redis.tls_key_file" if cfg.redis.tls_cert_file else "redis.tls_cert_file"
-        raise ConfigError(key, "redis.tls_cert_file and redis.tls_key_file go together")
-    import ipaddress
-
-    for net in cfg.metrics.allow_from:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError:
-            raise ConfigError("metrics.allow_from", f"not an address or CIDR network: {net!r}") from None
-    if cfg.redis.socket_timeout <= 0:
-        raise ConfigError("redis.socket_timeout", "must be greater than 0")
-    if not cfg.redis.prefix.replace("-", "").replace("_", "").isalnum():
-        raise ConfigError("redis.prefix", "may contain only letters, digits, '-' and '_'")
-    if cfg.sessions.idle_timeout > cfg.sessions.absolute_lifetime:
-        raise ConfigError("sessions.idle_timeout", "must not exceed sessions.absolute_lifetime")
-    if not cfg.sessions.cookie_name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError("sessions.cookie_name", "may contain only letters, digits, '-' and '_'")
-    if cfg.careteam.grace_seconds < 0:
-        raise ConfigError("careteam.grace_seconds", "must be 0 or more")
-    if cfg.adt.listen_port > 65535:
-        raise ConfigError("adt.listen_port", f"must be at most 65535, got {cfg.adt.listen_port}")
-    if cfg.adt.read_timeout <= 0:
-        raise ConfigError("adt.read_timeout", "must be greater than 0")
-    try:
-        ZoneInfo(cfg.adt.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError("adt.timezone", f"unknown time zone {cfg.adt.timezone!r} (e.g. Europe/Paris)") from None
-    if cfg.policies.reload_interval < 0:
-        raise ConfigError("policies.reload_interval", "must be 0 (no reload) or more seconds")
-    if cfg.decision_cache.ttl <= 0:
-        raise ConfigError("decision_cache.ttl", "must be greater than 0")
-    _validate_audit(cfg)
-    if bool(cfg.tls.cert_file) != bool(cfg.tls.key_file):
-        key = "tls.key_file" if cfg.tls.cert_file else "tls.cert_file"
-        raise ConfigError(key, "tls.cert_file and tls.key_file go together")
-    if cfg.fhir.public_origin is not None:
-        o = urlsplit(cfg.fhir.public_origin)
-        if o.scheme not in ("http", "https") or not o.hostname or o.path not in ("", "/") or o.query:
-            raise ConfigError("fhir.public_origin", "must be an origin like https://dpi-proxy.example.org")
-    if not check_files:
-        return
-    for dotted in ("tls.cert_file", "tls.key_file", "upstream.ca_file", "redis.password_file",
-                   "redis.sentinel_password_file", "redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file"):
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value and not cfg.path(value).is_file():
-            raise ConfigError(dotted, f"file not found: {cfg.path(value)}")
-    if not cfg.path(cfg.policies.dir).is_dir():
-        raise ConfigError("policies.dir", f"folder not found: {cfg.path(cfg.policies.dir)}")
-    for dotted in ("secrets.data_key_file", "secrets.assertion_private_key_file", "audit.signing_key_file"):
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if not cfg.path(value).is_file():
-            raise ConfigError(dotted, f"file not found: {cfg.path(value)} (create it with 'dpiguard keys init')")
-
-
-def _validate_audit(cfg: Config) -> None:
-    a = cfg.audit
-    if a.on_failure not in ("refuse", "serve"):
-        raise ConfigError("audit.on_failure", f"must be 'refuse' or 'serve', got {a.on_failure!r}")
-    if a.checkpoint_seconds <= 0:
-        raise ConfigError("audit.checkpoint_seconds", "must be greater than 0")
-    if not 0 <= a.group_commit_ms <= 100:
-        raise ConfigError("audit.group_commit_ms", "must be between 0 and 100 (milliseconds)")
-    m = cfg.mass_access
-    if m.max_patients < 0:
-        raise ConfigError("mass_access.max_patients", "must be 0 (off) or more")
-    if m.action not in ("alert", "throttle"):
-        raise ConfigError("mass_access.action", f"must be 'alert' or 'throttle', got {m.action!r}")
-    if m.refresh_seconds <= 0:
-        raise ConfigError("mass_access.refresh_seconds", "must be greater than 0")
-    store = cfg.path(a.path).resolve()
-    key = cfg.path(a.signing_key_file).resolve()
-    if key == store or store in key.parents:
-        raise ConfigError("audit.signing_key_file", "must be kept outside the audit folder (audit.path)")
-
-
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *, check_files: bool = True) -> Config:
     """Read the YAML file (if any), apply environment overrides, validate, return a Config."""
     env = os.environ if env is None else env
@@ -432,11 +521,7 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *
         data = loaded
         base_dir = p.resolve().parent
     data = _merge(data, _env_overrides(env))
-    cfg: Config = _build(Config, data, "")
-    cfg.base_dir = base_dir
-    if not cfg.instance_id:
-        cfg.instance_id = f"{socket.gethostname()}-{os.getpid()}"
-    _validate(cfg, check_files)
-    return cfg
-
-
+    try:
+        return Config.model_validate(data, context={"base_dir": base_dir, "check_files": check_files})
+    except ValidationError as exc:
+        raise _config_error(exc) from None
