@@ -212,6 +212,6 @@ def test_templates_autoescape_and_refuse_undefined_values():
     env = portal_module._TEMPLATES
     assert env.autoescape is True
     for name in env.list_templates():
-        env.get_template(name)  # every template parses
+        assert env.get_template(name) is env.get_template(name)  # parsed once, then kept
     with pytest.raises(jinja2.UndefinedError):
         env.get_template("refusal.html").render(text="t", reason="r")  # request_id missing
