@@ -9,13 +9,15 @@ import subprocess
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
+import jinja2
 import orjson
 import png
 import pytest
 
+from dpiguard.audit import report
 from dpiguard.audit.chain import AuditLog
-from dpiguard.audit.query import Filter, iter_store, summarize, who_accessed
-from dpiguard.audit.report import html_report
+from dpiguard.audit.query import WHO_COLUMNS_NAMED, Filter, iter_store, summarize, who_accessed
+from dpiguard.audit.report import html_report, who_accessed_html
 from dpiguard.cli import main
 
 
@@ -116,6 +118,56 @@ def test_html_report_is_self_contained_with_charts(store, tmp_path):
 def test_empty_period_still_renders(store):
     page = html_report(summarize(iter_store(store), Filter(since="2030-01-01T00:00:00.000Z")))
     assert page.count("nothing in this period") == 3
+
+
+IMG = "<img src=x onerror=alert(1)>"
+
+
+def _svgs(text):
+    start = 0
+    while (start := text.find("<svg", start)) >= 0:
+        end = text.index("</svg>", start) + 6
+        yield ET.fromstring(text[start:end])
+        start = end
+
+
+def test_html_report_shows_hostile_values_as_text():
+    """Users, patients, reasons and event names come from the trail (or an export): text, never markup."""
+    hostile = [rec("2026-03-01T08:00:00.000Z", IMG, IMG),
+               rec("2026-03-01T09:00:00.000Z", IMG, "P0002", "deny", IMG),
+               rec("2026-03-02T11:30:00.000Z", "dr.martin", IMG, break_glass=True, break_glass_reason=IMG),
+               {"event": IMG, "time": "2026-03-02T12:00:00.000Z", "user": IMG, "outcome": "allow"}]
+    summary = summarize(hostile, Filter())
+    page = html_report(summary, title="Report " + IMG)
+    assert IMG not in page
+    parser = _Collect()
+    parser.feed(page)
+    assert "img" not in parser.tags and "script" not in parser.tags and parser.urls == []
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") >= 8  # title x2, event, chart labels, table cells
+    labels = [t.text for svg in _svgs(page) for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert IMG in labels  # the top-users and refusals charts name the user and the reason, as text
+    titles = [t.text for svg in _svgs(page) for t in svg.iter("{http://www.w3.org/2000/svg}title")]
+    assert f"{IMG}: 1" in titles
+
+
+def test_who_accessed_html_shows_hostile_values_as_text():
+    records = [rec("2026-03-01T08:00:00.000Z", IMG, IMG, care_team=IMG)]
+    rows = who_accessed(records, IMG, with_names=True, names={IMG: "Dr " + IMG})
+    page = who_accessed_html(IMG, rows, WHO_COLUMNS_NAMED)
+    assert IMG not in page
+    parser = _Collect()
+    parser.feed(page)
+    assert "img" not in parser.tags
+    assert "<h1>Accesses to the record of patient &lt;img src=x onerror=alert(1)&gt;</h1>" in page
+    assert "<td>Dr &lt;img src=x onerror=alert(1)&gt;</td>" in page and "1 access(es)." in page
+
+
+def test_report_templates_autoescape():
+    env = report._TEMPLATES
+    assert env.autoescape is True and sorted(env.list_templates()) == ["charts.html", "report.html",
+                                                                         "who_accessed.html"]
+    with pytest.raises(jinja2.UndefinedError):
+        env.get_template("who_accessed.html").render(patient="P1", rows=[{"time": "t"}])  # columns missing
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")

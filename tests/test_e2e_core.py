@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import socket
 import time
@@ -91,6 +92,34 @@ def test_refusal_as_html_page_for_browsers(stack, proxy):
     assert r.status_code == 403
     assert r.headers["content-type"].startswith("text/html")
     assert "category_not_permitted" in r.text and "Request id" in r.text
+
+
+XSS = '"><script>alert(1)</script>'
+
+
+def _hidden(page: str, name: str) -> str:
+    """The value a hidden form field sends back (what a browser reads: entities decoded)."""
+    return html.unescape(re.search(rf'<input type="hidden" name="{name}" value="([^"]*)">', page).group(1))
+
+
+def test_login_page_shows_hostile_next_as_text(stack, proxy):
+    r = httpx.get(f"{proxy.url}/_dpiguard/login", params={"next": XSS})  # not a local path: "/"
+    assert r.status_code == 200 and XSS not in r.text and "<script" not in r.text
+    assert _hidden(r.text, "next") == "/"
+    r = httpx.get(f"{proxy.url}/_dpiguard/login", params={"next": "/patients/P0001" + XSS})
+    assert r.status_code == 200 and XSS not in r.text and "<script" not in r.text
+    assert _hidden(r.text, "next") == "/patients/P0001" + XSS  # shown as text, sent back unchanged
+
+
+def test_refusal_page_shows_hostile_target_as_text(stack, proxy):
+    # inf.durand is offered emergency access to P0002: the form carries the address back (next).
+    token = stack.client(proxy, "inf.durand").cookies.get("dpiguard_session")
+    status, raw = _raw_get(proxy.port, f"/patients/P0002/biology?x={XSS}'", {
+        "Cookie": f"dpiguard_session={token}", "Accept": "text/html"})
+    page = raw.decode()
+    assert status == 403 and "Emergency access (bris de glace)" in page, page
+    assert XSS not in page and "<script" not in page
+    assert _hidden(page, "next") == f"/patients/P0002/biology?x={XSS}'"
 
 
 def test_refusal_as_fhir_operation_outcome(stack, proxy):

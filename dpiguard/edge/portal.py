@@ -13,12 +13,14 @@
   (see dpiguard/breakglass.py and docs/breakglass.md)
 
 Also renders refusals: HTML for browsers, JSON for API clients, FHIR OperationOutcome for FHIR paths.
+
+The HTML pages are Jinja2 templates in ``dpiguard/edge/templates/`` (``base.html`` is the layout the
+others extend), rendered with autoescaping: every value put into a page is escaped for HTML.
 """
 
 from __future__ import annotations
 
 import hmac
-import html
 import secrets
 import threading
 import time
@@ -27,6 +29,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import parse_qs, quote, urlsplit
 
 import orjson
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from dpiguard import metrics
 from dpiguard.audit.chain import AuditError, AuditLog
@@ -89,19 +92,14 @@ def is_fhir(target: str, headers: Mapping[str, str]) -> bool:
     return target.startswith("/fhir/") or "fhir+json" in headers.get("accept", "")
 
 
-def _page(title: str, body: str) -> bytes:
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)} — dpiguard</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{{font-family:system-ui,sans-serif;background:#f3f5f8;color:#1d2733;margin:0}}
-main{{max-width:28rem;margin:8vh auto;background:#fff;padding:2rem;border-radius:10px;box-shadow:0 2px 12px #0002}}
-h1{{font-size:1.3rem;margin-top:0}} label{{display:block;margin:.8rem 0 .2rem;font-weight:600}}
-input{{width:100%;box-sizing:border-box;padding:.55rem;font-size:1rem;border:1px solid #aab;border-radius:6px}}
-button{{margin-top:1.2rem;padding:.6rem 1.2rem;font-size:1rem;border:0;border-radius:6px;background:#1b5fa8;color:#fff;cursor:pointer}}
-.err{{background:#fdecea;color:#8a1c13;padding:.7rem;border-radius:6px}} .info{{background:#e8f1fb;padding:.7rem;border-radius:6px}}
-code{{background:#eef;padding:0 .3rem}} small{{color:#567}}
-</style></head><body><main>{body}</main></body></html>""".encode()
+#: The portal's templates, parsed once on first use and kept (no reload: they ship with the package).
+_TEMPLATES = Environment(loader=PackageLoader("dpiguard.edge", "templates"), autoescape=True,
+                         undefined=StrictUndefined, auto_reload=False)
+
+
+def _page(template: str, **context: Any) -> bytes:
+    """A page of ``templates/``; every value of ``context`` is escaped where the template puts it."""
+    return _TEMPLATES.get_template(template).render(context).encode()
 
 
 class Portal:
@@ -191,23 +189,9 @@ class Portal:
                    next_target: str | None = None) -> Reply:
         params = parse_qs(query, max_num_fields=10)
         next_target = safe_next(next_target if next_target is not None else params.get("next", ["/"])[0])
-        notice = ""
-        reason = params.get("reason", [""])[0]
-        if error:
-            notice = f'<p class="err">{html.escape(error)}</p>'
-        elif reason == "session_expired":
-            notice = f'<p class="info">{html.escape(REASON_TEXT["session_expired"])}</p>'
-        elif reason == "logged_out":
-            notice = '<p class="info">You are logged out.</p>'
         csrf = secrets.token_urlsafe(24)
-        body = _page("Log in", f"""<h1>dpiguard — log in to the patient record</h1>{notice}
-<form method="post" action="/_dpiguard/login" autocomplete="off">
-<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="next" value="{html.escape(next_target)}">
-<label for="u">User name</label><input id="u" name="username" autocomplete="username" required maxlength="64" autofocus>
-<label for="p">Password</label><input id="p" name="password" type="password" autocomplete="current-password" required maxlength="256">
-<label for="t">Authenticator code (6 digits)</label><input id="t" name="totp" inputmode="numeric" pattern="[0-9]{{6}}" maxlength="6" required autocomplete="one-time-code">
-<button type="submit">Log in</button></form>
-<p><small>Every access to patient records is traced. Sessions end after inactivity.</small></p>""")
+        body = _page("login.html", error=error, reason=params.get("reason", [""])[0],
+                     session_expired=REASON_TEXT["session_expired"], csrf=csrf, next=next_target)
         return Reply(status, body, "text/html; charset=utf-8",
                      [("Set-Cookie", self._cookie(self.csrf_cookie, csrf, path="/"))])
 
@@ -325,10 +309,10 @@ class Portal:
         offer = self.breakglass is not None and self.breakglass.offer(bg_policy, v.reason, v.roles, v.patient,
                                                                       v.category, v.action)
         if wants_html(req.headers, req.method):
-            form = self._breakglass_form(bg_policy, v.patient, v.session.csrf, req.target) if offer and v.session else ""
-            body = _page("Access refused", f"""<h1>Access refused</h1><p class="err">{html.escape(REASON_TEXT.get(v.reason, text))}</p>
-<p>Reason code: <code>{html.escape(v.reason)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
-<p><small>This refusal has been recorded. If you need this access for care, contact your supervisor or IT support with the request id.</small></p>{form}""")
+            fields = (self._breakglass_form(bg_policy, v.patient, v.session.csrf, req.target)
+                      if offer and v.session else None)
+            body = _page("refusal.html", text=REASON_TEXT.get(v.reason, text), reason=v.reason,
+                         request_id=req.request_id, breakglass=fields)
             return Reply(v.status, body, "text/html; charset=utf-8", extra)
         data = {"error": v.reason, "message": text, "request_id": req.request_id}
         if offer:
@@ -338,23 +322,10 @@ class Portal:
     # -- emergency access (bris de glace) ----------------------------------------------------------
     @staticmethod
     def _breakglass_form(policy, patient: str, csrf: str, next_target: str, error: str = "",
-                         reason: str = "", text: str = "") -> str:
-        options = "".join(
-            f'<option value="{html.escape(code)}"{" selected" if code == reason else ""}>{html.escape(label)}</option>'
-            for code, label in policy.reasons.items())
-        hours = policy.duration_seconds / 3600
-        notice = f'<p class="err">{html.escape(error)}</p>' if error else ""
-        return f"""<hr><h2>Emergency access (bris de glace)</h2>{notice}
-<p class="info">Only for an emergency. Access to patient <code>{html.escape(patient)}</code> opens for {hours:g} h,
-is reported to the security officer and reviewed. Misuse is a disciplinary matter.</p>
-<form method="post" action="/_dpiguard/breakglass" autocomplete="off">
-<input type="hidden" name="csrf" value="{html.escape(csrf)}"><input type="hidden" name="patient" value="{html.escape(patient)}">
-<input type="hidden" name="next" value="{html.escape(safe_next(next_target))}">
-<label for="bg-reason">Reason</label><select id="bg-reason" name="reason" required>{options}</select>
-<label for="bg-text">Justification (at least {policy.justification_min_length} characters)</label>
-<textarea id="bg-text" name="text" required minlength="{policy.justification_min_length}" maxlength="2000" rows="3" style="width:100%">{html.escape(text)}</textarea>
-<label for="bg-totp">Authenticator code (6 digits)</label><input id="bg-totp" name="totp" inputmode="numeric" pattern="[0-9]{{6}}" maxlength="6" required autocomplete="one-time-code">
-<button type="submit">Open emergency access</button></form>"""
+                         reason: str = "", text: str = "") -> dict[str, Any]:
+        """The fields of the emergency-access form (templates/breakglass_form.html)."""
+        return {"policy": policy, "patient": patient, "csrf": csrf, "next": safe_next(next_target),
+                "error": error, "reason": reason, "text": text}
 
     def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
         session = self.sessions.get(token) if token else None
@@ -392,11 +363,12 @@ is reported to the security officer and reviewed. Misuse is a disciplinary matte
         if form:
             if outcome.ok:
                 return Reply(303, b"", "text/plain", [("Location", safe_next(data.get("next", "/")))])
-            page = _page("Emergency access", f"""<h1>Emergency access refused</h1>
-<p>Reason code: <code>{html.escape(outcome.error)}</code><br>Request id: <code>{html.escape(req.request_id)}</code></p>
-""" + (self._breakglass_form(bg_policy, str(data.get("patient", ""))[:64], session.csrf, data.get("next", "/"),
-                              outcome.message, str(data.get("reason", "")), str(data.get("text", ""))[:2000])
-       if outcome.status in (400, 401) else f'<p class="err">{html.escape(outcome.message)}</p>'))
+            fields = (self._breakglass_form(bg_policy, str(data.get("patient", ""))[:64], session.csrf,
+                                            data.get("next", "/"), outcome.message, str(data.get("reason", "")),
+                                            str(data.get("text", ""))[:2000])
+                      if outcome.status in (400, 401) else None)  # a request that may be corrected: the form again
+            page = _page("breakglass_refused.html", error=outcome.error, request_id=req.request_id,
+                         message=outcome.message, breakglass=fields)
             return Reply(outcome.status, page, "text/html; charset=utf-8", headers)
         if not outcome.ok:
             return self._json(outcome.status, {"error": outcome.error, "message": outcome.message,
