@@ -10,7 +10,7 @@
 - ``GET  /_dpiguard/health``       liveness/readiness summary
 - ``POST /_dpiguard/breakglass``   emergency access form (from the refusal page; CSRF = session token)
 - ``POST /_dpiguard/api/breakglass`` emergency access for scripts: ``{"patient","reason","text","totp"}``
-  (see dpiguard/breakglass.py and docs/breakglass.md)
+  (see dpiguard/decision/breakglass.py and docs/breakglass.md)
 
 Also renders refusals: HTML for browsers, JSON for API clients, FHIR OperationOutcome for FHIR paths.
 
