@@ -432,6 +432,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *
         data = loaded
         base_dir = p.resolve().parent
     data = _merge(data, _env_overrides(env))
+    if data.get("instance_id") in ("", None):  # empty (as in dpiguard.example.yaml): the default below
+        data.pop("instance_id", None)
     cfg: Config = _build(Config, data, "")
     cfg.base_dir = base_dir
     if not cfg.instance_id:

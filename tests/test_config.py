@@ -31,6 +31,16 @@ def test_example_file_documents_every_key():
                 assert f"`{section}.{key}`" in doc, f"{section}.{key} missing from docs/configuration.md"
 
 
+def test_example_file_loads_as_shipped(tmp_path):
+    """`cp dpiguard.example.yaml /etc/dpiguard/dpiguard.yaml` (README, docs/deployment.md) is a valid
+    start: only its upstream is a placeholder. Its empty instance_id means the default, hostname-pid."""
+    cfg = load_config(ROOT / "dpiguard.example.yaml", {}, check_files=False)
+    assert cfg.instance_id  # hostname-pid
+    assert load_config(ROOT / "dpiguard.example.yaml", {"DPIGUARD_INSTANCE_ID": ""}, check_files=False).instance_id
+    assert load_config(ROOT / "dpiguard.example.yaml", {"DPIGUARD_INSTANCE_ID": "px-2"},
+                       check_files=False).instance_id == "px-2"
+
+
 def test_env_overrides_file(tmp_path):
     p = _write(tmp_path, "upstream: {url: 'http://127.0.0.1:9000'}\nsessions: {idle_timeout: 600}\n")
     cfg = load_config(p, {"DPIGUARD_SESSIONS__IDLE_TIMEOUT": "900", "DPIGUARD_INSTANCE_ID": "px-2"},
