@@ -22,7 +22,16 @@ from dpiguard.demo.data import Dataset, build_dataset
 from dpiguard.signing import generate_keypair
 
 DEMO_PASSWORD = "Demo-Hopital-2026!"
-POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+
+
+def _policies_dir() -> Path:
+    """The example policies: the copy an installed wheel carries (pyproject ``force-include``), else
+    the repository's ``policies/`` (a checkout)."""
+    packaged = Path(__file__).resolve().parent / "policies"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "policies"
+
+
+POLICIES_DIR = _policies_dir()
 
 
 @dataclass
