@@ -35,9 +35,9 @@ import pyotp
 import redis
 
 from dpiguard.config import load_config
-from dpiguard.demo.redis import LocalRedis, free_port
 from dpiguard.demo.runner import write_demo_config
 from dpiguard.services import careteam_store, user_directory
+from tests.redis_server import LocalRedis, free_port
 
 from . import report
 from .dataset import PASSWORD, Scale, build_hospital, create_accounts, load_careteam

@@ -521,6 +521,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, *
         data = loaded
         base_dir = p.resolve().parent
     data = _merge(data, _env_overrides(env))
+    if data.get("instance_id") in ("", None):  # empty (as in dpiguard.example.yaml): the default, hostname-pid
+        data.pop("instance_id", None)
     try:
         return Config.model_validate(data, context={"base_dir": base_dir, "check_files": check_files})
     except ValidationError as exc:

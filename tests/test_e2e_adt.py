@@ -8,7 +8,7 @@ import time
 import pytest
 
 from dpiguard.audit.chain import read_records
-from dpiguard.demo.redis import free_port
+from tests.redis_server import free_port
 
 from .hl7msgs import adt, mllp_exchange, msa
 from .stack import build_stack

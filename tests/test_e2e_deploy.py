@@ -19,8 +19,8 @@ from dpiguard.config import load_config
 from dpiguard.decision.assertion import AssertionVerifier
 from dpiguard.demo.app import create_app
 from dpiguard.demo.data import build_dataset
-from dpiguard.demo.redis import LocalRedis, free_port
 from dpiguard.demo.runner import DEMO_PASSWORD, seed, write_demo_config
+from tests.redis_server import LocalRedis, free_port
 
 from .certs import make_ca, make_leaf
 from .stack import ROOT, RecordingMiddleware, port_open

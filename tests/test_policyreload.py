@@ -134,9 +134,9 @@ def test_bus_all_event_triggers_an_immediate_look(setup):
 @pytest.fixture
 def services(tmp_path, redis_server, r):
     from dpiguard.config import load_config
-    from dpiguard.demo.redis import free_port
     from dpiguard.demo.runner import write_demo_config
     from dpiguard.services import build_services
+    from tests.redis_server import free_port
 
     directory = tmp_path / "policies"
     shutil.copytree(POLICIES, directory)

@@ -1,4 +1,4 @@
-from dpiguard.demo.redis import LocalRedis
+from tests.redis_server import LocalRedis
 
 
 def test_local_server_answers_and_restarts_on_same_port():

@@ -6,9 +6,9 @@ import pytest
 import redis
 
 from dpiguard.config import ConfigError, RedisSection, load_config
-from dpiguard.demo.redis import LocalRedis
 from dpiguard.storage import clients as redisconn
 from dpiguard.storage.clients import RedisSpec, RedisURLError
+from tests.redis_server import LocalRedis
 
 
 @pytest.mark.parametrize("url, mode, nodes, service, db, tls", [

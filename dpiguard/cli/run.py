@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pyotp
@@ -25,6 +26,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from dpiguard.demo import MISSING_EXTRA_MESSAGE, missing_extra
+
+    missing = missing_extra()
+    if missing:  # a production install (no `demo` extra): one line, no traceback
+        print("dpiguard: " + MISSING_EXTRA_MESSAGE.format(missing=", ".join(missing)), file=sys.stderr)
+        return 2
     from dpiguard.demo.runner import run_demo
 
     return run_demo(host=args.host, port=args.port, workdir=Path(args.dir), seed_value=args.seed)

