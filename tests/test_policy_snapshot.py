@@ -13,10 +13,10 @@ import pytest
 
 from dpiguard.config import load_config
 from dpiguard.decision.verdict import Incoming, NeedIO
-from dpiguard.demo.redis import free_port
 from dpiguard.demo.runner import write_demo_config
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.services import build_services
+from tests.redis_server import free_port
 
 from .test_policy import POLICIES, edit
 
