@@ -46,3 +46,25 @@ def r(redis_server):
         client.keys = functools.partial(client.keys, target_nodes=RedisCluster.PRIMARIES)
     yield client
     client.close()
+
+
+@pytest.fixture
+def services(tmp_path, redis_server, r):
+    """The components built by the composition root, on a copy of policies/ (hot reload every 5 s, so
+    tests call ``reloader.check()`` themselves): (policy folder, Services). Nothing listens."""
+    import shutil
+    from pathlib import Path
+
+    from dpiguard.config import load_config
+    from dpiguard.demo.runner import write_demo_config
+    from dpiguard.services import build_services
+    from tests.redis_server import free_port
+
+    directory = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "policies", directory)
+    config_path = write_demo_config(tmp_path, host="127.0.0.1", port=free_port(), upstream_port=free_port(),
+                                    redis_url=redis_server.url, policies_dir=directory,
+                                    extra={"policies": {"dir": str(directory), "reload_interval": 5}})
+    s = build_services(load_config(config_path))
+    yield directory, s
+    s.stop()

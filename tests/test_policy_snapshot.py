@@ -9,31 +9,14 @@ from __future__ import annotations
 import shutil
 
 import orjson
-import pytest
 
-from dpiguard.config import load_config
 from dpiguard.decision.verdict import Incoming, NeedIO
-from dpiguard.demo.runner import write_demo_config
 from dpiguard.policy.snapshot import PolicySet
-from dpiguard.services import build_services
-from tests.redis_server import free_port
 
 from .test_policy import POLICIES, edit
 
 PATIENT = {"resourceType": "Patient", "id": "P0001", "name": [{"family": "Martin"}],
            "address": [{"city": "Lyon"}], "telecom": [{"system": "phone", "value": "0600000000"}]}
-
-
-@pytest.fixture
-def services(tmp_path, redis_server, r):
-    directory = tmp_path / "policies"
-    shutil.copytree(POLICIES, directory)
-    config_path = write_demo_config(tmp_path, host="127.0.0.1", port=free_port(), upstream_port=free_port(),
-                                    redis_url=redis_server.url, policies_dir=directory,
-                                    extra={"policies": {"dir": str(directory), "reload_interval": 5}})
-    s = build_services(load_config(config_path))
-    yield directory, s
-    s.stop()
 
 
 def decide(pipeline, req):

@@ -131,22 +131,7 @@ def test_bus_all_event_triggers_an_immediate_look(setup):
 
 
 # -- companion files (fhir.yaml, breakglass.yaml, careteam.yaml), through the real service wiring ----
-@pytest.fixture
-def services(tmp_path, redis_server, r):
-    from dpiguard.config import load_config
-    from dpiguard.demo.runner import write_demo_config
-    from dpiguard.services import build_services
-    from tests.redis_server import free_port
-
-    directory = tmp_path / "policies"
-    shutil.copytree(POLICIES, directory)
-    config_path = write_demo_config(tmp_path, host="127.0.0.1", port=free_port(), upstream_port=free_port(),
-                                    redis_url=redis_server.url, policies_dir=directory,
-                                    extra={"policies": {"dir": str(directory), "reload_interval": 5}})
-    s = build_services(load_config(config_path))
-    yield directory, s
-    s.stop()
-
+# (fixture `services` in conftest.py: the composition root on a copy of policies/)
 
 def test_companion_file_edit_is_versioned_validated_and_applied(services):
     directory, s = services
