@@ -10,6 +10,11 @@ a header line naming the columns (any order, case-insensitive; extra columns are
 - members:      ``login, unit[, from, to]``          → unit memberships (replaces a login's window);
 - assignments:  ``login, patient[, kind, from, to]`` → explicit assignments (kind default ``assigned``).
 
+Members and assignments are written index first, then the authoritative keys, then ``all`` is
+published (:func:`dpiguard.storage.batch.run_stages`): one MULTI/EXEC on a standalone server or
+Sentinel, on a Redis Cluster one pipeline per stage. If Redis fails during a Cluster import some rows
+may be written and others not; importing the same file again is safe (every row replaces its entry).
+
 Dates: ISO ``2026-03-01`` or ``2026-03-01T08:30`` (read in ``adt.timezone`` unless an offset is
 given), or epoch seconds; empty = open.
 """
@@ -29,6 +34,7 @@ import redis
 from dpiguard.careteam.adt import AdtError, Movement
 from dpiguard.careteam.movements import MovementStore
 from dpiguard.ids import ID_RE
+from dpiguard.storage.batch import publish_each, run_stages
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.keys import Keys
 from dpiguard.times import fmt_epoch, parse_time
@@ -198,12 +204,17 @@ def import_members(client: redis.Redis, prefix: str, path: str | Path, tz: str =
     if report.errors or dry_run:
         return report
     keys = Keys(prefix)
-    pipe = client.pipeline(transaction=True)
-    for login, unit, start, end in parsed:
-        pipe.hset(keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
-        pipe.sadd(keys.unit_members(unit), login)
-    pipe.publish(keys.events, format_event("all"))
-    pipe.execute()
+
+    def index(pipe) -> None:  # index first (storage/batch.py)
+        for login, unit, _, _ in parsed:
+            pipe.sadd(keys.unit_members(unit), login)
+
+    def memberships(pipe) -> None:
+        for login, unit, start, end in parsed:
+            pipe.hset(keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
+
+    run_stages(client, [index, memberships])
+    publish_each(client, keys.events, [format_event("all")])
     report.applied = len(parsed)
     return report
 
@@ -234,13 +245,17 @@ def import_assignments(client: redis.Redis, prefix: str, path: str | Path, tz: s
     if report.errors or dry_run:
         return report
     keys = Keys(prefix)
-    pipe = client.pipeline(transaction=True)
-    for login, patient, kind, start, end in parsed:
-        pipe.hset(keys.assignments(patient), login,
-                  orjson.dumps({"kind": kind, "start": start, "end": end}))
-        pipe.sadd(keys.user_assignments(login), patient)
-    pipe.publish(keys.events, format_event("all"))
-    pipe.execute()
+
+    def index(pipe) -> None:  # index first (storage/batch.py)
+        for login, patient, *_ in parsed:
+            pipe.sadd(keys.user_assignments(login), patient)
+
+    def assignments(pipe) -> None:
+        for login, patient, kind, start, end in parsed:
+            pipe.hset(keys.assignments(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
+
+    run_stages(client, [index, assignments])
+    publish_each(client, keys.events, [format_event("all")])
     report.applied = len(parsed)
     return report
 

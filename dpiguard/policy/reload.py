@@ -36,6 +36,7 @@ import redis
 from dpiguard.audit.chain import AuditLog
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.policy.table import VERSIONED_FILES
+from dpiguard.storage.batch import run_stages
 from dpiguard.storage.keys import Keys
 
 log = logging.getLogger("dpiguard")
@@ -191,10 +192,11 @@ class PolicyReloader:
         version = self.target.policies.version
         try:
             if self.redis is not None:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.set(self.keys.policy_version, version)
-                pipe.hset(self.keys.policy_instances, self.instance_id, f"{version}|{int(time.time())}")
-                pipe.execute()
+                run_stages(self.redis, [
+                    lambda pipe: pipe.set(self.keys.policy_version, version),
+                    lambda pipe: pipe.hset(self.keys.policy_instances, self.instance_id,
+                                           f"{version}|{int(time.time())}"),
+                ])
             if changed and self.publish is not None:
                 self.publish("all")
         except Exception as exc:  # noqa: BLE001 - local swap is done; others still see their own files
