@@ -210,6 +210,8 @@ class RedisSection(_Section):
 class Policies(_Section):
     dir: Text = "policies"
     reload_interval: Annotated[Number, _check(lambda v: v >= 0, "must be 0 (no reload) or more seconds")] = 1.0
+    # Only a set matching its seal.json (dpiguard policy seal) goes into service: dpiguard/policy/seal.py.
+    require_seal: Flag = True
 
 
 class Secrets(_Section):

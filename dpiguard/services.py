@@ -60,8 +60,10 @@ def admin_redis_client(cfg: Config) -> redis.Redis:
 
 
 def load_policies(cfg: Config) -> PolicySet:
-    """Every file of ``policies.dir``, validated (PolicyError naming file and line on any mistake)."""
-    return PolicySet.load(cfg.path(cfg.policies.dir), default_grace_seconds=cfg.careteam.grace_seconds)
+    """Every file of ``policies.dir``, validated (PolicyError naming file and line on any mistake), and
+    matching its seal unless ``policies.require_seal`` is off (dpiguard/policy/seal.py)."""
+    return PolicySet.load(cfg.path(cfg.policies.dir), default_grace_seconds=cfg.careteam.grace_seconds,
+                          sealed=cfg.policies.require_seal)
 
 
 def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirectory:
@@ -231,11 +233,13 @@ def build_services(cfg: Config) -> Services:
     _wire_invalidation(services)
     if cfg.policies.reload_interval > 0:
         def reload_policies() -> PolicySet:
-            new = load_policies(cfg)
+            new = PolicySet.load(directory, default_grace_seconds=cfg.careteam.grace_seconds)
             if (new.fhir is None) != (pipeline.policies.fhir is None):
                 # Without fhir.yaml, FHIR addresses would be mapped by routes.yaml, without answer checks.
                 raise PolicyError(str(directory / FHIR_FILE), None,
                                   "adding or removing fhir.yaml needs a restart of dpiguard")
+            if cfg.policies.require_seal:
+                new.check_seal()  # on the very bytes the set was built from
             return new
 
         def drop_decisions() -> None:
