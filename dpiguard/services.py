@@ -36,6 +36,7 @@ from dpiguard.decision.massaccess import MassAccessMonitor
 from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
 from dpiguard.edge.ops import Monitor, allowed_networks
+from dpiguard.edge.pools import Pools
 from dpiguard.edge.portal import Portal
 from dpiguard.edge.upstream import make_fetcher
 from dpiguard.policy.fhir import FHIR_FILE
@@ -50,8 +51,10 @@ log = logging.getLogger("dpiguard")
 
 # -- single components (also used by the command line and the demo) ---------------------------------
 def redis_client(cfg: Config) -> redis.Redis:
-    """The command client for the configured topology (standalone, Sentinel or Cluster)."""
-    return client_for(cfg, health_check_interval=30)
+    """The command client for the configured topology (standalone, Sentinel or Cluster). No
+    health-check PING before commands: a dead pooled connection fails one attempt and the retry
+    reconnects, so every wait stays within :func:`dpiguard.storage.clients.wait_bound`."""
+    return client_for(cfg)
 
 
 def admin_redis_client(cfg: Config) -> redis.Redis:
@@ -130,6 +133,7 @@ class Services:
     mass_access: MassAccessMonitor | None = None
     monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
+    pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
 
     @property
     def policies(self) -> PolicySet:
@@ -148,6 +152,8 @@ class Services:
             self.reloader.start()
 
     def stop(self) -> None:
+        if self.pools is not None:
+            self.pools.shutdown()
         if self.reloader is not None:
             self.reloader.stop()
         if self.monitor is not None:
@@ -227,6 +233,7 @@ def build_services(cfg: Config) -> Services:
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
                         breakglass=breakglass, mass_access=mass_access)
     services_ref["s"] = services
+    services.pools = Pools(cfg.threads.model_dump())
     services.monitor = Monitor(services, redis_mode=spec.mode)
     services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
     metrics.bind(services, services.monitor)

@@ -66,6 +66,13 @@ class LocalStandalone:
     def kill(self) -> None:
         self.server.kill()
 
+    def freeze(self) -> None:
+        """SIGSTOP every data node: connected, silent (see LocalRedis.freeze)."""
+        self.server.freeze()
+
+    def thaw(self) -> None:
+        self.server.thaw()
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -233,6 +240,15 @@ class LocalSentinel:
         for node in self.nodes:
             node.kill()
 
+    def freeze(self) -> None:
+        """SIGSTOP every data node (the sentinels keep running but have nothing to promote)."""
+        for node in self.nodes:
+            node.freeze()
+
+    def thaw(self) -> None:
+        for node in self.nodes:
+            node.thaw()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -365,6 +381,15 @@ class LocalCluster:
     def kill(self) -> None:
         for node in self.nodes:
             node.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP every data node (the sentinels keep running but have nothing to promote)."""
+        for node in self.nodes:
+            node.freeze()
+
+    def thaw(self) -> None:
+        for node in self.nodes:
+            node.thaw()
 
     def stop(self) -> None:
         for node in self.nodes:

@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -121,9 +122,10 @@ class AdtProcessor:
 class MllpServer:
     """The asyncio MLLP server. ``await start()``, then ``port`` is bound; ``await stop()``."""
 
-    def __init__(self, processor: AdtProcessor, settings: ListenerSettings):
+    def __init__(self, processor: AdtProcessor, settings: ListenerSettings, executor: Any = None):
         self.processor = processor
         self.settings = settings
+        self.executor = executor  # where messages are applied (a bounded pool; None: asyncio's default)
         self._server: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self.connections = 0
@@ -157,7 +159,7 @@ class MllpServer:
                 if raw is None:
                     return
                 self.messages += 1
-                ack = await asyncio.to_thread(self.processor.handle, raw, client)
+                ack = await asyncio.get_running_loop().run_in_executor(self.executor, self.processor.handle, raw, client)
                 writer.write(frame(ack))
                 await writer.drain()
         except ConnectionError:
@@ -228,7 +230,8 @@ class MllpServer:
         return None
 
     async def _reply_reject(self, reason: str, client: str, body: bytes, writer) -> None:
-        ack = await asyncio.to_thread(self.processor.reject_frame, reason, client, body[:512])
+        ack = await asyncio.get_running_loop().run_in_executor(self.executor, self.processor.reject_frame, reason,
+                                                               client, body[:512])
         writer.write(frame(ack))
         await writer.drain()
 

@@ -35,6 +35,7 @@ from dpiguard.edge.flows import (
     respond,
     trace_internal_error,
 )
+from dpiguard.edge.pools import run_in
 from dpiguard.edge.portal import MAX_BODY, PREFIX, Reply
 
 log = logging.getLogger("dpiguard")
@@ -99,7 +100,7 @@ class DpiGuard:
         try:
             s = self.services
             token, _ = s.pipeline.session_token(req)
-            reply = await asyncio.to_thread(s.portal.handle, req, flow.request.raw_content or b"", token)
+            reply = await run_in(s, "portal", s.portal.handle, req, flow.request.raw_content or b"", token)
         except Exception as exc:
             log.exception("dpiguard: portal error")
             reply = Reply(503, b'{"error":"internal_error"}', "application/json")
@@ -135,7 +136,7 @@ class DpiGuard:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
             used_io = True
-            verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+            verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
         metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
         # No answer and no forwarding before the decision's record is on disk (group commit).
         if not await self._durable(verdict, req):
@@ -150,7 +151,7 @@ class DpiGuard:
         forward(flow, verdict)
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
-            asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+            asyncio.get_running_loop().run_in_executor(s.pools and s.pools["decisions"], self._touch, session)
 
     @staticmethod
     def _portal_body_ok(flow: http.HTTPFlow) -> bool:

@@ -68,7 +68,8 @@ def run_proxy(cfg: Config, services: Any, adt_processor: Any = None) -> int:
             loop.add_signal_handler(sig, master.shutdown)
         adt_server = None
         if adt_processor is not None:  # the ADT feed listener shares the loop, the Redis client and the trace
-            adt_server = await MllpServer(adt_processor, listener_settings(cfg)).start()
+            pools = getattr(services, "pools", None)
+            adt_server = await MllpServer(adt_processor, listener_settings(cfg), pools and pools["adt"]).start()
             print(f"dpiguard: ADT feed (HL7 MLLP) on {cfg.adt.listen_host}:{adt_server.port}", flush=True)
         print(f"dpiguard: listening on {'https' if cfg.tls_enabled else 'http'}://{cfg.listen.host}:{cfg.listen.port}"
               f" → {cfg.upstream.url} (policy {services.policies.version})", flush=True)
