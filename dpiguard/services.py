@@ -102,7 +102,7 @@ def adt_processor(cfg: Config, client: redis.Redis | None = None, audit: AuditLo
     """The HL7 ADT feed's processor: movements into Redis, one trace record per message. Without an
     ``audit`` log it opens its own chain (``<instance>-adt``)."""
     if audit is None:
-        audit = AuditLog(cfg.path(cfg.audit.path), f"{cfg.instance_id}-adt").open()
+        audit = audit_from_config(cfg, f"{cfg.instance_id}-adt").open()  # signed like every chain
     settings = listener_settings(cfg)
     return AdtProcessor(movement_store(cfg, client), audit, settings.parse, settings.application)
 

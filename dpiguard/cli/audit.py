@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import redis
@@ -244,28 +246,44 @@ def register_query(asub) -> None:
 
 
 
-def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False) -> int:
-    while True:
+def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False,
+          summary: Callable[[int], str] = lambda n: f"{n} record(s)") -> int:
+    """Run ``step`` (returns a count) once, until idle, or (``follow``) until SIGINT/SIGTERM, which end
+    the loop between two steps (never in the middle of a write). Prints what was done."""
+    stop = threading.Event()
+    if follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"dpiguard audit {label}: following (SIGINT or SIGTERM stops it)", flush=True)
+    total, code = 0, 0
+    while not stop.is_set():
         try:
             n = step()
-            if not follow and (not until_idle or n == 0):
-                return 0
         except redis.RedisError as exc:
-            print(f"dpiguard audit {label}: Redis unavailable ({exc}); retrying", file=sys.stderr, flush=True)
+            print(f"dpiguard audit {label}: Redis unavailable ({exc}); " + ("retrying" if follow else "stopped"),
+                  file=sys.stderr, flush=True)
             if not follow:
-                return 1
-            time.sleep(interval)
+                code = 1
+                break
+            stop.wait(interval)
             continue
+        total += n
+        if not follow and (not until_idle or n == 0):
+            break
         if follow and n == 0:
-            time.sleep(interval)
+            stop.wait(interval)
+    print(f"dpiguard audit {label}: {summary(total)}" + (" (stopped)" if follow else ""), flush=True)
+    return code
 
 
 def cmd_ship(args) -> int:
     from dpiguard.services import admin_redis_client
 
     cfg = load(args, check_files=False)
-    shipper = Shipper(admin_redis_client(cfg), cfg.path(cfg.audit.path), cfg.redis.prefix)
-    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True)
+    store = cfg.path(cfg.audit.path)
+    shipper = Shipper(admin_redis_client(cfg), store, cfg.redis.prefix)
+    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True,
+                 summary=lambda n: f"{n} record(s) shipped to Redis from {len(list_chains(store))} chain(s) of {store}")
 
 
 def cmd_collect(args) -> int:
@@ -283,7 +301,8 @@ def cmd_collect(args) -> int:
         raise ValueError(f"another collector is writing {store}") from None
     collector = Collector(admin_redis_client(cfg), store, cfg.redis.prefix, cfg.audit.rotate_bytes)
     return _loop(lambda: collector.collect_once(block_ms=int(args.interval * 1000)), args.follow, args.interval,
-                 "collect", until_idle=True)
+                 "collect", until_idle=True,
+                 summary=lambda n: f"{n} record(s) collected into {store} ({len(collector.chains)} chain(s))")
 
 
 def register_ship(asub) -> None:
