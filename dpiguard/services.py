@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -35,7 +36,7 @@ from dpiguard.decision.fhir import FhirEnforcer
 from dpiguard.decision.massaccess import MassAccessMonitor
 from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
-from dpiguard.edge.ops import Monitor, allowed_networks
+from dpiguard.edge.ops import Monitor, allowed_networks, public_text
 from dpiguard.edge.pools import Pools
 from dpiguard.edge.portal import Portal
 from dpiguard.edge.upstream import make_fetcher
@@ -181,14 +182,21 @@ class Services:
             "redis": redis_ok,
             "cache_coherent": self.bus.coherent,
             "audit_writable": audit_ok,
-            "audit": dict(self.audit.status(), on_failure=self.config.audit.on_failure,
-                          serving_patient_data=audit_ok or not refuse),
+            "audit": self._audit_status(audit_ok or not refuse),
             "policy_version": self.policies.version,
             "decision_cache": self.cache.stats(),
         }
         if self.reloader is not None:
-            info.update(self.reloader.status())  # shared version, drift, last invalid edit
+            status = self.reloader.status()  # shared version, drift, last invalid edit
+            info.update(status, policy_error=public_text(status["policy_error"]))
         return info
+
+    def _audit_status(self, serving: bool) -> dict:
+        """The trace writer's state for the (unauthenticated) health answer: no path of the host."""
+        status = self.audit.status()
+        status["chain"] = Path(status["chain"]).name  # the instance's chain, not where it is on disk
+        status["last_error"] = public_text(status.get("last_error"))
+        return dict(status, on_failure=self.config.audit.on_failure, serving_patient_data=serving)
 
 
 def build_services(cfg: Config) -> Services:

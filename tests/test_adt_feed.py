@@ -276,3 +276,33 @@ def test_replay_finishes_interrupted_movements_before_rebuilding(r):
     result = store.replay()
     assert result["entries"] == 1 and result["changed"] == []  # journaled first, so nothing is undone
     assert stays(r, "P1") == [("CARDIO", T0, None)]
+
+
+def test_a_connection_sending_only_whitespace_is_closed_after_the_read_timeout(feed):
+    """read_timeout (1 s here) runs from connect for the first frame: neither trickled whitespace nor
+    silence keeps a connection open (it used to start only at the first 0x0B, so forever)."""
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 6:
+            try:
+                sock.sendall(b" \r\n")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.3)
+            try:
+                if sock.recv(10) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 4
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:  # connect, send nothing
+        started = time.monotonic()
+        assert sock.recv(10) == b"" and time.monotonic() - started < 4
+    # A persistent connection may stay silent between two frames.
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:
+        assert msa(send_on(sock, adt("A01", patient="P0077", at=T0)))[1] == "AA"
+        time.sleep(1.5)
+        assert msa(send_on(sock, adt("A03", patient="P0077", at=T0 + 5)))[1] == "AA"

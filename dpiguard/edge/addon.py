@@ -44,6 +44,16 @@ PORTAL_KEY = "dpiguard_portal"
 FHIR_KEY = fhir_hooks.FHIR_KEY  # (Incoming, Verdict) of a forwarded FHIR request: body and response checks
 
 
+def _over_limits(pipeline: Any, req) -> Verdict | None:
+    """The URL and header size limits of the pipeline (``limits.*``), for the reserved prefix, which the
+    pipeline does not decide."""
+    if len(req.target) > pipeline.max_url_bytes:
+        return Verdict(False, "hostile_path", 414, "request URL too long")
+    if req.header_bytes > pipeline.max_header_bytes:
+        return Verdict(False, "header_too_large", 431, "request headers too large")
+    return None
+
+
 class DpiGuard:
     def __init__(self, services: Any = None, *, build: Callable[[Config], Any] | None = None):
         self.services = services  # dpiguard.services.Services
@@ -115,6 +125,13 @@ class DpiGuard:
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
         if req.target.startswith(PREFIX):
+            oversized = _over_limits(s.pipeline, req)  # dpiguard's own pages get the same size limits
+            if oversized is not None:
+                oversized.audit = s.pipeline.trace(req, oversized, s.pipeline.policies)
+                if not await self._durable(oversized, req):
+                    oversized = audit_unavailable()
+                respond(flow, s.portal.refusal(req, oversized))
+                return
             op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
             if op is not None:
                 respond(flow, Reply(*op))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -99,8 +100,18 @@ class Monitor:
                "policy_version": s.policies.version if s.policies is not None else None,
                "redis_mode": self.redis_mode}
         if not redis_ok:
-            out["redis_error"] = self._redis_error or "probe is stale"
+            out["redis_error"] = public_text(self._redis_error) or "probe is stale"
         return out
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s:'\"/]+/)*([^\s:'\"/]+)")
+
+
+def public_text(text: str | None) -> str | None:
+    """A message for an unauthenticated answer: every local path reduced to its last name
+    (``/srv/dpiguard/policies/fhir.yaml: ...`` → ``fhir.yaml: ...``), so the health output shows no
+    folder of the host."""
+    return None if text is None else _LOCAL_PATH.sub(r"\1", text)
 
 
 def allowed_networks(specs: list[str]) -> tuple:
