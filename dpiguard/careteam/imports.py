@@ -25,7 +25,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -260,9 +260,27 @@ def import_assignments(client: redis.Redis, prefix: str, path: str | Path, tz: s
     return report
 
 
+def known_units(client: Any, prefix: str, declared: Iterable[str] = ()) -> Callable[[Iterable[str]], set[str]]:
+    """What ``import stays`` accepts as a unit: one with at least one member (``ct:unit-members:UNIT``,
+    so import members first) or one declared in careteam.yaml (``declared``: the transversal units).
+    A stay in any other unit would give nobody access (most likely a typo: ``CARDO``)."""
+    keys = Keys(prefix)
+    declared = {u.upper() for u in declared}
+
+    def known(units: Iterable[str]) -> set[str]:
+        units = sorted(set(units) - declared)
+        pipe = client.pipeline(transaction=False)
+        for unit in units:
+            pipe.scard(keys.unit_members(unit))
+        return declared | {u for u, n in zip(units, pipe.execute()) if n}
+
+    return known
+
+
 def import_stays(store: MovementStore, path: str | Path, tz: str = "Europe/Paris",
-                 dry_run: bool = False) -> Report:
-    """Census of current stays: each row becomes an admission (A01) of the movement engine."""
+                 dry_run: bool = False, known: Callable[[Iterable[str]], set[str]] | None = None) -> Report:
+    """Census of current stays: each row becomes an admission (A01) of the movement engine.
+    ``known``: the units that may be used (:func:`known_units`); a row naming another unit is an error."""
     report = Report(str(path), "stays", dry_run=dry_run)
     v = _Rows(report, ZoneInfo(tz))
     parsed = []
@@ -286,6 +304,12 @@ def import_stays(store: MovementStore, path: str | Path, tz: str = "Europe/Paris
         parsed.append((line, Movement(control_id=f"census-{patient}-{visit or int(start)}", sender="census",
                                       trigger="A01", patient=patient, visit=visit, unit=unit, time=start,
                                       patient_class="I")))
+    if known is not None and parsed:
+        accepted = known({mv.unit for _, mv in parsed})
+        for line, mv in parsed:
+            if mv.unit not in accepted:
+                v.error(line, "unit", f"unknown unit {mv.unit!r}: it has no member and is not declared in "
+                                      "careteam.yaml (import the members first, or check the spelling)")
     sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report
