@@ -57,7 +57,8 @@ def test_a_truncated_fhir_yaml_never_goes_into_service(services, r):
     truncate_before_masks(directory)
     # It is valid: the editing tools accept it (that is the trap) ...
     assert not PolicySet.load(directory).fhir.masks
-    assert cli("policy", "check", "--dir", str(directory))[0] == 0
+    code, out = cli("policy", "check", "--dir", str(directory))
+    assert code == 0 and "not sealed" in out and "fhir.yaml" in out  # valid, but says it is not in service
     # ... but it does not match the seal, so the running proxy keeps the sealed set.
     assert s.reloader.check() is False
     assert s.policies is before and s.policies.fhir.masks

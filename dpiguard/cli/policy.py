@@ -22,7 +22,7 @@ from xml.etree import ElementTree as ET
 from dpiguard.cli.common import config_path, load, with_config
 from dpiguard.policy.files import PolicyError, read_regular_file
 from dpiguard.policy.lint import lint
-from dpiguard.policy.seal import manifest, write_seal
+from dpiguard.policy.seal import SEAL_FILE, manifest, write_seal
 from dpiguard.policy.sim import (
     TestFileError,
     case_failure,
@@ -84,6 +84,12 @@ def cmd_check(args) -> int:
                f"categories, {len(policy.rule_lines)} rules, {len(policy.routes.routes)} routes; "
                f"{warnings} warning(s)")
     print(summary)
+    try:
+        policies.check_seal()
+        print(f"sealed: these files are the ones of {SEAL_FILE} (a proxy puts them in service)")
+    except PolicyError as exc:
+        print(f"not sealed: {exc.message} ({Path(exc.file).name}); a running proxy keeps its sealed set until "
+              "'dpiguard policy seal' (after 'policy test')")
     if warnings and args.strict:
         print("--strict: warnings count as errors")
         return 1
