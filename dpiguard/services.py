@@ -220,8 +220,8 @@ def build_services(cfg: Config) -> Services:
                                    audit=audit, on_grant=lambda user, patient: (cache.invalidate_user(user),
                                                                                 cache.invalidate_patient(patient)))
     m = cfg.mass_access
-    mass_access = MassAccessMonitor(
-        client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
+    mass_access = MassAccessMonitor(  # its own client: a background job never holds the requests' one
+        spec.client(cfg.redis.socket_timeout), audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
         action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds,
     ) if m.max_patients > 0 else None
     pipeline = Pipeline(
@@ -242,7 +242,7 @@ def build_services(cfg: Config) -> Services:
                         breakglass=breakglass, mass_access=mass_access)
     services_ref["s"] = services
     services.pools = Pools(cfg.threads.model_dump())
-    services.monitor = Monitor(services, redis_mode=spec.mode)
+    services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))
     services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
     metrics.bind(services, services.monitor)
     _wire_invalidation(services)

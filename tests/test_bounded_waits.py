@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from dpiguard.services import redis_client
-from dpiguard.storage.clients import wait_bound
+from dpiguard.storage.clients import RedisSpec, spec_of, wait_bound
 
 from .stack import build_stack
 
@@ -38,6 +38,8 @@ def stack(tmp_path_factory):
 def test_the_bound_is_derived_from_the_configuration():
     assert wait_bound(0.5) == pytest.approx(2.75)
     assert wait_bound(1.0) == pytest.approx(4.75)
+    assert RedisSpec.from_url("redis+cluster://a:1,b:2,c:3").wait_bound(0.5) == pytest.approx(4.25)
+    assert RedisSpec.from_url("redis+sentinel://a:1,b:2,c:3/s").wait_bound(0.5) == pytest.approx(2.75)
 
 
 def test_redis_operation_against_a_frozen_server_ends_within_the_bound(stack):
@@ -46,13 +48,13 @@ def test_redis_operation_against_a_frozen_server_ends_within_the_bound(stack):
     cfg = stack.config
     client = redis_client(cfg)
     client.get("warm-up")
-    bound = wait_bound(cfg.redis.socket_timeout)
+    bound = spec_of(cfg).wait_bound(cfg.redis.socket_timeout)
     stack.redis.freeze()
     try:
         for fresh in (False, True):
-            c = redis_client(cfg) if fresh else client
             started = time.monotonic()
             with pytest.raises(Exception):  # noqa: B017 - TimeoutError / ConnectionError / ClusterDownError
+                c = redis_client(cfg) if fresh else client  # a Cluster client asks for the slot map here
                 c.get("x")
             elapsed = time.monotonic() - started
             assert elapsed <= bound + 0.5, f"fresh={fresh}: {elapsed:.2f} s, bound {bound:.2f} s"
@@ -64,7 +66,7 @@ def test_requests_that_need_redis_are_refused_within_the_bound(stack):
     proxy = stack.proxies[0]
     nurse = stack.login(proxy, "inf.durand")
     assert nurse.get("/api/patients/P0001/biology").status_code == 200
-    bound = wait_bound(stack.config.redis.socket_timeout) + MARGIN
+    bound = spec_of(stack.config).wait_bound(stack.config.redis.socket_timeout) + MARGIN
     stack.redis.freeze()
     try:
         for path in ("/api/patients/P0003/biology", "/api/patients/P0004/notes", "/api/patients/P0005"):

@@ -41,8 +41,11 @@ PATHS = frozenset({LIVE, READY, METRICS})
 
 
 class Monitor:
-    def __init__(self, services: Any, interval: float = 1.0, redis_mode: str = "standalone"):
+    def __init__(self, services: Any, interval: float = 1.0, redis_mode: str = "standalone", client: Any = None):
         self.services = services
+        # Its own Redis client: a Cluster client refreshes its slot map under a lock, so a probe on the
+        # requests' client would make a request wait for the probe's timeouts too.
+        self.client = client
         self.interval = float(interval)
         self.redis_mode = redis_mode
         self._stop = threading.Event()
@@ -66,6 +69,8 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self.client is not None:
+            self.client.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -75,7 +80,7 @@ class Monitor:
         s = self.services
         t0 = time.perf_counter()
         try:
-            s.redis.ping()
+            (self.client or s.redis).ping()
             metrics.REDIS_PING_SECONDS.observe(time.perf_counter() - t0)
             self._redis_ok, self._redis_error = True, ""
         except Exception as exc:  # noqa: BLE001 - any failure means: not ready
