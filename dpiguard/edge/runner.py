@@ -81,6 +81,8 @@ def run_proxy(cfg: Config, services: Any, adt_processor: Any = None) -> int:
                      "another program uses it (dpiguard already running?): stop it, or set listen.port "
                      "(DPIGUARD_LISTEN__PORT)")
     if adt_processor is not None:
+        if cfg.adt.listen_port == cfg.listen.port:
+            raise PortInUse(f"adt.listen_port and listen.port are both {cfg.listen.port}: give the ADT feed its own port")
         ensure_port_free(cfg.adt.listen_host, cfg.adt.listen_port,
                          "another program uses it: stop it, or set adt.listen_port (DPIGUARD_ADT__LISTEN_PORT)")
     runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="dpiguard-"))
