@@ -210,6 +210,8 @@ class RedisSection(_Section):
 class Policies(_Section):
     dir: Text = "policies"
     reload_interval: Annotated[Number, _check(lambda v: v >= 0, "must be 0 (no reload) or more seconds")] = 1.0
+    # Only a set matching its seal.json (dpiguard policy seal) goes into service: dpiguard/policy/seal.py.
+    require_seal: Flag = True
 
 
 class Secrets(_Section):
@@ -300,6 +302,15 @@ class Metrics(_Section):
         default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
 
+class Threads(_Section):
+    """Worker threads per kind of blocking work (dpiguard/edge/pools.py)."""
+
+    decisions: PositiveWhole = 16
+    portal: PositiveWhole = 4
+    fhir: PositiveWhole = 8
+    adt: PositiveWhole = 2
+
+
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -337,6 +348,7 @@ class Config(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     fhir: FhirSection = Field(default_factory=FhirSection)
     metrics: Metrics = Field(default_factory=Metrics)
+    threads: Threads = Field(default_factory=Threads)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -35,7 +36,8 @@ from dpiguard.decision.fhir import FhirEnforcer
 from dpiguard.decision.massaccess import MassAccessMonitor
 from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
-from dpiguard.edge.ops import Monitor, allowed_networks
+from dpiguard.edge.ops import Monitor, allowed_networks, public_text
+from dpiguard.edge.pools import Pools
 from dpiguard.edge.portal import Portal
 from dpiguard.edge.upstream import make_fetcher
 from dpiguard.policy.fhir import FHIR_FILE
@@ -50,8 +52,10 @@ log = logging.getLogger("dpiguard")
 
 # -- single components (also used by the command line and the demo) ---------------------------------
 def redis_client(cfg: Config) -> redis.Redis:
-    """The command client for the configured topology (standalone, Sentinel or Cluster)."""
-    return client_for(cfg, health_check_interval=30)
+    """The command client for the configured topology (standalone, Sentinel or Cluster). No
+    health-check PING before commands: a dead pooled connection fails one attempt and the retry
+    reconnects, so every wait stays within :func:`dpiguard.storage.clients.wait_bound`."""
+    return client_for(cfg)
 
 
 def admin_redis_client(cfg: Config) -> redis.Redis:
@@ -60,8 +64,10 @@ def admin_redis_client(cfg: Config) -> redis.Redis:
 
 
 def load_policies(cfg: Config) -> PolicySet:
-    """Every file of ``policies.dir``, validated (PolicyError naming file and line on any mistake)."""
-    return PolicySet.load(cfg.path(cfg.policies.dir), default_grace_seconds=cfg.careteam.grace_seconds)
+    """Every file of ``policies.dir``, validated (PolicyError naming file and line on any mistake), and
+    matching its seal unless ``policies.require_seal`` is off (dpiguard/policy/seal.py)."""
+    return PolicySet.load(cfg.path(cfg.policies.dir), default_grace_seconds=cfg.careteam.grace_seconds,
+                          sealed=cfg.policies.require_seal)
 
 
 def user_directory(cfg: Config, client: redis.Redis | None = None) -> UserDirectory:
@@ -97,7 +103,7 @@ def adt_processor(cfg: Config, client: redis.Redis | None = None, audit: AuditLo
     """The HL7 ADT feed's processor: movements into Redis, one trace record per message. Without an
     ``audit`` log it opens its own chain (``<instance>-adt``)."""
     if audit is None:
-        audit = AuditLog(cfg.path(cfg.audit.path), f"{cfg.instance_id}-adt").open()
+        audit = audit_from_config(cfg, f"{cfg.instance_id}-adt").open()  # signed like every chain
     settings = listener_settings(cfg)
     return AdtProcessor(movement_store(cfg, client), audit, settings.parse, settings.application)
 
@@ -128,6 +134,7 @@ class Services:
     mass_access: MassAccessMonitor | None = None
     monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
+    pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
 
     @property
     def policies(self) -> PolicySet:
@@ -146,6 +153,8 @@ class Services:
             self.reloader.start()
 
     def stop(self) -> None:
+        if self.pools is not None:
+            self.pools.shutdown()
         if self.reloader is not None:
             self.reloader.stop()
         if self.monitor is not None:
@@ -173,14 +182,21 @@ class Services:
             "redis": redis_ok,
             "cache_coherent": self.bus.coherent,
             "audit_writable": audit_ok,
-            "audit": dict(self.audit.status(), on_failure=self.config.audit.on_failure,
-                          serving_patient_data=audit_ok or not refuse),
+            "audit": self._audit_status(audit_ok or not refuse),
             "policy_version": self.policies.version,
             "decision_cache": self.cache.stats(),
         }
         if self.reloader is not None:
-            info.update(self.reloader.status())  # shared version, drift, last invalid edit
+            status = self.reloader.status()  # shared version, drift, last invalid edit
+            info.update(status, policy_error=public_text(status["policy_error"]))
         return info
+
+    def _audit_status(self, serving: bool) -> dict:
+        """The trace writer's state for the (unauthenticated) health answer: no path of the host."""
+        status = self.audit.status()
+        status["chain"] = Path(status["chain"]).name  # the instance's chain, not where it is on disk
+        status["last_error"] = public_text(status.get("last_error"))
+        return dict(status, on_failure=self.config.audit.on_failure, serving_patient_data=serving)
 
 
 def build_services(cfg: Config) -> Services:
@@ -204,8 +220,8 @@ def build_services(cfg: Config) -> Services:
                                    audit=audit, on_grant=lambda user, patient: (cache.invalidate_user(user),
                                                                                 cache.invalidate_patient(patient)))
     m = cfg.mass_access
-    mass_access = MassAccessMonitor(
-        client, audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
+    mass_access = MassAccessMonitor(  # its own client: a background job never holds the requests' one
+        spec.client(cfg.redis.socket_timeout), audit, prefix=cfg.redis.prefix, max_patients=m.max_patients, window_seconds=m.window_seconds,
         action=m.action, throttle_seconds=m.throttle_seconds, refresh_seconds=m.refresh_seconds,
     ) if m.max_patients > 0 else None
     pipeline = Pipeline(
@@ -225,17 +241,20 @@ def build_services(cfg: Config) -> Services:
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
                         breakglass=breakglass, mass_access=mass_access)
     services_ref["s"] = services
-    services.monitor = Monitor(services, redis_mode=spec.mode)
+    services.pools = Pools(cfg.threads.model_dump())
+    services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))
     services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
     metrics.bind(services, services.monitor)
     _wire_invalidation(services)
     if cfg.policies.reload_interval > 0:
         def reload_policies() -> PolicySet:
-            new = load_policies(cfg)
+            new = PolicySet.load(directory, default_grace_seconds=cfg.careteam.grace_seconds)
             if (new.fhir is None) != (pipeline.policies.fhir is None):
                 # Without fhir.yaml, FHIR addresses would be mapped by routes.yaml, without answer checks.
                 raise PolicyError(str(directory / FHIR_FILE), None,
                                   "adding or removing fhir.yaml needs a restart of dpiguard")
+            if cfg.policies.require_seal:
+                new.check_seal()  # on the very bytes the set was built from
             return new
 
         def drop_decisions() -> None:

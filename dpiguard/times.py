@@ -3,6 +3,7 @@
 * ``parse_time``: what people type (CLI options, CSV cells, objection dates): ISO date/time in a
   given zone (UTC unless told), epoch seconds, or ``now``;
 * ``iso_ms`` / ``parse_iso_ms``: the ``time`` field of trace records (UTC, milliseconds, ``Z``);
+* ``iso_local``: times shown to people, in the configuration's time zone;
 * ``check_epoch`` / ``check_window``: validation of epoch values given to the stores.
 """
 
@@ -79,3 +80,11 @@ def parse_iso_ms(text: str | None) -> float | None:
         return calendar.timegm(time.strptime(text[:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + text[19:-1])
     except (ValueError, TypeError):
         return None
+
+
+def iso_local(epoch: float | None, tz: tzinfo) -> str | None:
+    """Epoch seconds as ISO 8601 in ``tz`` with its offset, to the second (``2026-03-01T08:30:00+01:00``);
+    None stays None (an open bound). For what people read (``careteam show``)."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz).isoformat(timespec="seconds")

@@ -38,7 +38,8 @@ def make_ca(folder: Path, cn: str = "Test Hospital CA"):
     return key, cert, cert_path
 
 
-def make_leaf(folder: Path, name: str, ca_key, ca_cert) -> tuple[Path, Path]:
+def make_leaf(folder: Path, name: str, ca_key, ca_cert, client: bool = False) -> tuple[Path, Path]:
+    """A leaf for localhost/127.0.0.1: server authentication, or client authentication (``client``)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca_cert.subject)
@@ -47,7 +48,8 @@ def make_leaf(folder: Path, name: str, ca_key, ca_cert) -> tuple[Path, Path]:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
                            critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                                  else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     cert_path, key_path = folder / f"{name}.crt.pem", folder / f"{name}.key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

@@ -20,7 +20,9 @@ on the same port.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -128,6 +130,15 @@ class LocalRedis:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+    def freeze(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a hung or partitioned Redis)."""
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """Hard kill (simulates an outage)."""

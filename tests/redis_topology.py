@@ -66,6 +66,13 @@ class LocalStandalone:
     def kill(self) -> None:
         self.server.kill()
 
+    def freeze(self) -> None:
+        """SIGSTOP every data node: connected, silent (see LocalRedis.freeze)."""
+        self.server.freeze()
+
+    def thaw(self) -> None:
+        self.server.thaw()
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -233,6 +240,15 @@ class LocalSentinel:
         for node in self.nodes:
             node.kill()
 
+    def freeze(self) -> None:
+        """SIGSTOP every data node (the sentinels keep running but have nothing to promote)."""
+        for node in self.nodes:
+            node.freeze()
+
+    def thaw(self) -> None:
+        for node in self.nodes:
+            node.thaw()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
@@ -261,6 +277,13 @@ class LocalSentinel:
             c.close()
 
 
+def _free_port_not_in(taken: set[int]) -> int:
+    while True:
+        port = free_port()
+        if port not in taken:
+            return port
+
+
 class LocalCluster:
     """Three masters sharing the 16384 slots, on loopback."""
 
@@ -271,7 +294,9 @@ class LocalCluster:
         self.dir = Path(base_dir or tempfile.mkdtemp(prefix="dpiguard-cluster-"))
         self.nodes = [LocalRedis(persist_dir=self.dir / f"node-{i}") for i in range(masters)]
         # The cluster bus port defaults to port + 10000, which fails for high ephemeral ports.
-        self.bus_ports = [free_port() for _ in range(masters)]
+        self.bus_ports: list[int] = []
+        for _ in range(masters):
+            self.bus_ports.append(_free_port_not_in({n.port for n in self.nodes} | set(self.bus_ports)))
         self._created = False
 
     @property
@@ -289,18 +314,36 @@ class LocalCluster:
             raise
 
     def _start(self, timeout: float) -> "LocalCluster":
-        for node, bus_port in zip(self.nodes, self.bus_ports):
+        for i, node in enumerate(self.nodes):
             if node.proc is None:
-                node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                   "--cluster-port", str(bus_port),
-                                   "--cluster-node-timeout", "2000", "--cluster-announce-ip", "127.0.0.1",
-                                   "--cluster-require-full-coverage", "yes"]
-                node.start()
+                self._start_node(i, node)
         if not self._created:
             self._create()
             self._created = True
         self.wait_ok(timeout)
         return self
+
+    def _start_node(self, i: int, node: LocalRedis) -> None:
+        """Start one node. Its two ports (client, cluster bus) were picked free, but another process
+        on this machine may take one before the server binds it: before the cluster exists, pick new
+        ports and try again; afterwards the ports are part of the cluster, so wait and retry."""
+        for attempt in range(6):
+            node.extra_args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                               "--cluster-port", str(self.bus_ports[i]),
+                               "--cluster-node-timeout", "2000", "--cluster-announce-ip", "127.0.0.1",
+                               "--cluster-require-full-coverage", "yes"]
+            try:
+                node.start()
+                return
+            except RuntimeError:
+                if attempt == 5:
+                    raise
+                if self._created:
+                    time.sleep(0.5)
+                else:
+                    taken = {n.port for n in self.nodes} | set(self.bus_ports)
+                    node.port = _free_port_not_in(taken)
+                    self.bus_ports[i] = _free_port_not_in(taken | {node.port})
 
     def _create(self) -> None:
         n = len(self.nodes)
@@ -338,6 +381,15 @@ class LocalCluster:
     def kill(self) -> None:
         for node in self.nodes:
             node.kill()
+
+    def freeze(self) -> None:
+        """SIGSTOP every data node (the sentinels keep running but have nothing to promote)."""
+        for node in self.nodes:
+            node.freeze()
+
+    def thaw(self) -> None:
+        for node in self.nodes:
+            node.thaw()
 
     def stop(self) -> None:
         for node in self.nodes:

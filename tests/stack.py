@@ -101,6 +101,8 @@ class Stack:
 
     def start_proxy(self, instance: str, env: dict | None = None, preexec_fn=None) -> Proxy:
         port = free_port()
+        while port == self.config.adt.listen_port:  # a free port now may be the configured ADT port
+            port = free_port()
         log_path = self.workdir / f"proxy-{instance}.log"
         full_env = dict(os.environ, DPIGUARD_INSTANCE_ID=instance, DPIGUARD_LISTEN__PORT=str(port),
                         DPIGUARD_RUNTIME_DIR=str(self.workdir / f"runtime-{instance}"), **(env or {}))

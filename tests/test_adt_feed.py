@@ -15,6 +15,7 @@ from dpiguard.careteam.adt import Movement, ParseOptions
 from dpiguard.careteam.mllp import AdtProcessor, ListenerSettings, MllpServer
 from dpiguard.careteam.movements import MovementStore
 from dpiguard.careteam.store import CareTeamStore
+from dpiguard.storage import clients as redisconn
 from dpiguard.storage.keys import Keys
 
 from .hl7msgs import adt, mllp_exchange, msa, read_ack, send_on
@@ -25,7 +26,7 @@ T0 = float(int(time.time()) - 3600)
 
 class Listener:
     def __init__(self, redis_url: str, audit_path, **settings):
-        self.client = redis.Redis.from_url(redis_url)
+        self.client = redisconn.from_url(redis_url)
         self.store = MovementStore(self.client, dedup_ttl=3600)
         self.audit = AuditLog(audit_path, "adt-test").open()
         self.audit_path = audit_path
@@ -167,7 +168,7 @@ def test_redis_down_gives_ae_and_nothing_applied(tmp_path):
 
 
 def test_movement_publishes_patient_invalidation(r, redis_url):
-    sub = redis.Redis.from_url(redis_url).pubsub()
+    sub = redisconn.from_url(redis_url).pubsub()
     sub.subscribe(Keys("dpiguard").events)
     sub.get_message(timeout=1)
     MovementStore(r).apply(Movement("X1", "PAS", "A01", "P5", "V5", "CARDIO", T0))
@@ -209,7 +210,7 @@ def test_concurrent_movements_for_one_patient_are_serialised(r, redis_url):
     errors = []
 
     def worker(offset):
-        client = redis.Redis.from_url(redis_url)
+        client = redisconn.from_url(redis_url)
         s = MovementStore(client)
         for i in range(15):
             try:
@@ -226,6 +227,82 @@ def test_concurrent_movements_for_one_patient_are_serialised(r, redis_url):
     assert errors == []
     visits = store.visits("P1")["visits"]["V1"]
     all_stays = CareTeamStore(r).patient_stays("P1")
-    assert [s["id"] for s in all_stays if s["id"] in visits["segments"]] == visits["segments"]
+    # Two transfers may have the same time (both workers count from T0): order by segment number.
+    by_segment = sorted((s for s in all_stays if s["id"] in visits["segments"]), key=lambda s: int(s["id"].split(".")[1]))
+    assert [s["id"] for s in by_segment] == visits["segments"]
+    assert [s["start"] for s in by_segment] == sorted(s["start"] for s in by_segment)
     assert sum(1 for s in all_stays if s["end"] is None) == 1  # exactly one current unit
-    assert len(visits["segments"]) == r.xlen("dpiguard:ct:journal")
+    # The journal holds every applied movement once (a movement two writers both finished is
+    # written twice with one id and read once).
+    assert len(visits["segments"]) == len(list(store.journal()))
+    assert r.llen(store.keys.adt_outbox("P1")) == 0
+
+
+def test_a_movement_interrupted_after_its_transaction_is_finished_by_the_next_one(r):
+    """The process dies right after a movement's transaction (stays written, nothing else yet): the
+    next message of that patient first finishes it, in order (index, journal, bus); replay too."""
+    class Crashing(MovementStore):
+        def finish_pending(self, patient):  # the process "dies" before finishing anything
+            return 0
+
+    Crashing(r).apply(Movement("1", "PAS", "A01", "P1", "V1", "CARDIO", T0))
+    Crashing(r).apply(Movement("2", "PAS", "A02", "P1", "V1", "PNEUMO", T0 + 10))
+    store = MovementStore(r)
+    assert stays(r, "P1") == [("CARDIO", T0, T0 + 10), ("PNEUMO", T0 + 10, None)]  # in force already
+    assert r.xlen(store.keys.journal) == 0 and r.llen(store.keys.adt_outbox("P1")) == 2
+    assert r.sismember(store.keys.unit_patients("PNEUMO"), "P1")  # index written before the stays
+    # A40 merging P1 into P2, interrupted between the surviving patient's side and the merged one's:
+    Crashing(r).apply(Movement("3", "PAS", "A01", "P2", "V2", "URG", T0 + 20))
+    Crashing(r).apply(Movement("4", "PAS", "A40", "P2", None, None, T0 + 30, prior_patient="P1"))
+    assert {s[0] for s in stays(r, "P2")} == {"CARDIO", "PNEUMO", "URG"}
+    assert stays(r, "P1") != []  # the merged side is not done yet: both ids hold the stays for now
+    # The duplicate of the A40 (the sender did not get its ACK) finishes everything, in order:
+    result = store.apply(Movement("4", "PAS", "A40", "P2", None, None, T0 + 30, prior_patient="P1"))
+    assert result.duplicate
+    assert stays(r, "P1") == [] and store.visits("P1")["visits"] == {}
+    assert [mv.control_id for _, mv in store.journal()] == ["1", "2", "3", "4"]
+    assert r.smembers(store.keys.unit_patients("CARDIO")) == {b"P2"}
+    assert r.llen(store.keys.adt_outbox("P1")) == 0 and r.llen(store.keys.adt_outbox("P2")) == 0
+    assert store.replay(dry_run=True)["changed"] == []
+
+
+def test_replay_finishes_interrupted_movements_before_rebuilding(r):
+    class Crashing(MovementStore):
+        def finish_pending(self, patient):
+            return 0
+
+    Crashing(r).apply(Movement("1", "PAS", "A01", "P1", "V1", "CARDIO", T0))
+    store = MovementStore(r)
+    result = store.replay()
+    assert result["entries"] == 1 and result["changed"] == []  # journaled first, so nothing is undone
+    assert stays(r, "P1") == [("CARDIO", T0, None)]
+
+
+def test_a_connection_sending_only_whitespace_is_closed_after_the_read_timeout(feed):
+    """read_timeout (1 s here) runs from connect for the first frame: neither trickled whitespace nor
+    silence keeps a connection open (it used to start only at the first 0x0B, so forever)."""
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < 6:
+            try:
+                sock.sendall(b" \r\n")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.3)
+            try:
+                if sock.recv(10) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 4
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:  # connect, send nothing
+        started = time.monotonic()
+        assert sock.recv(10) == b"" and time.monotonic() - started < 4
+    # A persistent connection may stay silent between two frames.
+    with socket.create_connection(("127.0.0.1", feed.port), timeout=10) as sock:
+        assert msa(send_on(sock, adt("A01", patient="P0077", at=T0)))[1] == "AA"
+        time.sleep(1.5)
+        assert msa(send_on(sock, adt("A03", patient="P0077", at=T0 + 5)))[1] == "AA"

@@ -17,6 +17,7 @@ from dpiguard.audit.chain import (
     AuditLog,
     AuditSigner,
     AuditVerifier,
+    encode_line,
     iter_chain,
     list_segments,
     read_records,
@@ -151,7 +152,35 @@ def test_tail_cut_mid_line_is_found(tmp_path, key):
     data = path.read_bytes()
     path.write_bytes(data[:-20])
     rep = verify(tmp_path, key)
-    assert not rep.ok and "incomplete last line" in rep.error
+    # An acknowledged record (the signed head attests it) is cut: an alteration, not a crash tail.
+    assert not rep.ok and ("cut from the end" in rep.error or "incomplete line inside the chain" in rep.error)
+
+
+def test_a_crash_tail_is_reported_as_such_not_as_an_alteration(tmp_path, key):
+    """After a crash, records may follow the signed head (the last batch) and the very last one may be
+    cut mid-line (never acknowledged): verify passes with notes. The same records altered: it fails."""
+    chain = make_chain(tmp_path, key)
+    head = orjson.loads((chain / "head.json").read_bytes())
+    _, path = list_segments(chain)[-1]
+    prev = head["hash"]
+    tail = b""
+    for seq in range(head["seq"] + 1, head["seq"] + 4):  # three records the head never attested
+        line, prev = encode_line(seq, orjson.dumps({"time": "2026-01-01T00:00:00.000Z", "instance": head["instance"],
+                                                     "event": "access", "outcome": "allow"}), prev)
+        tail += line
+    partial, _ = encode_line(head["seq"] + 4, orjson.dumps({"instance": head["instance"], "event": "access"}), prev)
+    with open(path, "ab") as f:
+        f.write(tail + partial[:25])  # and a write cut in the middle
+    rep = verify(tmp_path, key)
+    assert rep.ok, rep.error
+    notes = " ".join(rep.warnings)
+    assert "3 record(s) after the signed head" in notes and "crash" in notes and "not an alteration" in notes
+    assert "incomplete record at the end" in notes
+    # The same tail with one byte changed in an attested record: an alteration.
+    data = path.read_bytes()
+    at = data.index(b'"patient":"P0002"') if b'"patient":"P0002"' in data else data.index(b'"outcome":"allow"')
+    path.write_bytes(data[:at] + data[at:].replace(b"allow", b"alloW", 1))
+    assert not verify(tmp_path, key).ok
 
 
 @pytest.mark.parametrize("which", [0, 1, -1])

@@ -6,6 +6,7 @@ import base64
 import re
 import socket
 import threading
+from pathlib import Path
 
 import orjson
 import pytest
@@ -137,3 +138,153 @@ def test_every_event_kind_maps_to_a_valid_audit_event():
     for rec in ({"event": "startup", "outcome": "allow"}, {"event": "lockout", "outcome": "deny", "user": "x"},
                 {"event": "audit_gap", "outcome": "error", "lost": 3}, {"event": "logout", "outcome": "allow"}):
         AuditEvent.model_validate(to_audit_event(dict(rec, time="2026-01-01T00:00:00.000Z", instance="px1", seq=1)))
+
+
+# -- syslog over TLS (RFC 5425) ----------------------------------------------------------------------
+
+class TlsSyslogServer:
+    """A real RFC 5425 receiver: TLS server socket (certificate from tests/certs.py), octet-counted
+    frames; optionally asks for a client certificate signed by ``client_ca``."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None):
+        import ssl
+        import threading
+
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        if client_ca is not None:
+            self.context.verify_mode = ssl.CERT_REQUIRED
+            self.context.load_verify_locations(client_ca)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        self.peer_certs: list = []
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        import ssl
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    self.peer_certs.append(tls.getpeercert())
+                    buf = b""
+                    while True:
+                        chunk = tls.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                        while b" " in buf:
+                            length, _, rest = buf.partition(b" ")
+                            n = int(length)
+                            if len(rest) < n:
+                                break
+                            self.messages.append(rest[:n])
+                            buf = rest[n:]
+            except (ssl.SSLError, OSError) as exc:
+                self.errors.append(str(exc))
+
+    def wait(self, count: int, timeout: float = 5.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def pki(tmp_path):
+    from tests.certs import make_ca, make_leaf
+
+    ca_key, ca_cert, ca_path = make_ca(tmp_path)
+    server_cert, server_key = make_leaf(tmp_path, "siem", ca_key, ca_cert)
+    client_cert, client_key = make_leaf(tmp_path, "proxy", ca_key, ca_cert, client=True)
+    other_key, other_cert, other_ca = make_ca(tmp_path, "Other CA")
+    return {"ca": ca_path, "server": (server_cert, server_key), "client": (client_cert, client_key), "other_ca": other_ca}
+
+
+def export(*argv) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["audit", "export", "--format", "syslog", *argv])
+    return code, err.getvalue()
+
+
+def test_syslog_over_tls_verifies_the_receiver_and_sends_octet_counted_frames(store, tmp_path, pki):
+    server = TlsSyslogServer(*pki["server"])
+    try:
+        state = tmp_path / "tls.state"
+        code, err = export("--source", str(store), "--target", f"127.0.0.1:{server.port}", "--tls",
+                           "--ca-file", str(pki["ca"]), "--state", str(state))
+        assert code == 0, err
+        assert "sent 5 record(s)" in err and "TLS" in err
+        server.wait(5)
+        assert len(server.messages) == 5 and all(m.startswith(b"<") for m in server.messages)
+        assert b"not_in_care_team" in b"".join(server.messages)
+        assert export("--source", str(store), "--target", f"127.0.0.1:{server.port}", "--ca-file", str(pki["ca"]),
+                      "--state", str(state))[0] == 0
+        server.wait(6, timeout=0.5)
+        assert len(server.messages) == 5  # the state file: nothing sent twice
+    finally:
+        server.close()
+
+
+def test_syslog_over_tls_with_a_client_certificate(store, pki):
+    server = TlsSyslogServer(*pki["server"], client_ca=pki["ca"])
+    try:
+        code, err = export("--source", str(store), "--target", f"127.0.0.1:{server.port}", "--ca-file",
+                           str(pki["ca"]), "--cert-file", str(pki["client"][0]), "--key-file", str(pki["client"][1]))
+        assert code == 0, err
+        server.wait(5)
+        assert len(server.messages) == 5
+        assert server.peer_certs and dict(x[0] for x in server.peer_certs[0]["subject"])["commonName"] == "localhost"
+        # Without the client certificate the receiver refuses the handshake: a clear error, exit 1.
+        code, err = export("--source", str(store), "--target", f"127.0.0.1:{server.port}", "--ca-file", str(pki["ca"]))
+        assert code == 1 and "nothing sent" in err and "Traceback" not in err
+    finally:
+        server.close()
+
+
+def test_syslog_refuses_an_untrusted_receiver_and_keeps_the_state(store, tmp_path, pki):
+    server = TlsSyslogServer(*pki["server"])
+    state = tmp_path / "s.state"
+    try:
+        code, err = export("--source", str(store), "--target", f"127.0.0.1:{server.port}",
+                           "--ca-file", str(pki["other_ca"]), "--state", str(state))
+        assert code == 1 and "not trusted" in err and "--ca-file" in err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert not state.exists()  # nothing counted as sent
+        assert server.messages == []
+    finally:
+        server.close()
+
+
+def test_syslog_plain_tcp_to_the_tls_port_is_refused_unless_asked(store):
+    code, err = export("--source", str(store), "--target", "127.0.0.1:6514")
+    assert code == 1 and "RFC 5425" in err and "--tls" in err and "--plain-tcp" in err
+    # Explicitly asked: it tries (nothing listens on 6514 here: a clear one-line error, not a traceback).
+    code, err = export("--source", str(store), "--target", "127.0.0.1:6514", "--plain-tcp")
+    assert code == 1 and "nothing sent" in err and "Traceback" not in err
+
+
+def test_syslog_refused_connection_is_one_line_and_exit_1(store):
+    from tests.redis_server import free_port
+
+    code, err = export("--source", str(store), "--target", f"127.0.0.1:{free_port()}")
+    assert code == 1 and "connection refused" in err and len(err.strip().splitlines()) == 1
+    code, err = export("--source", str(store), "--target", "no-port")
+    assert code == 1 and "HOST:PORT" in err

@@ -22,6 +22,7 @@ from dpiguard.careteam.breakglass import BreakGlassStore
 from dpiguard.careteam.objections import ObjectionStore
 from dpiguard.cli import main as cli_main
 from dpiguard.services import redis_client
+from tests.policyseal import seal
 
 from .stack import ROOT, build_stack
 
@@ -39,6 +40,7 @@ def stack(tmp_path_factory):
     text = text.replace("duration_seconds: 14400", "duration_seconds: 4")
     text = text.replace("override_patient_objection: false", "override_patient_objection: true")
     (short / "breakglass.yaml").write_text(text)
+    seal(short)
     s = build_stack(work)
     s.start_proxy("a")
     s.start_proxy("b", env={"DPIGUARD_POLICIES__DIR": str(short)})

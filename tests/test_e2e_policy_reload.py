@@ -17,6 +17,7 @@ import pytest
 
 from dpiguard.audit.chain import read_records
 from dpiguard.cli import main
+from tests.policyseal import seal
 
 from .stack import build_stack
 from .test_policy import (
@@ -124,6 +125,7 @@ def test_broken_edits_are_named_and_never_applied_then_a_fix_applies_everywhere(
     # A valid edit: nurses lose lab results. Both instances apply it within seconds.
     edit(stack.policies / "policy.csv", "p, nurse, biology, read", "# p, nurse, biology, read")
     assert policy_check(stack.policies)[0] == 0
+    seal(stack.policies)
     started = time.monotonic()
     states = wait_all(stack, lambda h: h["policy_version"] != original and h["policy_in_sync"], timeout=5)
     elapsed = time.monotonic() - started

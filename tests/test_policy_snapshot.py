@@ -12,6 +12,7 @@ import orjson
 
 from dpiguard.decision.verdict import Incoming, NeedIO
 from dpiguard.policy.snapshot import PolicySet
+from tests.policyseal import seal
 
 from .test_policy import POLICIES, edit
 
@@ -49,6 +50,7 @@ def test_a_reload_between_request_and_answer_does_not_mix_two_policy_sets(servic
     # The RSSI lifts the pharmacists' masks; the reloader puts the new set in service.
     edit(directory / "fhir.yaml", "    administrative: [Patient.address, Patient.telecom]",
          "    administrative: [Patient.telecom]")
+    seal(directory)
     assert s.reloader.check() is True
     after = s.policies
     assert after is not before and after.version != before.version

@@ -12,6 +12,7 @@ from dpiguard.audit.chain import AuditLog, read_records
 from dpiguard.policy.reload import PolicyReloader
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.storage.keys import Keys
+from tests.policyseal import seal
 
 from .test_policy import BROKEN_VARIANTS, POLICIES, edit
 
@@ -44,6 +45,7 @@ def test_valid_edit_is_swapped_and_announced(setup, r):
     old = target.policies
     assert reloader.check() is None  # nothing changed
     edit(directory / "policy.csv", "p, nurse, biology, read", "# p, nurse, biology, read")
+    seal(directory)
     assert reloader.check() is True
     assert target.policies is not old and target.policies.version != old.version
     assert not target.policies.permits(["nurse"], "biology", "read")
@@ -103,6 +105,7 @@ def test_watcher_thread_applies_edits_and_never_exposes_a_missing_policy(setup):
         shutil.copy(POLICIES / "policy.csv", directory / "policy.csv")
         with (directory / "policy.csv").open("a") as f:
             f.write("p, reception, clinical_notes, read\n")
+        seal(directory)
         while target.policies.version == first and time.monotonic() < deadline:
             time.sleep(0.02)
         assert target.policies.permits(["reception"], "clinical_notes", "read")
@@ -122,6 +125,7 @@ def test_bus_all_event_triggers_an_immediate_look(setup):
     reloader.start()
     time.sleep(0.1)
     edit(directory / "policy.csv", "p, nurse, biology, read", "# p, nurse, biology, read")
+    seal(directory)
     old = target.policies.version
     reloader.on_bus_event("all", "")
     deadline = time.monotonic() + 5
@@ -138,6 +142,7 @@ def test_companion_file_edit_is_versioned_validated_and_applied(services):
     old = s.policies
     assert old.breakglass.duration_seconds == 14400
     edit(directory / "breakglass.yaml", "duration_seconds: 14400", "duration_seconds: 3600")
+    seal(directory)
     assert s.reloader.check() is True
     assert s.policies.version != old.version  # every decision record shows the change
     assert s.pipeline.policies is s.policies and s.portal.policies() is s.policies  # one set, everywhere

@@ -1,4 +1,5 @@
-"""``dpiguard audit export``: JSON lines, FHIR R4 AuditEvent (IHE BALP patterns), syslog (RFC 5424, TCP).
+"""``dpiguard audit export``: JSON lines, FHIR R4 AuditEvent (IHE BALP patterns), syslog (RFC 5424 over
+TLS, RFC 5425, or plain TCP; RFC 6587 octet-counting framing).
 
 FHIR mapping of an access record (IHE ITI Basic Audit Log Patterns, RESTful operations; e.g.
 ``IHE.BasicAudit.PatientRead`` / ``PatientQuery`` / ``PatientUpdate``):
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 from typing import Any, Iterable
 
 import orjson
@@ -178,11 +180,89 @@ def to_syslog(r: dict[str, Any], hostname: str | None = None) -> bytes:
     return head.encode() + b"\xef\xbb\xbf" + orjson.dumps(r)
 
 
-def send_syslog(records: Iterable[dict[str, Any]], host: str, port: int, timeout: float = 10.0) -> int:
+TLS_PORT = 6514  # RFC 5425: syslog over TLS
+
+
+class SyslogError(Exception):
+    """The records could not be sent; ``str()`` is one line for the operator."""
+
+
+def tls_context(ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> ssl.SSLContext:
+    """RFC 5425 client context: TLS 1.2 or later, the receiver's certificate verified (against
+    ``ca_file``, else the system's CAs) and its name checked; a client certificate if given."""
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SyslogError(f"cannot load the TLS files: {exc}") from None
+    return context
+
+
+def _wait_for_refusal(sock: ssl.SSLSocket, where: str, wait: float) -> None:
+    """With TLS 1.3 the client's handshake ends before the receiver has checked the client certificate:
+    a refusal (alert, or the connection closed) comes just after. Wait for it a moment (``wait``) before
+    sending anything, so that refused records are never counted as sent."""
+    if sock.version() != "TLSv1.3":
+        return  # up to TLS 1.2 a refusal fails the handshake itself
+    previous = sock.gettimeout()
+    sock.settimeout(wait)
+    try:
+        data = sock.recv(1)
+    except TimeoutError:
+        return  # nothing but session tickets (read by OpenSSL itself): accepted
+    finally:
+        sock.settimeout(previous)
+    if data == b"":
+        raise SyslogError(f"{where}: the receiver ended the session at once (client certificate refused?)")
+
+
+def _tls_close(sock: ssl.SSLSocket, timeout: float) -> None:
+    """End the TLS session with close_notify, reading what the receiver sent meanwhile (TLS 1.3 session
+    tickets): closing a socket with unread data sends a TCP reset, which can make the receiver drop the
+    last messages it had not read yet. A receiver that closes first or never answers close_notify is
+    fine (all was sent); a TLS alert is not (with TLS 1.3 a refused client certificate is only known
+    now): it raises, and the records count as not sent."""
+    try:
+        sock.settimeout(min(timeout, 2.0))
+        sock.unwrap()
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError, TimeoutError):
+        pass
+
+
+def send_syslog(records: Iterable[dict[str, Any]], host: str, port: int, timeout: float = 10.0, *,
+                tls: ssl.SSLContext | None = None) -> int:
+    """Send RFC 5424 messages over TCP, framed by RFC 6587 octet counting (``LEN SP MSG``); with
+    ``tls``, over TLS (RFC 5425, same framing). SyslogError with a one-line reason on any failure."""
+    where = f"{host}:{port}"
     n = 0
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        for r in records:
-            msg = to_syslog(r)
-            sock.sendall(str(len(msg)).encode() + b" " + msg)  # RFC 6587 octet counting
-            n += 1
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
+            try:
+                if sock is not raw:
+                    _wait_for_refusal(sock, where, min(timeout, 1.0))
+                for r in records:
+                    msg = to_syslog(r)
+                    sock.sendall(str(len(msg)).encode() + b" " + msg)
+                    n += 1
+                if sock is not raw:
+                    _tls_close(sock, timeout)
+            finally:
+                if sock is not raw:
+                    sock.close()
+    except SyslogError:
+        raise
+    except ssl.SSLCertVerificationError as exc:
+        raise SyslogError(f"{where}: the receiver's certificate is not trusted ({exc.verify_message}); "
+                          "give its CA with --ca-file") from None
+    except ssl.SSLError as exc:
+        raise SyslogError(f"{where}: TLS failed ({exc.reason or exc})") from None
+    except TimeoutError:
+        raise SyslogError(f"{where}: no answer within {timeout:g} s") from None
+    except ConnectionRefusedError:
+        raise SyslogError(f"{where}: connection refused (is the syslog receiver listening there?)") from None
+    except OSError as exc:
+        raise SyslogError(f"{where}: {exc.strerror or exc}") from None
     return n

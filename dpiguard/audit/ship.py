@@ -39,6 +39,7 @@ from dpiguard.audit.chain import (
     read_signed_json,
     segment_name,
 )
+from dpiguard.storage.batch import is_cluster
 from dpiguard.storage.keys import Keys
 
 log = logging.getLogger("dpiguard.audit")
@@ -209,7 +210,17 @@ class Collector:
             time.sleep(block_ms / 1000)
             return 0
         streams = {self.keys.audit_stream(n): f"{self.chain(n).seq}-0" for n in names}
-        reply = self.r.xread(streams, count=count, block=block_ms) or []
+        if is_cluster(self.r):
+            # Each chain's stream is in its own slot and one XREAD reads one slot: ask each stream
+            # without blocking (one pipelined round trip per node), then wait if nothing came.
+            pipe = self.r.pipeline(transaction=False)
+            for key, last in streams.items():
+                pipe.xread({key: last}, count=count)
+            reply = [item for answer in pipe.execute() for item in (answer or [])]
+            if not reply:
+                time.sleep(block_ms / 1000)
+        else:
+            reply = self.r.xread(streams, count=count, block=block_ms) or []
         written = 0
         for key, entries in reply:
             key = key.decode() if isinstance(key, bytes) else key

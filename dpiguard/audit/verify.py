@@ -4,7 +4,10 @@ For each chain (one per instance) it re-reads every segment in seq order and che
 the line's hash (any modified byte), the seq (deleted, inserted or reordered records, a missing
 segment), the ``prev`` link (the chain), the instance name, and every checkpoint's Ed25519 signature.
 At the end, the chain must reach the signed head (``head.json``): a cut tail or a removed last segment
-is found there. A prune anchor (``pruned.json``, signed) explains a chain that no longer starts at 1.
+is found there. What a crash (``kill -9``, power loss) leaves is told apart from an alteration and
+reported as a note, not a failure: records after the signed head (the last batch, whose head was not
+re-signed yet) and an incomplete record at the very end of the last segment (a write that was never
+acknowledged). A normal stop (SIGINT/SIGTERM) of any writer signs the head, so there is no such tail. A prune anchor (``pruned.json``, signed) explains a chain that no longer starts at 1.
 The first problem of a chain is reported with its file, line and seq; checking that chain stops there
 (everything after a break is unproven).
 """
@@ -110,7 +113,15 @@ def verify_chain(chain: Path, verifier: AuditVerifier | None) -> ChainReport:
             for number, raw in enumerate(fh, 1):
                 last_path, last_line = path, number
                 if not raw.endswith(b"\n"):
-                    rep.fail("incomplete last line (file cut in the middle of a record)", path, number, expected_seq)
+                    if path == segments[-1][1]:
+                        # The end of the chain: a write cut by a crash (never acknowledged; the writer
+                        # drops it when it reopens the chain). The signed head below says whether
+                        # anything acknowledged is missing.
+                        rep.warnings.append(f"{len(raw)} byte(s) of an incomplete record at the end of {path.name}: "
+                                            "a write cut by a crash or kill (never acknowledged), not an alteration")
+                        break
+                    rep.fail("incomplete line inside the chain (file cut in the middle of a record)", path, number,
+                             expected_seq)
                     return rep
                 try:
                     record, hash_ok = decode_line(raw[:-1])
@@ -196,7 +207,9 @@ def _check_head(rep: ChainReport, chain: Path, verifier: AuditVerifier | None, l
         rep.fail(f"record seq {seq} differs from the one the signed head attests", None, None, seq)
         return
     if seq < rep.last_seq:
-        rep.warnings.append(f"{rep.last_seq - seq} record(s) after the signed head (written just before a crash)")
+        rep.warnings.append(f"{rep.last_seq - seq} record(s) after the signed head: the last batch before a crash "
+                            "or kill (unsigned tail, expected after a crash; a normal stop signs the head), "
+                            "not an alteration")
 
 
 def verify_store(store: Path, verifier: AuditVerifier | None, instance: str | None = None) -> list[ChainReport]:

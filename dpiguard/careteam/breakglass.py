@@ -14,7 +14,10 @@ Key layout (``P`` = prefix, see docs/architecture.md):
                          ``reviewed_at``, ``revoked_at``, ``revoked_by``
 - ``P:bg:review``       sorted set grant id → start time (the review queue)
 
-Every write publishes ``patient:P`` and ``user:U`` after it committed. A grant's *end* needs no
+The grant of a user is one transaction on ``P:bg:{LOGIN}``; the review record and queue (other
+Redis Cluster slots) are written before it when a grant opens, and after it when one is revoked, so a
+grant is never in force without its review entry. Every write publishes ``patient:P`` and ``user:U``
+after it committed. A grant's *end* needs no
 message: the request path bounds its cache entries by the grant end (``valid_until``), so expiry
 takes effect on every instance by the clock alone.
 """
@@ -30,6 +33,7 @@ from typing import Any
 import orjson
 import redis
 
+from dpiguard.storage.batch import publish_each, run_stages
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
 from dpiguard.storage.keys import Keys
@@ -120,9 +124,14 @@ class BreakGlassStore:
             pipe.hset(user_key, grant.patient, grant.dumps())
             # Relative TTL (independent of the Redis server's clock): the key outlives its last grant.
             pipe.expire(user_key, int(last_end - grant.start) + 60)
-            pipe.hset(self.keys.grant(grant.id), mapping={"grant": grant.dumps(), "status": "pending"})
-            pipe.zadd(self.keys.grant_review, {grant.id: grant.start})
 
+        # The review record and the queue entry first (other slots), then the grant itself: a grant
+        # is never in force without its review entry (a failure in between leaves a review entry of a
+        # grant that never opened, which reviewers see; nothing is opened unreviewed).
+        run_stages(self.redis, [
+            lambda pipe: pipe.hset(self.keys.grant(grant.id), mapping={"grant": grant.dumps(), "status": "pending"}),
+            lambda pipe: pipe.zadd(self.keys.grant_review, {grant.id: grant.start}),
+        ])
         self.redis.transaction(write, user_key)
         self._publish(grant.patient, grant.user)
 
@@ -143,9 +152,11 @@ class BreakGlassStore:
             pipe.multi()
             if current == grant.id:
                 pipe.hdel(user_key, grant.patient)
-            pipe.hset(self.keys.grant(grant.id), mapping={"revoked_at": str(now), "revoked_by": by})
 
+        # The grant ends first (its user's slot), then its review record says so (the grant's slot);
+        # revoking again after a failure in between is safe.
         self.redis.transaction(write, user_key)
+        self.redis.hset(self.keys.grant(grant.id), mapping={"revoked_at": str(now), "revoked_by": by})
         self._publish(grant.patient, grant.user)
         return grant
 
@@ -163,10 +174,7 @@ class BreakGlassStore:
             "reviewed_at": str(time.time() if now is None else now)})
 
     def _publish(self, patient: str, user: str) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.publish(self.channel, format_event("patient", patient))
-        pipe.publish(self.channel, format_event("user", user))
-        pipe.execute()
+        publish_each(self.redis, self.channel, [format_event("patient", patient), format_event("user", user)])
 
     # -- reads -------------------------------------------------------------------------------------
     def current(self, login: str, patient: str) -> Grant | None:

@@ -7,13 +7,14 @@ by the same checks, but a batch of rows per round trip:
 - every row is validated like the one-by-one method would (``ValueError`` naming the row); a bad row
   stops the load before its batch is written (earlier batches stay written, as if the one-by-one
   methods had been called for them);
-- each batch is one MULTI/EXEC transaction; stays are written under WATCH of the patients' stay keys,
-  read in one pipelined round trip, so replacing a stay moves the patient between unit indexes exactly
-  like :meth:`CareTeamStore.add_stay` (retried if another writer touched one of those patients);
-- after each committed batch the loader publishes ``all`` on the invalidation bus (the bulk-import
+- each batch is written in the store's safe order (:func:`dpiguard.storage.batch.run_stages`):
+  index entries first (``unit-members``, ``user-assign``, ``unit-patients``), then the authoritative
+  keys, then the index entries a replaced stay no longer needs are removed and re-checked against the
+  stays as they are then (exactly like :meth:`CareTeamStore.add_stay`), so an index may keep a stale
+  entry but never misses a live one; on a standalone server or Sentinel the writes of a batch are one
+  MULTI/EXEC, on a Redis Cluster one pipeline per stage (every topology is supported);
+- after each written batch the loader publishes ``all`` on the invalidation bus (the bulk-import
   event of docs/architecture.md): every instance drops its cached decisions.
-
-Transactions span many keys, so the loader needs a single Redis (or Valkey) server, not a Cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import redis
 
 from dpiguard.careteam.store import CareTeamStore
 from dpiguard.ids import check_id, check_unit
+from dpiguard.storage.batch import run_stages
 from dpiguard.storage.bus import format_event
+from dpiguard.storage.clients import as_text
 from dpiguard.times import check_epoch, check_window, fmt_epoch
 
 T = TypeVar("T")
@@ -73,6 +76,7 @@ class CareTeamBulkLoader:
     """Batched writes with the semantics of the store's one-by-one writes (see the module docstring)."""
 
     def __init__(self, store: CareTeamStore, batch_size: int = 2000, max_retries: int = 10):
+        # max_retries: kept for callers; writes no longer use WATCH, so nothing is retried
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.store = store
@@ -96,11 +100,11 @@ class CareTeamBulkLoader:
                 except ValueError as exc:
                     raise ValueError(f"membership row {i}: {exc}") from None
                 checked.append((login, unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}"))
-            pipe = self.redis.pipeline(transaction=True)
-            for login, unit, value in checked:
-                pipe.hset(self.store.keys.user_units(login), unit, value)
-                pipe.sadd(self.store.keys.unit_members(unit), login)
-            pipe.execute()
+            keys = self.store.keys
+            run_stages(self.redis, [
+                lambda pipe: [pipe.sadd(keys.unit_members(unit), login) for login, unit, _ in checked],
+                lambda pipe: [pipe.hset(keys.user_units(login), unit, value) for login, unit, value in checked],
+            ])
             self._publish_all()
             count += len(batch)
         return count
@@ -122,11 +126,11 @@ class CareTeamBulkLoader:
                 except ValueError as exc:
                     raise ValueError(f"assignment row {i}: {exc}") from None
                 checked.append((login, patient, orjson.dumps({"kind": kind, "start": start, "end": end})))
-            pipe = self.redis.pipeline(transaction=True)
-            for login, patient, value in checked:
-                pipe.hset(self.store.keys.assignments(patient), login, value)
-                pipe.sadd(self.store.keys.user_assignments(login), patient)
-            pipe.execute()
+            keys = self.store.keys
+            run_stages(self.redis, [
+                lambda pipe: [pipe.sadd(keys.user_assignments(login), patient) for login, patient, _ in checked],
+                lambda pipe: [pipe.hset(keys.assignments(patient), login, value) for login, patient, value in checked],
+            ])
             self._publish_all()
             count += len(batch)
         return count
@@ -154,36 +158,27 @@ class CareTeamBulkLoader:
         return count
 
     def _write_stays(self, checked: Sequence[tuple[str, str, str, bytes]]) -> None:
-        keys = sorted({self.store.keys.stays(patient) for patient, *_ in checked})
-        for _ in range(self.max_retries):
-            with self.redis.pipeline(transaction=True) as pipe:
-                try:
-                    pipe.watch(*keys)
-                    # Read every patient's current stays in one round trip, on another connection,
-                    # after WATCH: a write by anyone else from now on makes EXEC fail.
-                    reader = self.redis.pipeline(transaction=False)
-                    for key in keys:
-                        reader.hgetall(key)
-                    current = dict(zip(keys, reader.execute()))
-                    pipe.multi()
-                    for patient, unit, stay_id, value in checked:
-                        stays_key = self.store.keys.stays(patient)
-                        stays = current[stays_key]
-                        old_unit = self.store._unit_to_release(stays, stay_id, keep_unit=unit)
-                        pipe.hset(stays_key, stay_id, value)
-                        pipe.sadd(self.store.keys.unit_patients(unit), patient)
-                        if old_unit is not None:
-                            pipe.srem(self.store.keys.unit_patients(old_unit), patient)
-                        # Later rows of the same batch see this one, as sequential add_stay calls would.
-                        stays = dict(stays)
-                        stays[stay_id.encode()] = value
-                        stays.pop(stay_id, None)
-                        current[stays_key] = stays
-                    pipe.execute()
-                    return
-                except redis.WatchError:
-                    continue
-        raise RuntimeError(f"bulk stay load: batch kept conflicting with other writers ({self.max_retries} tries)")
+        keys = self.store.keys
+        patients = sorted({patient for patient, *_ in checked})
+        reader = self.redis.pipeline(transaction=False)
+        for patient in patients:
+            reader.hgetall(keys.stays(patient))
+        current = dict(zip(patients, reader.execute()))
+        release: list[tuple[str, str]] = []  # (patient, unit) index entries a replaced stay may free
+        for patient, unit, stay_id, value in checked:
+            # Later rows of the same batch see this one, as sequential add_stay calls would.
+            old_unit = self.store.unit_to_release(current[patient], stay_id, keep_unit=unit)
+            if old_unit is not None:
+                release.append((patient, old_unit))
+            stays = {as_text(k): v for k, v in current[patient].items()}
+            stays[stay_id] = value
+            current[patient] = stays
+        run_stages(self.redis, [
+            lambda pipe: [pipe.sadd(keys.unit_patients(unit), patient) for patient, unit, _, _ in checked],
+            lambda pipe: [pipe.hset(keys.stays(patient), stay_id, value) for patient, _, stay_id, value in checked],
+        ])
+        for patient in sorted({p for p, _ in release}):
+            self.store.release_units(patient, sorted({u for p, u in release if p == patient}))
 
     # ----------------------------------------------------------------- bus
 

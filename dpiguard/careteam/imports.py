@@ -10,6 +10,11 @@ a header line naming the columns (any order, case-insensitive; extra columns are
 - members:      ``login, unit[, from, to]``          → unit memberships (replaces a login's window);
 - assignments:  ``login, patient[, kind, from, to]`` → explicit assignments (kind default ``assigned``).
 
+Members and assignments are written index first, then the authoritative keys, then ``all`` is
+published (:func:`dpiguard.storage.batch.run_stages`): one MULTI/EXEC on a standalone server or
+Sentinel, on a Redis Cluster one pipeline per stage. If Redis fails during a Cluster import some rows
+may be written and others not; importing the same file again is safe (every row replaces its entry).
+
 Dates: ISO ``2026-03-01`` or ``2026-03-01T08:30`` (read in ``adt.timezone`` unless an offset is
 given), or epoch seconds; empty = open.
 """
@@ -20,7 +25,7 @@ import csv
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -29,6 +34,7 @@ import redis
 from dpiguard.careteam.adt import AdtError, Movement
 from dpiguard.careteam.movements import MovementStore
 from dpiguard.ids import ID_RE
+from dpiguard.storage.batch import publish_each, run_stages
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.keys import Keys
 from dpiguard.times import fmt_epoch, parse_time
@@ -198,12 +204,17 @@ def import_members(client: redis.Redis, prefix: str, path: str | Path, tz: str =
     if report.errors or dry_run:
         return report
     keys = Keys(prefix)
-    pipe = client.pipeline(transaction=True)
-    for login, unit, start, end in parsed:
-        pipe.hset(keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
-        pipe.sadd(keys.unit_members(unit), login)
-    pipe.publish(keys.events, format_event("all"))
-    pipe.execute()
+
+    def index(pipe) -> None:  # index first (storage/batch.py)
+        for login, unit, _, _ in parsed:
+            pipe.sadd(keys.unit_members(unit), login)
+
+    def memberships(pipe) -> None:
+        for login, unit, start, end in parsed:
+            pipe.hset(keys.user_units(login), unit, f"{fmt_epoch(start)}|{fmt_epoch(end)}")
+
+    run_stages(client, [index, memberships])
+    publish_each(client, keys.events, [format_event("all")])
     report.applied = len(parsed)
     return report
 
@@ -234,20 +245,42 @@ def import_assignments(client: redis.Redis, prefix: str, path: str | Path, tz: s
     if report.errors or dry_run:
         return report
     keys = Keys(prefix)
-    pipe = client.pipeline(transaction=True)
-    for login, patient, kind, start, end in parsed:
-        pipe.hset(keys.assignments(patient), login,
-                  orjson.dumps({"kind": kind, "start": start, "end": end}))
-        pipe.sadd(keys.user_assignments(login), patient)
-    pipe.publish(keys.events, format_event("all"))
-    pipe.execute()
+
+    def index(pipe) -> None:  # index first (storage/batch.py)
+        for login, patient, *_ in parsed:
+            pipe.sadd(keys.user_assignments(login), patient)
+
+    def assignments(pipe) -> None:
+        for login, patient, kind, start, end in parsed:
+            pipe.hset(keys.assignments(patient), login, orjson.dumps({"kind": kind, "start": start, "end": end}))
+
+    run_stages(client, [index, assignments])
+    publish_each(client, keys.events, [format_event("all")])
     report.applied = len(parsed)
     return report
 
 
+def known_units(client: Any, prefix: str, declared: Iterable[str] = ()) -> Callable[[Iterable[str]], set[str]]:
+    """What ``import stays`` accepts as a unit: one with at least one member (``ct:unit-members:UNIT``,
+    so import members first) or one declared in careteam.yaml (``declared``: the transversal units).
+    A stay in any other unit would give nobody access (most likely a typo: ``CARDO``)."""
+    keys = Keys(prefix)
+    declared = {u.upper() for u in declared}
+
+    def known(units: Iterable[str]) -> set[str]:
+        units = sorted(set(units) - declared)
+        pipe = client.pipeline(transaction=False)
+        for unit in units:
+            pipe.scard(keys.unit_members(unit))
+        return declared | {u for u, n in zip(units, pipe.execute()) if n}
+
+    return known
+
+
 def import_stays(store: MovementStore, path: str | Path, tz: str = "Europe/Paris",
-                 dry_run: bool = False) -> Report:
-    """Census of current stays: each row becomes an admission (A01) of the movement engine."""
+                 dry_run: bool = False, known: Callable[[Iterable[str]], set[str]] | None = None) -> Report:
+    """Census of current stays: each row becomes an admission (A01) of the movement engine.
+    ``known``: the units that may be used (:func:`known_units`); a row naming another unit is an error."""
     report = Report(str(path), "stays", dry_run=dry_run)
     v = _Rows(report, ZoneInfo(tz))
     parsed = []
@@ -271,6 +304,12 @@ def import_stays(store: MovementStore, path: str | Path, tz: str = "Europe/Paris
         parsed.append((line, Movement(control_id=f"census-{patient}-{visit or int(start)}", sender="census",
                                       trigger="A01", patient=patient, visit=visit, unit=unit, time=start,
                                       patient_class="I")))
+    if known is not None and parsed:
+        accepted = known({mv.unit for _, mv in parsed})
+        for line, mv in parsed:
+            if mv.unit not in accepted:
+                v.error(line, "unit", f"unknown unit {mv.unit!r}: it has no member and is not declared in "
+                                      "careteam.yaml (import the members first, or check the spelling)")
     sort_by_line(report.errors, str(path))
     if report.errors or dry_run:
         return report

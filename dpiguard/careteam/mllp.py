@@ -23,6 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -121,9 +122,10 @@ class AdtProcessor:
 class MllpServer:
     """The asyncio MLLP server. ``await start()``, then ``port`` is bound; ``await stop()``."""
 
-    def __init__(self, processor: AdtProcessor, settings: ListenerSettings):
+    def __init__(self, processor: AdtProcessor, settings: ListenerSettings, executor: Any = None):
         self.processor = processor
         self.settings = settings
+        self.executor = executor  # where messages are applied (a bounded pool; None: asyncio's default)
         self._server: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self.connections = 0
@@ -151,13 +153,15 @@ class MllpServer:
         client = f"{peer[0]}:{peer[1]}" if peer else ""
         self.connections += 1
         pending = bytearray()
+        connected = time.monotonic()
         try:
             while True:
-                raw = await self._next_frame(reader, pending, client, writer)
+                raw = await self._next_frame(reader, pending, client, writer, connected)
+                connected = None  # later frames: the clock starts at their first byte
                 if raw is None:
                     return
                 self.messages += 1
-                ack = await asyncio.to_thread(self.processor.handle, raw, client)
+                ack = await asyncio.get_running_loop().run_in_executor(self.executor, self.processor.handle, raw, client)
                 writer.write(frame(ack))
                 await writer.drain()
         except ConnectionError:
@@ -172,15 +176,23 @@ class MllpServer:
             except Exception:
                 pass
 
-    async def _next_frame(self, reader, pending: bytearray, client: str, writer) -> bytes | None:
-        """The next frame's content, or None when the connection must end (after logging why)."""
+    async def _next_frame(self, reader, pending: bytearray, client: str, writer,
+                          connected: float | None = None) -> bytes | None:
+        """The next frame's content, or None when the connection must end (after logging why).
+
+        ``read_timeout`` bounds the time to a complete frame: from ``connected`` for the first frame of
+        a connection (a sender connects to send), otherwise from the first byte after the previous
+        frame, whitespace included (so a peer sending only whitespace is closed). Silence between two
+        frames of a persistent connection is allowed."""
         limit = self.settings.max_message_bytes
-        deadline = None
+        deadline = None if connected is None else connected + self.settings.read_timeout
         while True:
             skip = 0
             while skip < len(pending) and pending[skip] in b"\r\n \t":
                 skip += 1  # only whitespace is tolerated between frames
             del pending[:skip]
+            if skip and deadline is None:
+                deadline = time.monotonic() + self.settings.read_timeout
             if pending:
                 if pending[0] != 0x0B:
                     log.error("dpiguard adt: %s sent data outside an MLLP frame (0x%02x); closing",
@@ -228,7 +240,8 @@ class MllpServer:
         return None
 
     async def _reply_reject(self, reason: str, client: str, body: bytes, writer) -> None:
-        ack = await asyncio.to_thread(self.processor.reject_frame, reason, client, body[:512])
+        ack = await asyncio.get_running_loop().run_in_executor(self.executor, self.processor.reject_frame, reason,
+                                                               client, body[:512])
         writer.write(frame(ack))
         await writer.drain()
 

@@ -20,16 +20,24 @@ patient went through; each segment is an ordinary care-team stay (``P:ct:stays:{
 Visit states live in ``P:ct:visits:{PATIENT}`` (hash visit id → orjson state; field ``!latest`` =
 the visit used by messages without PV1-19).
 
-Guarantees:
+Guarantees (on every Redis topology, Cluster included: each transaction stays in one patient's slot):
 
-- **all or nothing**: one WATCH/MULTI transaction per message writes the stays, the unit index, the
-  visit state, the journal entry, the duplicate marker and publishes ``patient:P``; a concurrent
-  change of the same patient retries the whole computation;
+- **all or nothing**: one WATCH/MULTI transaction per message, on the keys of its patient
+  (``{PATIENT}`` hash tag), writes the stays, the visit state, the duplicate marker and an *outbox*
+  entry (``P:ct:outbox:{PATIENT}``); a concurrent change of the same patient retries the whole
+  computation. What lives in other slots is done around it in the safe order: the unit index entries
+  the movement needs are added *before* the transaction; *after* it, :meth:`MovementStore.finish_pending`
+  finishes the outbox entry: an A40's merged-patient side, the unit index entries no longer needed
+  (removed, then re-checked), the journal entry, ``patient:P`` on the bus. Every step is idempotent;
+  if the process dies in between, the next message of that patient (or ``adt replay``) finishes it
+  first, in order. Decisions read only the patient's stays, which the transaction wrote whole;
 - **duplicates**: the control id (per sender) of an applied message is kept ``dedup_ttl`` seconds
-  (``P:adt:seen:HASH``); a repeat gets the first answer and changes nothing;
+  (``P:adt:seen:{PATIENT}:HASH``; the older ``P:adt:seen:HASH`` markers are still read until they
+  expire); a repeat gets the first answer and changes nothing;
 - **out of order**: a transfer or discharge older than the start of the visit's current segment is
   refused (AE), it never ends the current stay; an admission of a visit that exists is refused;
-- **journal**: every applied movement is appended to the stream ``P:ct:journal``;
+- **journal**: every applied movement is appended to the stream ``P:ct:journal`` (at least once, with
+  an ``id``: a repeat is skipped when the journal is read);
   :meth:`MovementStore.replay` rebuilds every visit and its stays from it.
 
 The decision itself is the pure function :func:`plan`.
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -47,6 +56,8 @@ import redis
 
 from dpiguard.careteam.adt import ERR_DUPLICATE_KEY, ERR_INTERNAL, ERR_UNKNOWN_KEY, AdtError, Movement
 from dpiguard.careteam.membership import CareTeamDataError, parse_stay
+from dpiguard.careteam.store import release_unit_index
+from dpiguard.storage.batch import publish_each
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
 from dpiguard.storage.keys import Keys
@@ -287,78 +298,117 @@ class MovementStore:
         self.dedup_ttl = int(dedup_ttl)
         self.channel = self.keys.events
 
-    # keys (same layout as careteam.py for stays and the unit index)
+    @staticmethod
+    def _digest(mv: Movement) -> str:
+        return hashlib.sha256(f"{mv.sender}\0{mv.control_id}".encode()).hexdigest()[:32]
+
     def seen_key(self, mv: Movement) -> str:
-        digest = hashlib.sha256(f"{mv.sender}\0{mv.control_id}".encode()).hexdigest()[:32]
-        return self.keys.adt_seen(digest)
+        """The duplicate marker, in the slot of the message's patient (PID-3)."""
+        return self.keys.adt_seen(mv.patient, self._digest(mv))
 
     # ----------------------------------------------------------------- apply
 
     def apply(self, mv: Movement, *, journal: bool = True, dedup: bool = True) -> MovementResult:
-        """Apply one movement atomically. AdtError (AE) for a refusal; Redis errors propagate."""
+        """Apply one movement (see the module docstring). AdtError (AE) for a refusal; Redis errors
+        propagate (the message was then not applied, or applied and finished by the next message or
+        ``adt replay`` of that patient: a resend gets the first answer)."""
         patients = [mv.patient] + ([mv.prior_patient] if mv.trigger == "A40" and mv.prior_patient else [])
-        watched = [k for p in patients for k in (self.keys.visits(p), self.keys.stays(p))]
-        seen_key = self.seen_key(mv)
+        for patient in reversed(patients):  # what an interrupted apply left to do, in order (an A40's
+            self.finish_pending(patient)     # merged patient first: its movements came before the merge)
         if dedup:
-            watched.append(seen_key)
+            first = self._first_answer(self.redis.get(self.keys.adt_seen_legacy(self._digest(mv))))
+            if first is not None:  # marker written before the key moved to the patient's slot
+                return self._duplicate(mv, first)
+        vkey, skey, okey = self.keys.visits(mv.patient), self.keys.stays(mv.patient), self.keys.adt_outbox(mv.patient)
+        seen_key = self.seen_key(mv)
+        watched = [vkey, skey, okey] + ([seen_key] if dedup else [])
+        entry: dict = {}
 
         def transaction(pipe: redis.client.Pipeline) -> MovementResult:
             if dedup:
-                seen = pipe.get(seen_key)
-                if seen is not None:
-                    first = orjson.loads(seen)
-                    return MovementResult("AA", f"duplicate of an applied message: {first.get('text', '')}"[:200],
-                                   duplicate=True, patient=mv.patient, visit=first.get("visit"))
-            visits, latest = parse_visits(pipe.hgetall(self.keys.visits(mv.patient)))
-            stays = parse_stays(pipe.hgetall(self.keys.stays(mv.patient)))
+                first = self._first_answer(pipe.get(seen_key))
+                if first is not None:
+                    return self._duplicate(mv, first)
+            visits, latest = parse_visits(pipe.hgetall(vkey))
+            stays = parse_stays(pipe.hgetall(skey))
             other = None
-            if len(patients) == 2:
-                other_visits, _ = parse_visits(pipe.hgetall(self.keys.visits(patients[1])))
-                other = (other_visits, parse_stays(pipe.hgetall(self.keys.stays(patients[1]))))
+            if len(patients) == 2:  # another slot: read, not watched (the merge step re-checks it)
+                other_visits, _ = parse_visits(self.redis.hgetall(self.keys.visits(patients[1])))
+                other = (other_visits, parse_stays(self.redis.hgetall(self.keys.stays(patients[1]))))
             p = plan(mv, visits, stays, latest, other)
+            added, removed = _unit_changes(stays, p.stays)
+            for unit in added:  # the unit index first (another slot)
+                self.redis.sadd(self.keys.unit_patients(unit), mv.patient)
+            entry.clear()
+            entry.update({"id": uuid.uuid4().hex, "patient": mv.patient, "summary": p.summary,
+                          "applied": time.time(), "release": removed,
+                          "mv": mv.to_dict() if journal else None,
+                          "merge": None if p.other_patient is None else {
+                              "patient": p.other_patient, "stays": sorted(p.other_stays),
+                              "visits": sorted(p.other_visits)}})
             pipe.multi()
-            self._write(pipe, p, stays, other[1] if other else None)
-            if journal:
-                pipe.xadd(self.keys.journal, {"mv": orjson.dumps(mv.to_dict()), "summary": p.summary,
-                                             "applied": repr(time.time())})
+            _queue_hash_changes(pipe, skey, p.stays)
+            _queue_hash_changes(pipe, vkey, p.visits)
+            if p.latest is not None:
+                pipe.hset(vkey, LATEST, p.latest)
             if dedup:
                 pipe.set(seen_key, orjson.dumps({"text": p.summary, "visit": p.visit}), ex=self.dedup_ttl)
-            for patient in patients:
-                pipe.publish(self.channel, format_event("patient", patient))
+            pipe.rpush(okey, orjson.dumps(entry))
             return MovementResult("AA", p.summary, patient=mv.patient, visit=p.visit)
 
-        return self.redis.transaction(transaction, *watched, value_from_callable=True)
+        result = self.redis.transaction(transaction, *watched, value_from_callable=True)
+        if not result.duplicate:
+            self.finish_pending(mv.patient)
+        return result
 
-    def _write(self, pipe, p: Plan, old_stays: dict, other_old_stays: dict | None) -> None:
-        """Queue the writes of a plan (inside MULTI), including the unit → patients index."""
-        def index(patient: str, before: dict, changes: dict) -> None:
-            after = {**before, **changes}
-            after = {k: v for k, v in after.items() if v is not None}
-            old_units = {s["unit"] for s in before.values()}
-            new_units = {s["unit"] for s in after.values()}
-            for unit in sorted(new_units - old_units):
-                pipe.sadd(self.keys.unit_patients(unit), patient)
-            for unit in sorted(old_units - new_units):
-                pipe.srem(self.keys.unit_patients(unit), patient)
+    @staticmethod
+    def _first_answer(raw: Any) -> dict | None:
+        return None if raw is None else orjson.loads(raw)
 
-        def hash_changes(key: str, changes: dict) -> None:
-            sets = {k: orjson.dumps(v) for k, v in changes.items() if v is not None}
-            dels = [k for k, v in changes.items() if v is None]
-            if sets:
-                pipe.hset(key, mapping=sets)
-            if dels:
-                pipe.hdel(key, *dels)
+    @staticmethod
+    def _duplicate(mv: Movement, first: dict) -> MovementResult:
+        return MovementResult("AA", f"duplicate of an applied message: {first.get('text', '')}"[:200],
+                              duplicate=True, patient=mv.patient, visit=first.get("visit"))
 
-        hash_changes(self.keys.stays(p.patient), p.stays)
-        hash_changes(self.keys.visits(p.patient), p.visits)
-        if p.latest is not None:
-            pipe.hset(self.keys.visits(p.patient), LATEST, p.latest)
-        index(p.patient, old_stays, p.stays)
-        if p.other_patient is not None:
-            hash_changes(self.keys.stays(p.other_patient), p.other_stays)
-            hash_changes(self.keys.visits(p.other_patient), p.other_visits)
-            pipe.hdel(self.keys.visits(p.other_patient), LATEST)
-            index(p.other_patient, other_old_stays or {}, p.other_stays)
+    def finish_pending(self, patient: str) -> int:
+        """Finish, in order, the movements of ``patient`` committed but not yet finished (the outbox
+        ``P:ct:outbox:{PATIENT}``): the merged patient's side of an A40, the unit index entries the
+        movement freed, the journal entry, the invalidation. Every step is idempotent, so finishing an
+        entry twice (two writers, or a crash after a step) changes nothing more; a journal entry written
+        twice has the same ``id`` and :meth:`journal` yields it once. Returns the entries finished."""
+        okey = self.keys.adt_outbox(patient)
+        done = 0
+        for raw in self.redis.lrange(okey, 0, -1):
+            entry = orjson.loads(raw)
+            merge = entry.get("merge")
+            if merge:
+                self._merge_away(merge["patient"], merge["stays"], merge["visits"])
+            release_unit_index(self.redis, self.keys, patient, entry.get("release") or [])
+            if entry.get("mv") is not None:
+                self.redis.xadd(self.keys.journal, {"mv": orjson.dumps(entry["mv"]), "summary": entry["summary"],
+                                                    "applied": repr(entry["applied"]), "id": entry["id"]})
+            events = [format_event("patient", patient)] + ([format_event("patient", merge["patient"])] if merge else [])
+            publish_each(self.redis, self.channel, events)
+            self.redis.lrem(okey, 1, raw)
+            done += 1
+        return done
+
+    def _merge_away(self, patient: str, stay_ids: list[str], visit_ids: list[str]) -> None:
+        """A40, the merged patient's side: its moved stays and visits are deleted (they are already
+        in the surviving patient's keys), then the unit index entries they held are released."""
+        skey, vkey = self.keys.stays(patient), self.keys.visits(patient)
+
+        def transaction(pipe) -> list[str]:
+            before = parse_stays(pipe.hgetall(skey))
+            after = {k: v for k, v in before.items() if k not in stay_ids}
+            pipe.multi()
+            if stay_ids:
+                pipe.hdel(skey, *stay_ids)
+            pipe.hdel(vkey, LATEST, *visit_ids)
+            return sorted({st["unit"] for st in before.values()} - {st["unit"] for st in after.values()})
+
+        freed = self.redis.transaction(transaction, skey, vkey, value_from_callable=True)
+        release_unit_index(self.redis, self.keys, patient, freed)
 
     # ----------------------------------------------------------------- reads
 
@@ -369,9 +419,15 @@ class MovementStore:
     def journal(self, count: int = 1000) -> Iterable[tuple[str, Movement]]:
         """Every journal entry, oldest first: (entry id, movement)."""
         start = "-"
+        seen: set[str] = set()
         while True:
             batch = self.redis.xrange(self.keys.journal, min=start, count=count)
             for entry_id, fields in batch:
+                ident = as_text(fields.get(b"id") or fields.get("id"))
+                if ident is not None:
+                    if ident in seen:
+                        continue  # written twice by two writers finishing the same movement
+                    seen.add(ident)
                 data = fields.get(b"mv") or fields.get("mv")
                 yield as_text(entry_id), Movement.from_dict(orjson.loads(data))
             if len(batch) < count:
@@ -385,6 +441,9 @@ class MovementStore:
 
         Stays that do not belong to a visit (``careteam stay-add``) are kept. Returns counts and the
         patients whose state differed from the rebuilt one. With ``dry_run`` nothing is written."""
+        if not dry_run:  # movements committed but not finished (a crash) go into the journal first
+            for key in self.redis.scan_iter(match=self.keys.adt_outbox_pattern, count=1000):
+                self.finish_pending(as_text(key).split(":ct:outbox:", 1)[1].strip("{}"))
         sim_visits: dict[str, dict] = {}
         sim_stays: dict[str, dict] = {}
         sim_latest: dict[str, str | None] = {}
@@ -427,6 +486,7 @@ class MovementStore:
     def _replace_patient(self, patient: str, visits: dict, stays: dict, latest: str | None,
                          dry_run: bool) -> bool:
         vkey, skey = self.keys.visits(patient), self.keys.stays(patient)
+        freed: list[str] = []
 
         def transaction(pipe) -> bool:
             cur_visits, cur_latest = parse_visits(pipe.hgetall(vkey))
@@ -439,16 +499,41 @@ class MovementStore:
                 return not same
             changes: dict[str, dict | None] = {sid: None for sid in current_owned}
             changes.update(stays)
-            p = Plan(patient, "-", "replay", stays=changes,
-                     visits={**{v: None for v in cur_visits}, **visits}, latest=latest)
+            added, removed = _unit_changes(cur_stays, changes)
+            for unit in added:  # the unit index first (another slot)
+                self.redis.sadd(self.keys.unit_patients(unit), patient)
+            freed[:] = removed
             pipe.multi()
             if latest is None:
                 pipe.hdel(vkey, LATEST)
-            self._write(pipe, p, cur_stays, None)
-            pipe.publish(self.channel, format_event("patient", patient))
+            _queue_hash_changes(pipe, skey, changes)
+            _queue_hash_changes(pipe, vkey, {**{v: None for v in cur_visits}, **visits})
+            if latest is not None:
+                pipe.hset(vkey, LATEST, latest)
             return True
 
-        return self.redis.transaction(transaction, vkey, skey, value_from_callable=True)
+        changed = self.redis.transaction(transaction, vkey, skey, value_from_callable=True)
+        if changed and not dry_run:
+            release_unit_index(self.redis, self.keys, patient, freed)
+            publish_each(self.redis, self.channel, [format_event("patient", patient)])
+        return changed
+
+
+def _unit_changes(before: Mapping[str, dict], changes: Mapping[str, dict | None]) -> tuple[list[str], list[str]]:
+    """Units a patient enters and leaves (the ``unit-patients`` index) when ``changes`` are applied."""
+    after = {k: v for k, v in {**before, **changes}.items() if v is not None}
+    old_units = {st["unit"] for st in before.values()}
+    new_units = {st["unit"] for st in after.values()}
+    return sorted(new_units - old_units), sorted(old_units - new_units)
+
+
+def _queue_hash_changes(pipe, key: str, changes: Mapping[str, dict | None]) -> None:
+    sets = {k: orjson.dumps(v) for k, v in changes.items() if v is not None}
+    dels = [k for k, v in changes.items() if v is None]
+    if sets:
+        pipe.hset(key, mapping=sets)
+    if dels:
+        pipe.hdel(key, *dels)
 
 
 def _merge_changes(target: dict, changes: Mapping[str, Any]) -> None:

@@ -8,7 +8,10 @@ Key layout (``P`` = prefix, see docs/architecture.md):
 - ``P:obj:{PATIENT}`` hash ``user:LOGIN`` / ``unit:UNIT`` → orjson ``{"date", "source", "comment"}``
 - ``P:obj:patients``  set of patients with at least one objection (for listing)
 
-Every write publishes ``patient:P`` on the invalidation bus after it committed, so cached decisions
+Writes put the patient in ``P:obj:patients`` before its objection and take it out after its last
+objection is removed (:mod:`dpiguard.storage.batch`: one MULTI/EXEC on a standalone server, staged on
+a Redis Cluster), so the listing never misses a patient with an objection; decisions read only
+``P:obj:{PATIENT}``. Every write publishes ``patient:P`` on the invalidation bus after it committed, so cached decisions
 about P are dropped on every instance at once. Reads for the request path happen in the pipelined
 round trip of :mod:`dpiguard.access`; :func:`find_objection` decides from the raw reply.
 
@@ -28,6 +31,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 import redis
 
+from dpiguard.storage.batch import publish_each, run_stages
 from dpiguard.storage.bus import format_event
 from dpiguard.storage.clients import as_text
 from dpiguard.storage.keys import Keys
@@ -168,19 +172,17 @@ class ObjectionStore:
                          _check_text(source, "source") or "cli", _check_text(comment, "comment"))
 
     def _write(self, objections: list[Objection]) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        for o in objections:
-            pipe.hset(self.keys.objections(o.patient), o.field,
-                      orjson.dumps({"date": o.date, "source": o.source, "comment": o.comment}))
-            pipe.sadd(self.keys.objection_patients, o.patient)
-        pipe.execute()
-        self._publish(sorted({o.patient for o in objections}))
+        patients = sorted({o.patient for o in objections})
+        run_stages(self.redis, [
+            lambda pipe: pipe.sadd(self.keys.objection_patients, *patients),  # the listing index first
+            lambda pipe: [pipe.hset(self.keys.objections(o.patient), o.field,
+                                    orjson.dumps({"date": o.date, "source": o.source, "comment": o.comment}))
+                          for o in objections],
+        ])
+        self._publish(patients)
 
     def _publish(self, patients: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for patient in patients:
-            pipe.publish(self.channel, format_event("patient", patient))
-        pipe.execute()
+        publish_each(self.redis, self.channel, [format_event("patient", p) for p in patients])
 
     # -- reads -------------------------------------------------------------------------------------
     def list(self, patient: str | None = None) -> list[Objection]:

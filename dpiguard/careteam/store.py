@@ -63,6 +63,22 @@ from dpiguard.times import check_epoch, check_window, epoch_now, fmt_epoch
 # --------------------------------------------------------------------------- the store
 
 
+def release_unit_index(client: Any, keys: Keys, patient: str, units: list[str]) -> None:
+    """Remove ``patient`` from the ``unit-patients`` index of ``units`` after its stays were written,
+    then re-add it where a stay written meanwhile (another writer) still needs it."""
+    if not units:
+        return
+    for unit in units:
+        client.srem(keys.unit_patients(unit), patient)
+    try:
+        still = {parse_stay(raw, as_text(sid))["unit"] for sid, raw in client.hgetall(keys.stays(patient)).items()}
+    except CareTeamDataError:
+        still = set(units)  # cannot tell: keep the (possibly stale) entries
+    for unit in units:
+        if unit in still:
+            client.sadd(keys.unit_patients(unit), patient)
+
+
 class CareTeamStore:
     """Reads and writes care-team data; see the module docstring for the model and key layout."""
 
@@ -116,13 +132,13 @@ class CareTeamStore:
 
         def write(pipe: redis.client.Pipeline) -> None:
             stays = pipe.hgetall(stays_key)
-            release[:] = [u for u in [self._unit_to_release(stays, stay_id, keep_unit=unit)] if u]
+            release[:] = [u for u in [self.unit_to_release(stays, stay_id, keep_unit=unit)] if u]
             pipe.multi()
             pipe.hset(stays_key, stay_id, value)
 
         self.redis.sadd(self.keys.unit_patients(unit), patient)  # index first
         self.redis.transaction(write, stays_key)
-        self._release_units(patient, release)
+        self.release_units(patient, release)
         self._publish(("patient", patient))
         return stay_id
 
@@ -154,33 +170,21 @@ class CareTeamStore:
             stays = pipe.hgetall(stays_key)
             if not any(as_text(sid) == stay_id for sid in stays):
                 raise KeyError(f"patient {patient} has no stay {stay_id}")
-            release[:] = [u for u in [self._unit_to_release(stays, stay_id, keep_unit=None)] if u]
+            release[:] = [u for u in [self.unit_to_release(stays, stay_id, keep_unit=None)] if u]
             pipe.multi()
             pipe.hdel(stays_key, stay_id)
 
         release: list[str] = []
         self.redis.transaction(write, stays_key)
-        self._release_units(patient, release)
+        self.release_units(patient, release)
         self._publish(("patient", patient))
 
-    def _release_units(self, patient: str, units: list[str]) -> None:
-        """Remove ``patient`` from the ``unit-patients`` index of ``units`` after the stays were
-        written, then re-add it where a stay written meanwhile (another writer) still needs it."""
-        if not units:
-            return
-        for unit in units:
-            self.redis.srem(self.keys.unit_patients(unit), patient)
-        try:
-            still = {parse_stay(raw, as_text(sid))["unit"]
-                     for sid, raw in self.redis.hgetall(self.keys.stays(patient)).items()}
-        except CareTeamDataError:
-            still = set(units)  # cannot tell: keep the (possibly stale) entries
-        for unit in units:
-            if unit in still:
-                self.redis.sadd(self.keys.unit_patients(unit), patient)
+    def release_units(self, patient: str, units: list[str]) -> None:
+        """:func:`release_unit_index` with this store's client and keys."""
+        release_unit_index(self.redis, self.keys, patient, units)
 
     @staticmethod
-    def _unit_to_release(stays: Mapping[Any, Any], stay_id: str, keep_unit: str | None) -> str | None:
+    def unit_to_release(stays: Mapping[Any, Any], stay_id: str, keep_unit: str | None) -> str | None:
         """Unit whose ``unit-patients`` set should lose the patient once ``stay_id`` is replaced
         (by a stay in ``keep_unit``) or removed; None if no other stay keeps it there or if the data
         is too broken to tell (a stale index entry is harmless, a missing one is not)."""

@@ -22,6 +22,7 @@ import orjson
 from dpiguard.careteam import imports as csvimport
 from dpiguard.careteam.mllp import MllpServer, frame, listener_settings
 from dpiguard.cli.common import audit_admin, load, with_config
+from dpiguard.policy.snapshot import PolicySet
 
 
 def cmd_adt(args) -> int:
@@ -100,7 +101,9 @@ def cmd_import(args) -> int:
     client = redis_client(cfg)
     tz = cfg.adt.timezone
     if args.import_cmd == "stays":
-        report = csvimport.import_stays(movement_store(cfg, client), args.file, tz, dry_run=args.dry_run)
+        declared = PolicySet.load(cfg.path(cfg.policies.dir)).careteam.units  # transversal units
+        report = csvimport.import_stays(movement_store(cfg, client), args.file, tz, dry_run=args.dry_run,
+                                        known=csvimport.known_units(client, cfg.redis.prefix, declared))
     elif args.import_cmd == "members":
         report = csvimport.import_members(client, cfg.redis.prefix, args.file, tz, dry_run=args.dry_run)
     else:

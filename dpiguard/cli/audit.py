@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 import redis
 
 from dpiguard.audit.chain import AuditSigner, AuditVerifier, iter_chain, list_chains, list_segments, public_key_path
-from dpiguard.audit.export import send_syslog, to_audit_event
+from dpiguard.audit.export import TLS_PORT, SyslogError, send_syslog, tls_context, to_audit_event
 from dpiguard.audit.query import (
     QUERY_COLUMNS,
     WHO_COLUMNS,
@@ -244,28 +246,44 @@ def register_query(asub) -> None:
 
 
 
-def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False) -> int:
-    while True:
+def _loop(step, follow: bool, interval: float, label: str, until_idle: bool = False,
+          summary: Callable[[int], str] = lambda n: f"{n} record(s)") -> int:
+    """Run ``step`` (returns a count) once, until idle, or (``follow``) until SIGINT/SIGTERM, which end
+    the loop between two steps (never in the middle of a write). Prints what was done."""
+    stop = threading.Event()
+    if follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"dpiguard audit {label}: following (SIGINT or SIGTERM stops it)", flush=True)
+    total, code = 0, 0
+    while not stop.is_set():
         try:
             n = step()
-            if not follow and (not until_idle or n == 0):
-                return 0
         except redis.RedisError as exc:
-            print(f"dpiguard audit {label}: Redis unavailable ({exc}); retrying", file=sys.stderr, flush=True)
+            print(f"dpiguard audit {label}: Redis unavailable ({exc}); " + ("retrying" if follow else "stopped"),
+                  file=sys.stderr, flush=True)
             if not follow:
-                return 1
-            time.sleep(interval)
+                code = 1
+                break
+            stop.wait(interval)
             continue
+        total += n
+        if not follow and (not until_idle or n == 0):
+            break
         if follow and n == 0:
-            time.sleep(interval)
+            stop.wait(interval)
+    print(f"dpiguard audit {label}: {summary(total)}" + (" (stopped)" if follow else ""), flush=True)
+    return code
 
 
 def cmd_ship(args) -> int:
     from dpiguard.services import admin_redis_client
 
     cfg = load(args, check_files=False)
-    shipper = Shipper(admin_redis_client(cfg), cfg.path(cfg.audit.path), cfg.redis.prefix)
-    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True)
+    store = cfg.path(cfg.audit.path)
+    shipper = Shipper(admin_redis_client(cfg), store, cfg.redis.prefix)
+    return _loop(shipper.ship_once, args.follow, args.interval, "ship", until_idle=True,
+                 summary=lambda n: f"{n} record(s) shipped to Redis from {len(list_chains(store))} chain(s) of {store}")
 
 
 def cmd_collect(args) -> int:
@@ -283,7 +301,8 @@ def cmd_collect(args) -> int:
         raise ValueError(f"another collector is writing {store}") from None
     collector = Collector(admin_redis_client(cfg), store, cfg.redis.prefix, cfg.audit.rotate_bytes)
     return _loop(lambda: collector.collect_once(block_ms=int(args.interval * 1000)), args.follow, args.interval,
-                 "collect", until_idle=True)
+                 "collect", until_idle=True,
+                 summary=lambda n: f"{n} record(s) collected into {store} ({len(collector.chains)} chain(s))")
 
 
 def register_ship(asub) -> None:
@@ -330,13 +349,20 @@ def cmd_export(args) -> int:
     state_path = Path(args.state) if args.state else None
     if state_path and state_path.exists():
         state = orjson.loads(state_path.read_bytes())
+    if args.format == "syslog":
+        target = _syslog_target(args)
+        if isinstance(target, str):
+            print(f"dpiguard audit export: {target}", file=sys.stderr)
+            return 1
     records = _records(args, state)
     if args.format == "syslog":
-        if not args.target or ":" not in args.target:
-            raise ValueError("--format syslog needs --target HOST:PORT")
-        host, _, port = args.target.rpartition(":")
-        n = send_syslog(records, host, int(port))
-        print(f"sent {n} record(s) to {args.target}", file=sys.stderr)
+        host, port, tls = target
+        try:
+            n = send_syslog(records, host, port, tls=tls)
+        except SyslogError as exc:
+            print(f"dpiguard audit export: nothing sent: {exc}", file=sys.stderr)
+            return 1
+        print(f"sent {n} record(s) to {args.target} ({'TLS' if tls else 'plain TCP'})", file=sys.stderr)
     else:
         if args.format == "jsonl":
             lines = (orjson.dumps(r) for r in records)
@@ -359,12 +385,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _syslog_target(args):
+    """(host, port, TLS context or None), or a one-line refusal."""
+    host, _, port = (args.target or "").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "--format syslog needs --target HOST:PORT (e.g. siem.hopital.local:6514)"
+    tls = args.tls or bool(args.ca_file or args.cert_file)
+    if tls and args.plain_tcp:
+        return "--plain-tcp and TLS options (--tls, --ca-file, --cert-file) exclude each other"
+    if args.key_file and not args.cert_file:
+        return "--key-file needs --cert-file"
+    if not tls and int(port) == TLS_PORT and not args.plain_tcp:
+        return (f"port {TLS_PORT} is syslog over TLS (RFC 5425): add --tls (and --ca-file CA.pem for a private "
+                "CA); --plain-tcp sends clear text anyway")
+    try:
+        context = tls_context(args.ca_file, args.cert_file, args.key_file) if tls else None
+    except SyslogError as exc:
+        return str(exc)
+    return host.strip("[]"), int(port), context
+
+
 def register_export(asub) -> None:
     sp = with_config(asub.add_parser("export", help="export records: JSON lines, FHIR AuditEvent, syslog to a SIEM"))
     sp.add_argument("--format", choices=("jsonl", "fhir", "fhir-bundle", "syslog"), default="jsonl",
                     help="fhir: one AuditEvent per line (NDJSON); fhir-bundle: one Bundle")
     sp.add_argument("--source", help="audit folder or chain folder (default: audit.path)")
-    sp.add_argument("--target", help="syslog receiver HOST:PORT (TCP)")
+    sp.add_argument("--target", help="syslog receiver HOST:PORT")
+    sp.add_argument("--tls", action="store_true", help="syslog over TLS (RFC 5425), the receiver's certificate verified")
+    sp.add_argument("--ca-file", help="CA certificate(s) that sign the receiver's certificate (implies --tls)")
+    sp.add_argument("--cert-file", help="client certificate, if the receiver asks for one (implies --tls)")
+    sp.add_argument("--key-file", help="private key of --cert-file (if not in the same file)")
+    sp.add_argument("--plain-tcp", action="store_true",
+                    help=f"clear-text TCP even to port {TLS_PORT} (records name patients and users: avoid)")
     sp.add_argument("--state", help="file remembering the last seq exported per chain (send each record once)")
     sp.add_argument("--from", dest="since"); sp.add_argument("--to", dest="until")
     sp.add_argument("--patient"); sp.add_argument("--user"); sp.add_argument("--event")

@@ -2,6 +2,7 @@
 
     dpiguard policy check [--dir policies] [--strict]       load + checks of meaning (file:line)
     dpiguard policy test FILE... [--dir D] [--junit OUT]    decision tests written by the RSSI (YAML)
+    dpiguard policy seal [TEST_FILE...] [--dir D]           check + tests pass → seal.json (in service)
     dpiguard policy explain --roles R --category C --action A [--patient P] [--units U] ...
     dpiguard policy explain --request "GET /api/patients/P1/notes" --roles R ...
     dpiguard policy diff OLD_DIR NEW_DIR [--allow-changes]  decisions that change between versions
@@ -12,14 +13,16 @@ that does not load (for ``test``/``explain``/``diff``).
 
 from __future__ import annotations
 
+import getpass
 import sys
 import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
 from dpiguard.cli.common import config_path, load, with_config
-from dpiguard.policy.files import PolicyError
+from dpiguard.policy.files import PolicyError, read_regular_file
 from dpiguard.policy.lint import lint
+from dpiguard.policy.seal import SEAL_FILE, manifest, write_seal
 from dpiguard.policy.sim import (
     TestFileError,
     case_failure,
@@ -34,6 +37,7 @@ from dpiguard.policy.sim import (
     situation_careteam,
 )
 from dpiguard.policy.snapshot import PolicySet
+from dpiguard.policy.table import read_policy_files
 
 DEFAULT_DIR = "policies"
 
@@ -80,6 +84,12 @@ def cmd_check(args) -> int:
                f"categories, {len(policy.rule_lines)} rules, {len(policy.routes.routes)} routes; "
                f"{warnings} warning(s)")
     print(summary)
+    try:
+        policies.check_seal()
+        print(f"sealed: these files are the ones of {SEAL_FILE} (a proxy puts them in service)")
+    except PolicyError as exc:
+        print(f"not sealed: {exc.message} ({Path(exc.file).name}); a running proxy keeps its sealed set until "
+              "'dpiguard policy seal' (after 'policy test')")
     if warnings and args.strict:
         print("--strict: warnings count as errors")
         return 1
@@ -90,14 +100,24 @@ def cmd_check(args) -> int:
 def cmd_test(args) -> int:
     directory = _policy_dir(args)
     policy = _load(directory)  # PolicyError -> exit 2 via cli.main
+    try:
+        failed, total, suites = _run_tests(policy, args.files, args.verbose)
+    except TestFileError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 2
+    print(f"{total - failed} passed, {failed} failed ({total} tests, policy version {policy.version}, "
+          f"{directory})")
+    if args.junit:
+        _write_junit(args.junit, suites, policy)
+    return 1 if failed else 0
+
+
+def _run_tests(policy: PolicySet, paths, verbose: bool = False):
+    """Run decision test files against ``policy``: (failed, total, suites); TestFileError if one is bad."""
     suites = []
     failed = total = 0
-    for path in args.files:
-        try:
-            test = load_test_file(path)
-        except TestFileError as exc:
-            print(f"{exc}", file=sys.stderr)
-            return 2
+    for path in paths:
+        test = load_test_file(path)
         results = []
         started = time.perf_counter()
         for case in test.cases:
@@ -112,14 +132,54 @@ def cmd_test(args) -> int:
                 print(f"     {problem}")
                 for line in explain_lines(policy, decision):
                     print(f"     {line}")
-            elif args.verbose:
+            elif verbose:
                 print(f"ok   {case.name}: {decision.outcome} ({decision.reason})")
         suites.append((path, results, time.perf_counter() - started))
-    print(f"{total - failed} passed, {failed} failed ({total} tests, policy version {policy.version}, "
-          f"{directory})")
-    if args.junit:
-        _write_junit(args.junit, suites, policy)
-    return 1 if failed else 0
+    return failed, total, suites
+
+
+# -- seal ------------------------------------------------------------------------------------------
+def cmd_seal(args) -> int:
+    """Check, test, then seal: seal.json lists the sha256 of every file that passed (policy/seal.py)."""
+    directory = _policy_dir(args)
+    try:
+        contents = read_policy_files(directory)
+        policies = PolicySet.from_contents(directory, contents)
+    except PolicyError as exc:
+        print(f"{exc.file}{':' + str(exc.line) if exc.line else ''}: error: {exc.message}")
+        print("policy NOT valid: not sealed")
+        return 1
+    findings = lint(policies.table, _fhir_routed(policies))
+    for finding in findings:
+        print(finding)
+    if findings and args.strict:
+        print(f"--strict: {len(findings)} warning(s): not sealed")
+        return 1
+    tests = [Path(t) for t in args.tests] or sorted((directory / "tests").glob("*.test.yaml"))
+    if not tests and not args.without_tests:
+        print(f"no decision tests: give test files, or put them in {directory / 'tests'}/*.test.yaml "
+              "(--without-tests seals without any): not sealed")
+        return 1
+    try:
+        failed, total, _ = _run_tests(policies, tests)
+        test_bytes = {_relative(t, directory): read_regular_file(t) for t in tests}
+    except (TestFileError, OSError) as exc:
+        print(f"{exc}: not sealed")
+        return 1
+    if failed:
+        print(f"{failed} of {total} decision test(s) failed: not sealed")
+        return 1
+    seal = manifest(contents, test_bytes, sealed_by=args.by or getpass.getuser())
+    path = write_seal(directory, seal)
+    print(f"sealed version {seal['version']}: {len(contents)} files, {total} decision tests passed; {path}")
+    return 0
+
+
+def _relative(path: Path, directory: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(directory.resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _write_junit(out: str, suites, policy: PolicySet) -> None:
@@ -241,6 +301,14 @@ def register(sub) -> None:
     sp.add_argument("--junit", metavar="OUT.xml", help="also write a JUnit XML report (for CI)")
     sp.add_argument("-v", "--verbose", action="store_true", help="list passing tests too")
     sp.set_defaults(func=cmd_test)
+
+    sp = with_dir(group.add_parser("seal", help="check and test the policy files, then seal them for service"))
+    sp.add_argument("tests", nargs="*", metavar="TEST_FILE",
+                    help="decision tests that must pass (default: DIR/tests/*.test.yaml)")
+    sp.add_argument("--strict", action="store_true", help="warnings of 'policy check' refuse the seal too")
+    sp.add_argument("--without-tests", action="store_true", help="seal even if there is no decision test")
+    sp.add_argument("--by", help="who seals (default: the login running the command)")
+    sp.set_defaults(func=cmd_seal)
 
     sp = with_dir(group.add_parser("explain", help="show a decision and why"))
     sp.add_argument("--user", help="login (for --fixture or --live)")

@@ -13,11 +13,29 @@ from dpiguard.cli.common import audit_admin, load, with_config
 
 def _read_password(args) -> str:
     if args.password_stdin:
-        return sys.stdin.readline().rstrip("\n")
+        password = sys.stdin.readline().rstrip("\n")
+        if not password:
+            raise ValueError("--password-stdin: no password on standard input (one line expected)")
+        return password
+    if not sys.stdin.isatty():
+        raise ValueError("no terminal to ask for the password: pass it on standard input with --password-stdin, "
+                         "e.g. printf '%s\\n' \"$PASSWORD\" | dpiguard users add LOGIN --role R --password-stdin")
     first = getpass.getpass("Password: ")
     if first != getpass.getpass("Password again: "):
         raise ValueError("the two passwords differ")
     return first
+
+
+def _check_roles(cfg, roles: list[str]) -> None:
+    """Every role must be declared in categories.yaml of the configured policies (policies.dir)."""
+    from dpiguard.policy.snapshot import PolicySet
+
+    directory = cfg.path(cfg.policies.dir)
+    known = PolicySet.load(directory).roles
+    unknown = [r for r in roles if r not in known]
+    if unknown:
+        raise ValueError(f"unknown role{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}: the roles of "
+                         f"{directory / 'categories.yaml'} are {', '.join(sorted(known))}")
 
 
 def _show_enrollment(login: str, uri: str, png: str | None) -> None:
@@ -33,6 +51,8 @@ def cmd_users(args) -> int:
     from dpiguard.services import authenticator, redis_client, session_store, user_directory
 
     cfg = load(args, check_files=False)
+    if args.users_cmd in ("add", "set-roles"):
+        _check_roles(cfg, args.role)  # before asking for anything
     users = user_directory(cfg)
     if args.users_cmd == "add":
         password = _read_password(args)

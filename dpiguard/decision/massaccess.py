@@ -162,6 +162,7 @@ def unthrottle(client: redis.Redis, prefix: str, user: str) -> bool:
     pipe = client.pipeline(transaction=False)
     keys = Keys(prefix)
     pipe.zrem(keys.mass_blocked, user)
-    pipe.delete(keys.mass_alert(user), keys.mass_counter(user))
-    removed, _ = pipe.execute()
+    pipe.delete(keys.mass_alert(user))  # one key per DELETE: a Cluster pipeline takes no multi-key DELETE
+    pipe.delete(keys.mass_counter(user))
+    removed, _, _ = pipe.execute()
     return bool(removed)

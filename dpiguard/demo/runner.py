@@ -104,9 +104,12 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".dpiguard-demo"),
              seed_value: int = 2026) -> int:
     from dpiguard.demo.app import create_app, start_in_thread
-    from dpiguard.edge.runner import run_proxy
+    from dpiguard.edge.runner import ensure_port_free, run_proxy
     from dpiguard.services import build_services
 
+    for p in (port, port + 1):  # the proxy and the demo DPI
+        ensure_port_free(host, p, f"the demo needs ports {port} and {port + 1}: run it on others with "
+                                  f"'dpiguard demo --port {port + 10}' (it uses PORT and PORT+1)")
     workdir = workdir.resolve()
     server = start_redis(workdir / "redis")
     redis_url = f"{server.connection_url}/0"

@@ -35,12 +35,23 @@ from dpiguard.edge.flows import (
     respond,
     trace_internal_error,
 )
+from dpiguard.edge.pools import run_in
 from dpiguard.edge.portal import MAX_BODY, PREFIX, Reply
 
 log = logging.getLogger("dpiguard")
 
 PORTAL_KEY = "dpiguard_portal"
 FHIR_KEY = fhir_hooks.FHIR_KEY  # (Incoming, Verdict) of a forwarded FHIR request: body and response checks
+
+
+def _over_limits(pipeline: Any, req) -> Verdict | None:
+    """The URL and header size limits of the pipeline (``limits.*``), for the reserved prefix, which the
+    pipeline does not decide."""
+    if len(req.target) > pipeline.max_url_bytes:
+        return Verdict(False, "hostile_path", 414, "request URL too long")
+    if req.header_bytes > pipeline.max_header_bytes:
+        return Verdict(False, "header_too_large", 431, "request headers too large")
+    return None
 
 
 class DpiGuard:
@@ -99,7 +110,7 @@ class DpiGuard:
         try:
             s = self.services
             token, _ = s.pipeline.session_token(req)
-            reply = await asyncio.to_thread(s.portal.handle, req, flow.request.raw_content or b"", token)
+            reply = await run_in(s, "portal", s.portal.handle, req, flow.request.raw_content or b"", token)
         except Exception as exc:
             log.exception("dpiguard: portal error")
             reply = Reply(503, b'{"error":"internal_error"}', "application/json")
@@ -114,6 +125,13 @@ class DpiGuard:
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
         if req.target.startswith(PREFIX):
+            oversized = _over_limits(s.pipeline, req)  # dpiguard's own pages get the same size limits
+            if oversized is not None:
+                oversized.audit = s.pipeline.trace(req, oversized, s.pipeline.policies)
+                if not await self._durable(oversized, req):
+                    oversized = audit_unavailable()
+                respond(flow, s.portal.refusal(req, oversized))
+                return
             op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
             if op is not None:
                 respond(flow, Reply(*op))
@@ -135,7 +153,7 @@ class DpiGuard:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
             used_io = True
-            verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
+            verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
         metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
         # No answer and no forwarding before the decision's record is on disk (group commit).
         if not await self._durable(verdict, req):
@@ -150,7 +168,7 @@ class DpiGuard:
         forward(flow, verdict)
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
-            asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+            asyncio.get_running_loop().run_in_executor(s.pools and s.pools["decisions"], self._touch, session)
 
     @staticmethod
     def _portal_body_ok(flow: http.HTTPFlow) -> bool:

@@ -16,6 +16,7 @@ from mitmproxy import http
 
 from dpiguard.decision.verdict import NeedIO, audit_unavailable
 from dpiguard.edge.flows import FHIR_JSON, durable, forward, respond, respond_fhir, trace_internal_error
+from dpiguard.edge.pools import run_in
 from dpiguard.fhir.response import BundleRewriter, operation_outcome
 
 log = logging.getLogger("dpiguard")
@@ -27,7 +28,7 @@ async def request_body(s: Any, flow: http.HTTPFlow, pending) -> None:
     req, verdict = pending
     try:
         body = flow.request.get_content(strict=True) or b""
-        verdict = await asyncio.to_thread(s.pipeline.fhir.decide_body, s.pipeline, req, verdict, body)
+        verdict = await run_in(s, "fhir", s.pipeline.fhir.decide_body, s.pipeline, req, verdict, body)
     except Exception as exc:  # fail closed
         log.exception("dpiguard: error while checking a FHIR write")
         flow.metadata.pop(FHIR_KEY, None)
@@ -57,7 +58,7 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
         try:
             status, out, record = enforcer.process_response(s.pipeline, req, verdict, code, ctype, body, io=False)
         except NeedIO:
-            status, out, record = await asyncio.to_thread(enforcer.process_response, s.pipeline, req, verdict,
+            status, out, record = await run_in(s, "fhir", enforcer.process_response, s.pipeline, req, verdict,
                                                           code, ctype, body, io=True)
         # The answer leaves only once its record is on disk (group commit), without blocking the loop.
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(s.audit.submit(record))), s.audit.write_timeout)

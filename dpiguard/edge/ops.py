@@ -22,6 +22,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from typing import Any
@@ -40,8 +41,11 @@ PATHS = frozenset({LIVE, READY, METRICS})
 
 
 class Monitor:
-    def __init__(self, services: Any, interval: float = 1.0, redis_mode: str = "standalone"):
+    def __init__(self, services: Any, interval: float = 1.0, redis_mode: str = "standalone", client: Any = None):
         self.services = services
+        # Its own Redis client: a Cluster client refreshes its slot map under a lock, so a probe on the
+        # requests' client would make a request wait for the probe's timeouts too.
+        self.client = client
         self.interval = float(interval)
         self.redis_mode = redis_mode
         self._stop = threading.Event()
@@ -65,6 +69,8 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self.client is not None:
+            self.client.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -74,7 +80,7 @@ class Monitor:
         s = self.services
         t0 = time.perf_counter()
         try:
-            s.redis.ping()
+            (self.client or s.redis).ping()
             metrics.REDIS_PING_SECONDS.observe(time.perf_counter() - t0)
             self._redis_ok, self._redis_error = True, ""
         except Exception as exc:  # noqa: BLE001 - any failure means: not ready
@@ -99,8 +105,18 @@ class Monitor:
                "policy_version": s.policies.version if s.policies is not None else None,
                "redis_mode": self.redis_mode}
         if not redis_ok:
-            out["redis_error"] = self._redis_error or "probe is stale"
+            out["redis_error"] = public_text(self._redis_error) or "probe is stale"
         return out
+
+
+_LOCAL_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s:'\"/]+/)*([^\s:'\"/]+)")
+
+
+def public_text(text: str | None) -> str | None:
+    """A message for an unauthenticated answer: every local path reduced to its last name
+    (``/srv/dpiguard/policies/fhir.yaml: ...`` → ``fhir.yaml: ...``), so the health output shows no
+    folder of the host."""
+    return None if text is None else _LOCAL_PATH.sub(r"\1", text)
 
 
 def allowed_networks(specs: list[str]) -> tuple:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,39 @@ def _combined_pem(cfg: Config, runtime_dir: Path) -> Path:
     return target
 
 
+class PortInUse(ValueError):
+    """A port dpiguard must listen on is taken; ``str()`` is one line saying what to do."""
+
+
+def ensure_port_free(host: str, port: int, hint: str) -> None:
+    """PortInUse unless ``host:port`` can be bound now (checked before anything prints "listening")."""
+    if not port:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers themselves do
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise PortInUse(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+
+
 def run_proxy(cfg: Config, services: Any, adt_processor: Any = None) -> int:
     """Serve until SIGINT/SIGTERM. ``services`` (dpiguard.services.Services) is built, and so every
     file validated, before anything listens; ``adt_processor``: the ADT feed to serve on the same loop
-    (``adt.enabled``), or None."""
+    (``adt.enabled``), or None. A port in use is PortInUse, before anything listens."""
+    ensure_port_free(cfg.listen.host, cfg.listen.port,
+                     "another program uses it (dpiguard already running?): stop it, or set listen.port "
+                     "(DPIGUARD_LISTEN__PORT)")
+    if adt_processor is not None:
+        if cfg.adt.listen_port == cfg.listen.port:
+            raise PortInUse(f"adt.listen_port and listen.port are both {cfg.listen.port}: give the ADT feed its own port")
+        ensure_port_free(cfg.adt.listen_host, cfg.adt.listen_port,
+                         "another program uses it: stop it, or set adt.listen_port (DPIGUARD_ADT__LISTEN_PORT)")
     runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="dpiguard-"))
     mitm_opts = mitmproxy_options(cfg, runtime_dir)
 
@@ -68,7 +98,8 @@ def run_proxy(cfg: Config, services: Any, adt_processor: Any = None) -> int:
             loop.add_signal_handler(sig, master.shutdown)
         adt_server = None
         if adt_processor is not None:  # the ADT feed listener shares the loop, the Redis client and the trace
-            adt_server = await MllpServer(adt_processor, listener_settings(cfg)).start()
+            pools = getattr(services, "pools", None)
+            adt_server = await MllpServer(adt_processor, listener_settings(cfg), pools and pools["adt"]).start()
             print(f"dpiguard: ADT feed (HL7 MLLP) on {cfg.adt.listen_host}:{adt_server.port}", flush=True)
         print(f"dpiguard: listening on {'https' if cfg.tls_enabled else 'http'}://{cfg.listen.host}:{cfg.listen.port}"
               f" → {cfg.upstream.url} (policy {services.policies.version})", flush=True)

@@ -6,6 +6,9 @@ Every policy file an RSSI edits is read through here, so every mistake is report
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +31,49 @@ class PolicyError(Exception):
 
 
 # -- policy file readers ---------------------------------------------------------------
-def read_policy_file(path: str | Path) -> tuple[bytes, str]:
-    """Read a policy file: (raw bytes, text). PolicyError if unreadable, empty or not UTF-8."""
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a policy file is text an RSSI edits: far below this
+
+
+class NotRegularFile(OSError):
+    """A policy path names a FIFO, a directory, a device or a socket (never read: it could block)."""
+
+
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+
+
+def read_regular_file(path: str | Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, without ever blocking: the file is opened with ``O_NONBLOCK`` and
+    checked with ``fstat`` before any read, so a FIFO, a directory or a device put in place of a policy
+    file raises :class:`NotRegularFile` at once (a plain ``open`` of a FIFO waits for a writer).
+    OSError if it cannot be opened; NotRegularFile also past ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
-        data = Path(path).read_bytes()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"is {_kind(info.st_mode)}, not a regular file")
+        if info.st_size > limit:
+            raise NotRegularFile(errno.EFBIG, f"is larger than {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise NotRegularFile(errno.EFBIG, f"is larger than {limit} bytes")
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+
+
+def read_policy_file(path: str | Path) -> tuple[bytes, str]:
+    """Read a policy file: (raw bytes, text). PolicyError if unreadable, not a regular file, empty or
+    not UTF-8."""
+    try:
+        data = read_regular_file(path)
     except OSError as exc:
         raise PolicyError(path, None, f"cannot read file ({exc.strerror or exc})") from None
     return data, decode_policy_file(path, data)

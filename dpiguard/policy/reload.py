@@ -34,20 +34,24 @@ from typing import Any, Callable
 import redis
 
 from dpiguard.audit.chain import AuditLog
+from dpiguard.policy.files import read_regular_file
+from dpiguard.policy.seal import SEAL_FILE
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.policy.table import VERSIONED_FILES
+from dpiguard.storage.batch import run_stages
 from dpiguard.storage.keys import Keys
 
 log = logging.getLogger("dpiguard")
 
 
 def files_fingerprint(directory: Path) -> str:
-    """sha256 over the bytes of the policy files (a missing or unreadable file counts as a state)."""
+    """sha256 over the bytes of the policy files and their seal (a missing or unreadable file, or one
+    that is not a regular file, counts as a state; nothing here can block: see read_regular_file)."""
     digest = hashlib.sha256()
-    for name in sorted(VERSIONED_FILES):
+    for name in sorted(VERSIONED_FILES + (SEAL_FILE,)):
         digest.update(name.encode() + b"\0")
         try:
-            data = (directory / name).read_bytes()
+            data = read_regular_file(Path(directory) / name)
         except OSError as exc:
             digest.update(b"\1" + type(exc).__name__.encode())
             continue
@@ -191,10 +195,11 @@ class PolicyReloader:
         version = self.target.policies.version
         try:
             if self.redis is not None:
-                pipe = self.redis.pipeline(transaction=True)
-                pipe.set(self.keys.policy_version, version)
-                pipe.hset(self.keys.policy_instances, self.instance_id, f"{version}|{int(time.time())}")
-                pipe.execute()
+                run_stages(self.redis, [
+                    lambda pipe: pipe.set(self.keys.policy_version, version),
+                    lambda pipe: pipe.hset(self.keys.policy_instances, self.instance_id,
+                                           f"{version}|{int(time.time())}"),
+                ])
             if changed and self.publish is not None:
                 self.publish("all")
         except Exception as exc:  # noqa: BLE001 - local swap is done; others still see their own files

@@ -11,7 +11,8 @@ used), and keeps them together:
                  the grace already resolved against ``careteam.grace_seconds`` of the configuration;
 * ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file.
 
-The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
+A running proxy loads only a sealed set (``sealed=True``: the files are exactly those of
+``seal.json``, see :mod:`dpiguard.policy.seal`). The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
 replaces it in one assignment; every step of a decision, and the FHIR checks of its answer, read the
 set the decision started with, and its trace record names that set's version.
 """
@@ -19,7 +20,7 @@ set the decision started with, and its trace record names that set's version.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -29,6 +30,7 @@ from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
 from dpiguard.policy.routes import RouteTable
+from dpiguard.policy.seal import check_seal
 from dpiguard.policy.table import Category, Policy, read_policy_files
 
 
@@ -40,14 +42,27 @@ class PolicySet:
     breakglass: BreakGlassPolicy
     careteam: CareTeamPolicy
     fhir: FhirPolicy | None
+    contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)  # the bytes read
 
     @classmethod
-    def load(cls, directory: str | Path, *, default_grace_seconds: int = 86400) -> PolicySet:
+    def load(cls, directory: str | Path, *, default_grace_seconds: int = 86400, sealed: bool = False) -> PolicySet:
         """Read and validate every policy file of ``directory``; PolicyError on the first mistake.
 
-        ``default_grace_seconds``: the grace period when careteam.yaml does not set one."""
+        ``default_grace_seconds``: the grace period when careteam.yaml does not set one.
+        ``sealed``: the files must also be exactly those of the folder's ``seal.json``
+        (:mod:`dpiguard.policy.seal`), checked on the bytes the set is built from; a running proxy
+        loads with it, the editing tools (``policy check``, ``test``...) without."""
         directory = Path(directory)
         contents = read_policy_files(directory)
+        policies = cls.from_contents(directory, contents, default_grace_seconds=default_grace_seconds)
+        if sealed:  # after the checks of meaning, so that a broken file is reported as such (file:line)
+            policies.check_seal()
+        return policies
+
+    @classmethod
+    def from_contents(cls, directory: Path, contents: Mapping[str, bytes], *,
+                      default_grace_seconds: int = 86400) -> PolicySet:
+        """The set built from the bytes of its files (as :func:`read_policy_files` gives them)."""
         table = Policy.from_files(directory, contents)
 
         def text(name: str) -> str | None:
@@ -67,7 +82,11 @@ class PolicySet:
                                      hashlib.sha256(contents[FHIR_FILE]).hexdigest()[:16])
                 if fhir_text is not None else None)
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir)
+                   careteam=careteam, fhir=fhir, contents=dict(contents))
+
+    def check_seal(self) -> None:
+        """PolicyError unless the bytes this set was built from are those of the folder's seal."""
+        check_seal(self.directory, self.contents)
 
     # -- what the steps and the tools ask of the table (roles, categories, routes) -------------------
     def permits(self, roles: Iterable[str], category: str, action: str) -> bool:

@@ -27,6 +27,7 @@ broadcast to every node of a cluster).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,9 @@ class RedisSpec:
     def client(self, socket_timeout: float = 0.5, **extra) -> Any:
         """A command client for the whole topology (``redis.Redis`` or ``redis.cluster.RedisCluster``).
 
-        Retries are bounded (3, backoff 20 ms .. 250 ms): enough to ride over a dropped connection
-        or a cluster redirection, short enough that a request during an outage gets its 503 within
-        about a second instead of hanging (redis-py's default is 10 retries)."""
+        Retries are bounded and flat (:class:`FlatRetry`: 3, backoff 20 ms .. 250 ms): enough to ride
+        over a dropped connection or a cluster redirection, short enough that a request during an
+        outage gets its 503 within :func:`wait_bound` seconds instead of hanging."""
         kw = self._conn_kwargs(socket_timeout)
         kw["retry"] = default_retry()
         kw.update(extra)
@@ -220,6 +221,10 @@ class RedisSpec:
             return [(self.node_client(None, socket_timeout, subscriber=True), None)]
         return [(self.node_client(a, socket_timeout, subscriber=True), a) for a in self.nodes]
 
+    def wait_bound(self, socket_timeout: float) -> float:
+        """:func:`wait_bound` for this topology."""
+        return wait_bound(socket_timeout, len(self.nodes) if self.mode == "cluster" else 0)
+
     def describe(self) -> str:
         """Where this points, without credentials (for logs and ``config check``)."""
         hosts = ",".join(f"{h}:{p}" for h, p in self.nodes) or self.unix_path or "?"
@@ -227,10 +232,53 @@ class RedisSpec:
         return f"{self.mode} {hosts}{extra}{' TLS' if self.tls else ''}{' user ' + self.username if self.username else ''}"
 
 
+RETRIES = 3  # attempts after the first, for one Redis operation
+BACKOFF_BASE, BACKOFF_CAP = 0.02, 0.25  # seconds between two attempts (exponential with jitter)
+
+_nesting = threading.local()
+
+
+class FlatRetry(Retry):
+    """A Retry whose nested uses make one attempt only.
+
+    redis-py retries with the connection's Retry object at several levels at once: a command's
+    attempts, and inside each, the connect + handshake of a new connection and its health-check
+    PING. Nested, 4 attempts became 4 x 4 socket timeouts (8.5 s against a frozen server). Here only
+    the outermost call on a thread retries; what runs inside one of its attempts fails that attempt
+    at its first timeout. So one Redis operation waits at most :func:`wait_bound` seconds."""
+
+    def call_with_retry(self, do, fail, is_retryable=None, with_failure_count=False):
+        if getattr(_nesting, "active", False):
+            try:
+                return do()
+            except self._supported_errors as error:
+                if with_failure_count:
+                    fail(error, 1)
+                else:
+                    fail(error)
+                raise
+        _nesting.active = True
+        try:
+            return super().call_with_retry(do, fail, is_retryable, with_failure_count)
+        finally:
+            _nesting.active = False
+
+
 def default_retry() -> Retry:
     from redis.backoff import ExponentialWithJitterBackoff
 
-    return Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.25), 3)
+    return FlatRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE, cap=BACKOFF_CAP), RETRIES)
+
+
+def wait_bound(socket_timeout: float, cluster_nodes: int = 0) -> float:
+    """The longest a dpiguard Redis operation waits for a server that does not answer (frozen,
+    unreachable, partitioned) before it raises: ``(1 + RETRIES)`` attempts, each ended by the first
+    socket timeout (connect, handshake or reply: ``redis.socket_timeout`` is used for all three),
+    and the backoff between them. With the default 0.5 s: 4 x 0.5 + 3 x 0.25 = 2.75 s. On a Redis
+    Cluster (``cluster_nodes``: the nodes listed in ``redis.url``) a failed operation also asks the
+    listed nodes for the slot map, each within one socket timeout: + 3 x 0.5 = 4.25 s for three.
+    This is the figure of docs/operations.md; a request that needs Redis is refused within it."""
+    return (1 + RETRIES) * socket_timeout + RETRIES * BACKOFF_CAP + cluster_nodes * socket_timeout
 
 
 def _int(text: str, what: str) -> int:

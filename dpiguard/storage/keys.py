@@ -81,8 +81,23 @@ class Keys:
     def journal(self) -> str:
         return f"{self.prefix}:ct:journal"
 
-    def adt_seen(self, digest: str) -> str:
+    def adt_seen(self, patient: str, digest: str) -> str:
+        """Duplicate marker of an applied HL7 message, in its patient's slot."""
+        return f"{self.prefix}:adt:seen:{{{patient}}}:{digest}"
+
+    def adt_seen_legacy(self, digest: str) -> str:
+        """The marker's older shape (no hash tag, not in the patient's slot): still read until the
+        markers written by an older dpiguard have expired (``adt.dedup_ttl``)."""
         return f"{self.prefix}:adt:seen:{digest}"
+
+    def adt_outbox(self, patient: str) -> str:
+        """Movements of a patient committed but not yet finished (careteam/movements.py)."""
+        return f"{self.prefix}:ct:outbox:{{{patient}}}"
+
+    @property
+    def adt_outbox_pattern(self) -> str:
+        """SCAN pattern of every patient's outbox."""
+        return f"{self.prefix}:ct:outbox:*"
 
     # -- emergency access and objections (careteam/) ------------------------------------------------
     def grants_of(self, login: str) -> str:
