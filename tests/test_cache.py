@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -135,17 +134,6 @@ def test_reput_refreshes_insertion_order():
     cache.put(key("c"), 4, NOW + 30, gen, now=NOW)
     assert cache.get(key("b"), NOW) is None
     assert cache.get(key("a"), NOW) == 3
-
-
-def test_get_is_cheap():
-    cache = DecisionCache()
-    cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW)
-    n = 100_000
-    start = time.perf_counter()
-    for _ in range(n):
-        cache.get(key(), NOW)
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 5e-6, f"get took {per_call * 1e6:.2f} µs"
 
 
 def test_thread_safety_smoke():
