@@ -180,7 +180,8 @@ def test_fhir_yaml_errors_name_file_and_line(tmp_path, policy, old, new, message
 # -- responses -------------------------------------------------------------------------------------
 
 def judge_for(fhir, policy, roles, team):
-    return Judge(fhir=fhir, policy=policy, roles=roles, member=lambda p, c, a: p in team)
+    return Judge(fhir=fhir, policy=policy, roles=roles,
+                 access=lambda p, c, a, required: (p in team or not required, "not_in_care_team"))
 
 
 def obs(ident, pid, **extra):

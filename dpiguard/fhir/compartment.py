@@ -180,8 +180,8 @@ def patient_of_reference(value: str, *, bare_is_patient: bool) -> str | None | b
     ``http(s)://host/base/Patient/P1``.
     """
     value = value.strip()
-    if not value:
-        return False
+    if not value or "?" in value or value.startswith("urn:"):
+        return False  # conditional or Bundle-local references name no patient dpiguard can check
     parts = value.split("/")
     if len(parts) == 1:
         if not bare_is_patient:
