@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
@@ -27,12 +28,17 @@ from dpiguard.decision.verdict import NeedIO, Verdict, audit_unavailable
 from dpiguard.edge import fhir as fhir_hooks
 from dpiguard.edge import ops
 from dpiguard.edge.flows import (
+    DECIDED_KEY,
     REQUEST_ID_HEADER,
     REQUEST_ID_KEY,
+    UnparsedRequestTracer,
     durable,
     forward,
+    framing_error,
     incoming,
+    origin_form,
     respond,
+    trace_http_error,
     trace_internal_error,
 )
 from dpiguard.edge.portal import MAX_BODY, PREFIX, Reply
@@ -47,6 +53,9 @@ class DpiGuard:
     def __init__(self, services: Any = None, *, build: Callable[[Config], Any] | None = None):
         self.services = services  # dpiguard.services.Services
         self._build = build
+        self.unsafe: str | None = None  # an option makes enforcement unsafe: every request is refused
+        self._unparsed: UnparsedRequestTracer | None = None
+        self._authorities: tuple[frozenset[str], tuple[str, str, int]] | None = None
 
     # -- mitmproxy lifecycle -----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -56,6 +65,7 @@ class DpiGuard:
         )
 
     def configure(self, updated) -> None:
+        self._refuse_streaming(updated)
         if self.services is not None or self._build is None or "dpiguard_config" not in updated:
             return
         try:
@@ -65,16 +75,37 @@ class DpiGuard:
         except Exception as exc:
             raise exceptions.OptionsError(f"dpiguard: cannot start: {exc}") from exc
 
+    def _refuse_streaming(self, updated) -> None:
+        """Bodies dpiguard decides on (FHIR writes, its own pages) must be whole before anything is
+        forwarded: mitmproxy's ``stream_large_bodies`` would send them to the DPI unchecked."""
+        if "stream_large_bodies" in updated and getattr(ctx.options, "stream_large_bodies", None):
+            self.unsafe = ("stream_large_bodies is set: request bodies would reach the DPI before dpiguard "
+                           "checks them; remove this option")
+            log.error("dpiguard: cannot start: %s", self.unsafe)
+            try:  # as a script (mitmdump -s), an error in configure is only logged: stop mitmproxy itself
+                ctx.master.shutdown()
+            except Exception:
+                pass
+            raise exceptions.OptionsError(f"dpiguard: {self.unsafe}")
+
     def running(self) -> None:
         if self.services is None:
             log.error("dpiguard: no configuration (set dpiguard_config); every request will be refused")
             return
+        if self._unparsed is None:
+            self._unparsed = UnparsedRequestTracer(self.services.audit)
+            server_log = logging.getLogger("mitmproxy.proxy.server")
+            server_log.addHandler(self._unparsed)
+            if server_log.getEffectiveLevel() > logging.INFO:  # its unparsable-request lines are INFO
+                server_log.setLevel(logging.INFO)
         self.services.start()
         version = self.services.policies.version
         self.services.audit.write({"event": "startup", "outcome": "allow", "reason": "ok", "policy_version": version})
         log.info("dpiguard ready: policy %s, instance %s", version, self.services.config.instance_id)
 
     def done(self) -> None:
+        if self._unparsed is not None:
+            logging.getLogger("mitmproxy.proxy.server").removeHandler(self._unparsed)
         if self.services is not None:
             self.services.stop()
 
@@ -87,6 +118,11 @@ class DpiGuard:
             metrics.observe_decision(False, "internal_error", 0.0, True)
             respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
             trace_internal_error(self.services and self.services.audit, flow, exc)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy refused the request itself (invalid framing or headers, CONNECT...), or it failed
+        on the way: one trace record, with the request id."""
+        trace_http_error(self.services and self.services.audit, flow, flow.error.msg if flow.error else "error")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         pending = flow.metadata.get(FHIR_KEY)
@@ -113,6 +149,17 @@ class DpiGuard:
             return
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
+        if self.unsafe:
+            respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
+            return
+        broken = framing_error(flow, req)
+        if broken is not None:  # mitmproxy answers it (400) and closes; traced, never decided
+            trace_http_error(s.audit, flow, broken)
+            return
+        if not origin_form(flow, *self._targets()):
+            await self._refuse(req, flow, Verdict(False, "absolute_target_refused", 400,
+                                                  "an absolute request target must name this service"))
+            return
         if req.target.startswith(PREFIX):
             op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
             if op is not None:
@@ -129,6 +176,7 @@ class DpiGuard:
                 respond(flow, s.portal.refusal(req, verdict))
                 return
             flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
+            flow.request.stream = False
             return
         started, used_io = time.perf_counter(), False
         try:
@@ -137,6 +185,7 @@ class DpiGuard:
             used_io = True
             verdict = await asyncio.to_thread(s.pipeline.decide, req, io=True)
         metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
+        flow.metadata[DECIDED_KEY] = True
         # No answer and no forwarding before the decision's record is on disk (group commit).
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()
@@ -146,11 +195,34 @@ class DpiGuard:
         if verdict.fhir_context is not None:
             flow.metadata[FHIR_KEY] = (req, verdict)  # checked again on the body and the response
             if verdict.pending:
+                flow.request.stream = False  # the whole body is checked before anything is forwarded
                 return  # a FHIR write: decided in the `request` hook once the body is in
         forward(flow, verdict)
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
             asyncio.get_running_loop().run_in_executor(None, self._touch, session)
+
+    async def _refuse(self, req, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        s = self.services
+        verdict.audit = s.pipeline.trace(req, verdict, s.pipeline.policies)
+        flow.metadata[DECIDED_KEY] = True
+        if not await self._durable(verdict, req):
+            verdict = audit_unavailable()
+        respond(flow, s.portal.refusal(req, verdict))
+
+    def _targets(self) -> tuple[frozenset[str], tuple[str, str, int]]:
+        """(host:port an absolute-form target may name, the DPI's scheme, host and port)."""
+        if self._authorities is None:
+            cfg = self.services.config
+            upstream = urlsplit(cfg.upstream.url)
+            default = 443 if upstream.scheme == "https" else 80
+            dpi = (upstream.scheme, upstream.hostname or "", upstream.port or default)
+            public = urlsplit(self.services.pipeline.fhir.public_origin) if self.services.pipeline.fhir else None
+            names = {f"{dpi[1].lower()}:{dpi[2]}", f"{cfg.listen.host.lower()}:{cfg.listen.port}"}
+            if public is not None and public.hostname:
+                names.add(f"{public.hostname.lower()}:{public.port or (443 if public.scheme == 'https' else 80)}")
+            self._authorities = (frozenset(names), dpi)
+        return self._authorities
 
     @staticmethod
     def _portal_body_ok(flow: http.HTTPFlow) -> bool:
