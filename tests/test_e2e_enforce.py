@@ -83,7 +83,7 @@ def test_batch_entries_are_read_with_the_same_rules(stack, nurse):
     for url in ("Observation?subject:missing=Patient/P0002", "Observation?subject:Patient.name=x",
                 "Observation?patient=P0001,P0002", "Observation?code=1&_offset=5"):
         bundle = {"resourceType": "Bundle", "type": "batch",
-                  "entry": [{"request": {"method": "GET", "url": "Observation?patient=P0001"}},
+                  "entry": [{"request": {"method": "GET", "url": "Observation/P0001-bio-1"}},
                             {"request": {"method": "GET", "url": url}}]}
         stack.upstream_app.clear()
         r = nurse.post("/fhir", json=bundle)
@@ -140,7 +140,7 @@ def test_objection_holds_on_administrative_data_searches_reads_and_batches(stack
         nurse.get("/fhir/Patient", params={"identifier": f"urn:dpiguard:demo:insurance-number|{insurance}"}),
         nurse.get("/fhir/Encounter", params={"status": "in-progress", "_count": "500"}),
         nurse.post("/fhir", json={"resourceType": "Bundle", "type": "batch", "entry": [
-            {"request": {"method": "GET", "url": f"Patient?family={family}"}},
+            {"request": {"method": "GET", "url": "Patient/P0001"}},
             {"request": {"method": "GET", "url": f"Encounter/{OBJECTING}-enc-1"}}]}),
     ]
     for r in answers:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from dpiguard.fhir.compartment import PATIENT_COMPARTMENT, FhirRefusal, analyze, patient_of_reference
-from dpiguard.fhir.response import BundleRewriter, Judge, patient_links, process
+from dpiguard.fhir.response import (
+    BundleRewriter,
+    CheckedAnswer,
+    Judge,
+    collect_page,
+    page_bundle,
+    patient_links,
+    process,
+)
 from dpiguard.policy.fhir import FhirPolicy
 from dpiguard.policy.files import PolicyError
 from dpiguard.policy.paths import parse_query
@@ -201,25 +209,30 @@ def bundle(entries, links=("self",), total=None):
 REWRITE = BundleRewriter("http://up:1", "https://proxy")
 
 
-def test_filtered_single_page_total_is_the_visible_count(fhir, policy):
+def page_of(body, judge, offset=0, size=20, exhausted=True):
+    out = CheckedAnswer(None, 200)
+    matches, includes = collect_page(body, judge, REWRITE, out)
+    return page_bundle(matches, includes, offset, size, exhausted, [{"relation": "self", "url": "x"}]), out
+
+
+def test_search_page_total_is_the_visible_count_only_when_read_to_the_end(fhir, policy):
     body = bundle([(obs("1", "P1"), "match"), (obs("2", "P2"), "match"), (obs("3", "P1"), "match")], total=3)
-    out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
-    assert [e["resource"]["id"] for e in out.body["entry"]] == ["1", "3"]
-    assert out.body["total"] == 2 and out.hidden == 1
-    assert out.body["link"][0]["url"].startswith("https://proxy/fhir/")
-    assert out.body["entry"][0]["fullUrl"] == "https://proxy/fhir/Observation/1"
+    judge = judge_for(fhir, policy, ("nurse",), {"P1"})
+    page, out = page_of(body, judge)
+    assert [e["resource"]["id"] for e in page["entry"]] == ["1", "3"]
+    assert page["total"] == 2 and out.hidden == 1
+    assert page["entry"][0]["fullUrl"] == "https://proxy/fhir/Observation/1"
+    assert page["link"] == [{"relation": "self", "url": "x"}]  # never the DPI's links
+    page, _ = page_of(body, judge, size=1, exhausted=False)  # more to read: no total at all
+    assert "total" not in page and [e["resource"]["id"] for e in page["entry"]] == ["1"]
+    page, _ = page_of(body, judge, offset=1, size=1)  # the last visible page
+    assert page["total"] == 2 and [e["resource"]["id"] for e in page["entry"]] == ["3"]
 
 
-def test_paged_filtered_search_drops_total(fhir, policy):
+def test_nested_searchset_has_no_paging_and_no_total(fhir, policy):
     body = bundle([(obs("1", "P1"), "match")], links=("self", "next"), total=50)
     out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
-    assert "total" not in out.body and out.hidden == 0
-
-
-def test_scoped_search_without_hidden_keeps_total(fhir, policy):
-    body = bundle([(obs("1", "P1"), "match")], links=("self", "next"), total=50)
-    out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=False)
-    assert out.body["total"] == 50
+    assert "total" not in out.body and [link["relation"] for link in out.body["link"]] == ["self"]
 
 
 def test_includes_of_hidden_matches_are_pruned(fhir, policy):
@@ -229,6 +242,8 @@ def test_includes_of_hidden_matches_are_pruned(fhir, policy):
                    (patient2, "include")])
     out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
     assert [e["resource"]["id"] for e in out.body["entry"]] == ["1", "P1"]
+    page, _ = page_of(body, judge_for(fhir, policy, ("nurse",), {"P1"}))
+    assert [e["resource"]["id"] for e in page["entry"]] == ["1", "P1"]
 
 
 def test_a_resource_naming_two_patients_needs_both(fhir, policy):

@@ -345,8 +345,11 @@ class FhirEnforcer:
                 decision = self._passes(pipe, v.policies, v.user, patient, permitted, freq.action, True, now)
                 if not decision.member:
                     return decision.reason, f"entry {number}: {_message(decision.reason)}"
-            if method == "GET" and freq.interaction == "search" and freq.count is not None:
-                return "fhir_forbidden_parameter", f"entry {number}: _count is not taken in a Bundle (one page)"
+            if freq.interaction == "search":
+                # One page of the DPI's, filtered: how many entries are left would tell how many were
+                # hidden. Searches are paged by dpiguard only as plain searches.
+                return "fhir_not_supported", f"entry {number}: searches are not open inside a Bundle; run them " \
+                                             "as plain searches"
             if freq.action == "write":
                 resource = resolve_local_references(entry.get("resource"), local)
                 reason, message, version = self._check_entry(v, judge, freq, resource)

@@ -309,6 +309,13 @@ class FhirStore:
             versions.append(resource)
             return copy.deepcopy(resource), created
 
+    def copy_from(self, other: "FhirStore") -> None:
+        """Hold exactly what ``other`` holds (tests build a second world from the first)."""
+        with other._lock:
+            versions = copy.deepcopy(other._versions)
+        with self._lock:
+            self._versions = versions
+
     def forget(self, kind: str, ident: str) -> None:
         """Remove every version, as if the resource never existed (tests build a world without a patient)."""
         with self._lock:

@@ -214,6 +214,12 @@ def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: CheckedAn
         if "fullUrl" in entry:
             entry["fullUrl"] = rewriter.url(entry["fullUrl"])
         resource = entry.get("resource")
+        response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+        if kind in ("batch-response", "transaction-response") and str(response.get("status", ""))[:3] in ("404",
+                                                                                                           "410"):
+            # A missing resource answers like a withheld one (no existence oracle inside Bundles either).
+            kept.append({"response": {"status": "404", "outcome": not_found_outcome(out.request_id)}})
+            continue
         if resource is None:
             if kind in ("batch-response", "transaction-response"):
                 kept.append(entry)  # the outcome of the user's own write (status, location)
