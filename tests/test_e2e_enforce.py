@@ -354,3 +354,45 @@ def test_forbidden_and_missing_resources_answer_alike(stack, nurse):
         kw = {"json": dict(body, id="P0002-vs-99")} if method == "put" else {}
         b = getattr(nurse, method)("/fhir/Observation/P0002-vs-99", **kw)
         assert a.status_code == b.status_code == 404, (method, a.text, b.text)
+
+
+# -- POST _search, conditional headers, bodies where none belongs ----------------------------------------
+
+def test_post_search_form_is_read_like_a_search(stack, nurse, proxy):
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    stack.upstream_app.clear()
+    for body, why in (("patient=P0002", "not_in_care_team"), ("subject:Patient.name=Barbier", "fhir_forbidden_parameter"),
+                      ("code=8867-4&_offset=20", "fhir_forbidden_parameter"), (f"patient={OBJECTING}", "patient_objection"),
+                      ("bogus=1", "fhir_forbidden_parameter")):
+        r = nurse.post("/fhir/Observation/_search", content=body, headers=form)
+        assert r.status_code == 403 and reason(r) == why, (body, r.text)
+    r = nurse.post("/fhir/Observation/_search?patient=P0002", content="code=8867-4", headers=form)
+    assert r.status_code == 403 and reason(r) == "not_in_care_team"
+    assert reached(stack) == []
+    r = nurse.post("/fhir/Observation/_search", content="code=http://loinc.org|8867-4&_count=5", headers=form)
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert len(bundle["entry"]) == 5 and [link["relation"] for link in bundle["link"]] == ["self", "next"]
+    (seen,) = reached(stack)
+    assert seen["method"] == "GET" and seen["body"] == b"" and "_count=500" in seen["query"]
+    nxt = nurse.get(bundle["link"][1]["url"][len(proxy.url):])
+    assert nxt.status_code == 200 and len(nxt.json()["entry"]) == 5
+    assert not {e["resource"]["id"] for e in nxt.json()["entry"]} & {e["resource"]["id"] for e in bundle["entry"]}
+
+
+def test_validators_and_conditional_create_never_reach_the_dpi(stack, nurse):
+    missing = nurse.get("/fhir/Observation/P0002-bio-999", headers={"if-none-match": 'W/"1"'})
+    hidden = nurse.get("/fhir/Observation/P0002-bio-1", headers={"if-none-match": 'W/"1"',
+                                                                 "if-modified-since": "Mon, 01 Jan 2001 00:00:00 GMT",
+                                                                 "range": "bytes=0-10"})
+    assert missing.status_code == hidden.status_code == 404
+    stack.upstream_app.clear()
+    assert nurse.get("/fhir/Observation/P0001-bio-1", headers={"if-none-match": 'W/"1"'}).status_code == 200
+    assert "if-none-match" not in reached(stack)[-1]["headers"]
+    r = nurse.post("/fhir/Observation", headers={"if-none-exist": "patient=P0002&code=8867-4"},
+                   json={"resourceType": "Observation", "status": "final", "code": {},
+                         "subject": {"reference": "Patient/P0001"}})
+    assert r.status_code == 403 and reason(r) == "fhir_not_supported"
+    r = nurse.request("GET", "/fhir/Observation?patient=P0001", content=b"patient=P0002",
+                      headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and reason(r) == "fhir_invalid_request"

@@ -191,7 +191,8 @@ PARAMS = {
 
 @st.composite
 def requests(draw, ids):
-    kind = draw(st.sampled_from(["search", "search", "search", "read", "batch", "write", "hostile"]))
+    kind = draw(st.sampled_from(["search", "search", "search", "post_search", "read", "batch", "write",
+                                 "hostile"]))
     user = draw(st.sampled_from(sorted(USERS)))
 
     def a_search():
@@ -207,8 +208,14 @@ def requests(draw, ids):
 
     if kind == "search":
         return user, "GET", "/fhir/" + a_search(), None, {}
+    if kind == "post_search":
+        rtype, _, form = a_search().partition("?")
+        return user, "POST", f"/fhir/{rtype}/_search", form.encode(), {
+            "content-type": "application/x-www-form-urlencoded"}
     if kind == "read":
-        return user, "GET", "/fhir/" + a_read(), None, {}
+        validators = draw(st.sampled_from([{}, {"if-none-match": 'W/"1"'}, {"range": "bytes=0-5"},
+                                           {"if-modified-since": "Mon, 01 Jan 2001 00:00:00 GMT"}]))
+        return user, "GET", "/fhir/" + a_read(), None, validators
     if kind == "batch":
         entries = [{"request": {"method": "GET", "url": a_search() if draw(st.booleans()) else a_read()}}
                    for _ in range(draw(st.integers(1, 3)))]
@@ -238,9 +245,15 @@ def requests(draw, ids):
                                  "/fhir//Observation", "/fhir/Observation/P0002-bio-1;x",
                                  "/fhir/Patient/P0002/../P0014", "/fhir/Observation/_history", "/fhir",
                                  "/fhir/Patient/P0014/$everything", "/fhir/Patient/P0002/Observation?code=777-3",
-                                 "/fhir/Observation/P0002-bio-1/$meta", "/fhir/Observation?patient=P0014%2CP0001"]))
+                                 "/fhir/Observation/P0002-bio-1/$meta", "/fhir/Observation?patient=P0014%2CP0001",
+                                 "/fhir/Observation?patient=P0001&patient=P0014", "/fhir/Observation?_getpages=x",
+                                 "/fhir/Observation?code=8867-4&_offset=3&_count=1", "/fhir/metadata?x=1",
+                                 "/fhir/Patient?_has:Observation:patient:code=8867-4",
+                                 "/fhir/Observation?patient=P0001;subject=P0002", "/fhir/%2e%2e/api/patients"]))
     header = draw(st.sampled_from([{}, {"X-Original-URL": "/fhir/Patient/P0014"}, {"X_Remote_User": "dr.martin"},
-                                   {"X-Forwarded-Host": "evil.example"}, {"X-HTTP-Method-Override": "DELETE"}]))
+                                   {"X-Forwarded-Host": "evil.example"}, {"X-HTTP-Method-Override": "DELETE"},
+                                   {"X-Rewrite-URL": "/fhir/Observation?patient=P0002"},
+                                   {"If-None-Exist": "patient=P0002"}, {"X-DPIGuard-User": "dr.martin"}]))
     return user, draw(st.sampled_from(["GET", "HEAD", "OPTIONS"])), path, None, header
 
 
@@ -264,7 +277,7 @@ def normalized(r: httpx.Response, origin: str) -> tuple:
 
 def send(client: httpx.Client, proxy, token, method, path, body, headers) -> httpx.Response:
     hdrs = {"authorization": f"Bearer {token}", **headers}
-    content = orjson.dumps(body) if body is not None else None
+    content = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else None
     if content is not None and "content-type" not in hdrs:
         hdrs["content-type"] = "application/fhir+json"
     return client.request(method, proxy.url + path, content=content, headers=hdrs)
@@ -272,7 +285,8 @@ def send(client: httpx.Client, proxy, token, method, path, body, headers) -> htt
 
 def check_answer(w, user, method, path, body, r: httpx.Response) -> None:
     oracle, stack = w["oracle"], w["stack"]
-    request_text = path + (orjson.dumps(body).decode() if body is not None else "")
+    request_text = path + (body.decode() if isinstance(body, bytes) else orjson.dumps(body).decode()
+                           if body is not None else "")
     parsed = None
     if r.content and "json" in r.headers.get("content-type", ""):
         parsed = r.json()

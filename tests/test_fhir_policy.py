@@ -94,7 +94,8 @@ def test_patients_of_a_request(fhir, target, patients, scoped):
     ("HEAD", "Observation/1", "fhir_not_supported"),
     ("GET", "Observation/1/$meta", "fhir_operation_not_allowed"),
     ("GET", "Observation/$lastn", "fhir_operation_not_allowed"),
-    ("POST", "Observation/_search", "fhir_not_supported"),
+    ("GET", "Observation/_search", "fhir_not_supported"),
+    ("POST", "Observation/_search?subject:Patient.name=x", "fhir_forbidden_parameter"),
     # default-deny: unknown parameters, modifiers, chains (issue 12)
     ("GET", "Observation?subject.name=Dupont", "fhir_forbidden_parameter"),
     ("GET", "Observation?subject:Patient.name=Dupont", "fhir_forbidden_parameter"),

@@ -71,6 +71,7 @@ DEFAULT_PAGE = 20
 UPSTREAM_PAGE = 500  # entries asked of the DPI per page while dpiguard fills its own pages
 MAX_SCAN = 10000  # entries of the DPI's answer read at most to fill one page (else fhir_search_too_broad)
 NOT_FORWARDED = frozenset({"_count", "_total", "_cursor"})
+CONDITIONAL_HEADERS = ("if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range", "range")
 
 
 def _without(raw_query: str, names: frozenset[str]) -> str:
@@ -112,6 +113,12 @@ class FhirEnforcer:
             v.fhir = True
             return v
         v = Verdict(False, "", 403, user=session.user, roles=session.roles, session=session, fhir=True)
+        if "if-none-exist" in req.headers:  # conditional create: a search whose answer is a status
+            return _refuse(v, "fhir_not_supported", "conditional create (If-None-Exist) is not open through dpiguard",
+                           403, "not-supported")
+        if req.method in ("GET", "DELETE") and (req.headers.get("content-length", "0") != "0"
+                                                or "transfer-encoding" in req.headers):
+            return _refuse(v, "fhir_invalid_request", f"a FHIR {req.method} takes no body", 400, "invalid")
         offset, size = 0, None
         if "_cursor" in query:  # a page link of dpiguard's: the search it continues, re-decided whole
             if set(query) - {"_cursor", "_format", "_pretty"} or len(query["_cursor"]) != 1:
@@ -135,33 +142,13 @@ class FhirEnforcer:
         if not pipe.origin_ok(req, token_source):
             return _refuse(v, "csrf_origin_mismatch", "cross-site request refused")
         ctx = FhirContext(freq, freq.interaction == "search" and not freq.scoped, self.public_origin)
-        if freq.interaction not in ("capabilities", "bundle"):
-            if freq.interaction == "operation":
-                categories = sorted({c for rule in fhir.types.values() for c in rule.categories})
-            else:
-                rule = fhir.types[freq.resource_type]
-                categories = [rule.category] + sorted(rule.categories - {rule.category})
-            permitted = [c for c in categories if policies.permits(session.roles, c, freq.action)]
-            if not permitted:
-                v.category = categories[0]
-                return _refuse(v, "category_not_permitted", f"your role may not {freq.action} "
-                                                            f"{freq.resource_type} resources")
-            v.category = permitted[0]
-            ctx.categories = tuple(permitted)
-            if ctx.filtered_search and fhir.types[freq.resource_type].search != "filter":
-                return _refuse(v, "fhir_search_not_scoped",
-                               f"a {freq.resource_type} search must name the patient (patient=...)")
-            probe = self._masked_probe(policies, session.roles, freq, permitted)
-            if probe:
-                return _refuse(v, "fhir_forbidden_parameter",
-                               f"search parameter {probe!r} is about an element your role does not see")
-            strict = freq.interaction == "operation"  # $everything: the care team, whatever the categories
-            for patient in freq.patients:
-                decision = self._passes(pipe, policies, session.user, patient, permitted, freq.action, io, now, strict)
-                if not decision.member:
-                    v.patient = patient
-                    return _refuse(v, decision.reason, _message(decision.reason))
-        if freq.interaction in ("search", "operation"):
+        refusal = self._check_request(pipe, policies, v, freq, ctx, io, now)
+        if refusal is not None:
+            return refusal
+        if freq.post_search:  # the parameters are in the body: decided once it is in
+            ctx.path, ctx.client_query = path.rsplit("/_search", 1)[0], raw_query
+            raw_query = ""
+        elif freq.interaction in ("search", "operation"):
             # dpiguard pages the answer itself: the DPI is asked for large pages, the client's _count
             # and _total are read by dpiguard and never forwarded.
             ctx.path, ctx.client_query = path, _without(raw_query, NOT_FORWARDED)
@@ -173,7 +160,44 @@ class FhirEnforcer:
             return v  # refused at the last step (mass-access throttle): traced now, never left pending
         v.fhir_context = ctx
         v.pending = freq.needs_body or freq.needs_stored
+        # Validators and ranges of the client would let the DPI answer 304/206/412 about a resource
+        # before dpiguard sees it (an existence and version oracle): never forwarded.
+        v.drop_headers = CONDITIONAL_HEADERS
         return v
+
+    def _check_request(self, pipe: Pipeline, policies: PolicySet, v: Verdict, freq: FhirRequest, ctx: FhirContext,
+                       io: bool, now: float) -> Verdict | None:
+        """Role x category, search mode, masked elements, every patient named: the refusal, or None."""
+        if freq.interaction in ("capabilities", "bundle"):
+            return None
+        fhir = policies.fhir
+        if freq.interaction == "operation":
+            categories = sorted({c for rule in fhir.types.values() for c in rule.categories})
+        else:
+            rule = fhir.types[freq.resource_type]
+            categories = [rule.category] + sorted(rule.categories - {rule.category})
+        permitted = [c for c in categories if policies.permits(v.roles, c, freq.action)]
+        if not permitted:
+            v.category = categories[0]
+            return _refuse(v, "category_not_permitted", f"your role may not {freq.action} "
+                                                        f"{freq.resource_type} resources")
+        v.category = permitted[0]
+        ctx.categories = tuple(permitted)
+        ctx.filtered_search = freq.interaction == "search" and not freq.scoped
+        if ctx.filtered_search and not freq.post_search and fhir.types[freq.resource_type].search != "filter":
+            return _refuse(v, "fhir_search_not_scoped",
+                           f"a {freq.resource_type} search must name the patient (patient=...)")
+        probe = self._masked_probe(policies, v.roles, freq, permitted)
+        if probe:
+            return _refuse(v, "fhir_forbidden_parameter",
+                           f"search parameter {probe!r} is about an element your role does not see")
+        strict = freq.interaction == "operation"  # $everything: the care team, whatever the categories
+        for patient in freq.patients:
+            decision = self._passes(pipe, policies, v.user, patient, permitted, freq.action, io, now, strict)
+            if not decision.member:
+                v.patient = patient
+                return _refuse(v, decision.reason, _message(decision.reason))
+        return None
 
     @staticmethod
     def _passes(pipe: Pipeline, policies: PolicySet, user: str, patient: str, categories, action: str, io: bool,
@@ -230,11 +254,13 @@ class FhirEnforcer:
         if len(body) > MAX_BODY:
             return "fhir_invalid_request", "request body too large"
         parsed = None
-        if freq.needs_body:
+        if freq.needs_body and not freq.post_search:
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
                 return "fhir_invalid_request", "the body is not valid JSON"
+        if freq.post_search:
+            return self._check_post_search(pipe, req, v, body, now)
         judge = self._judge(pipe, v, True, now)
         if freq.interaction == "bundle":
             return self._check_bundle(pipe, v, judge, parsed, now)
@@ -244,6 +270,40 @@ class FhirEnforcer:
             # The DPI applies the write only to the version dpiguard checked (no change in between).
             v.set_headers["If-Match"] = f'W/"{version}"'
         return reason, message
+
+    def _check_post_search(self, pipe: Pipeline, req: Incoming, v: Verdict, body: bytes,
+                           now: float) -> tuple[str | None, str]:
+        """``POST Type/_search``: the form's parameters and the URL's, read as one search (default-deny,
+        patients, masks), forwarded to the DPI as a GET and paged by dpiguard like any search."""
+        ctx: FhirContext = v.fhir_context
+        content_type = req.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            return "fhir_invalid_request", "a POST _search takes an application/x-www-form-urlencoded body"
+        try:
+            form = body.decode("ascii")
+            merged_raw = "&".join(q for q in (ctx.client_query, form) if q)
+            merged = parse_query(merged_raw)
+        except (UnicodeDecodeError, HostileRequest):
+            return "fhir_invalid_request", "malformed search form"
+        fhir = v.policies.fhir
+        try:
+            freq = analyze("GET", fhir.segments(ctx.path), merged, types=fhir.types,
+                           allowed_params=fhir.allow_parameters, operations=fhir.operations)
+        except FhirRefusal as exc:
+            return exc.reason, exc.message
+        if freq.interaction != "search" or "_cursor" in merged:
+            return "fhir_invalid_request", "malformed search form"
+        v.patient = ",".join(freq.patients) or None
+        refusal = self._check_request(pipe, v.policies, v, freq, ctx, True, now)
+        if refusal is not None:
+            return refusal.reason, refusal.message
+        ctx.request = freq
+        ctx.client_query = _without(merged_raw, NOT_FORWARDED)
+        ctx.page_offset, ctx.page_size = 0, freq.count or DEFAULT_PAGE
+        query = "&".join(q for q in (ctx.client_query, f"_count={self.upstream_page}") if q)
+        v.forward_target = f"{ctx.path}?{query}"
+        v.forward_method, v.forward_body = "GET", b""
+        return None, ""
 
     def _check_entry(self, v: Verdict, judge: Judge, freq: FhirRequest, resource: Any,
                      content_type: str = "application/fhir+json") -> tuple[str | None, str, str | None]:
@@ -389,9 +449,14 @@ class FhirEnforcer:
                   "interaction": ctx.request.interaction, "resource_type": ctx.request.resource_type,
                   "upstream_status": status, "policy_version": v.policies.version,
                   "fhir_policy_version": v.policies.fhir.version}
+        by_id = ctx.request.interaction in ("read", "vread", "history") or ctx.request.needs_stored
+        if by_id and status in (404, 410):
+            # Missing and forbidden answer alike (no existence oracle); the trace tells them apart.
+            record.update(outcome="allow", reason="not_found", returned=0, hidden=0)
+            return 404, orjson.dumps(not_found_outcome(req.request_id)), record
         if not body.strip():
-            if 200 <= status < 300 and ctx.request.interaction in ("read", "vread", "search", "history", "operation"):
-                raise ValueError("empty FHIR answer to a read")
+            if ctx.request.interaction in ("read", "vread", "search", "history", "operation"):
+                raise ValueError(f"empty FHIR answer ({status}) to a read")
             record.update(outcome="allow", reason="allowed", returned=0, hidden=0)
             return status, body, record
         if "json" not in content_type.lower():
@@ -406,11 +471,6 @@ class FhirEnforcer:
         rewriter = BundleRewriter(self.upstream_origin, ctx.proxy_origin)
         judge = self._judge(pipe, v, io, now)
         interaction = ctx.request.interaction
-        by_id = interaction in ("read", "vread", "history") or ctx.request.needs_stored
-        if by_id and status in (404, 410):
-            # Missing and forbidden answer alike (no existence oracle); the trace tells them apart.
-            record.update(outcome="allow", reason="not_found", returned=0, hidden=0)
-            return 404, orjson.dumps(not_found_outcome(req.request_id)), record
         if interaction in ("search", "operation") and 200 <= status < 300:
             return self._search_answer(pipe, req, v, parsed, judge, rewriter, io, now, record)
         result = process(parsed, status, judge, rewriter, filtered_search=ctx.filtered_search,

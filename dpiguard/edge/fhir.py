@@ -47,8 +47,13 @@ async def request_body(s: Any, flow: http.HTTPFlow, pending) -> None:
             respond(flow, s.portal.refusal(req, verdict))
         return
     forward(flow, verdict)
+    if verdict.forward_method is not None:  # POST _search, decided: a plain search for the DPI
+        flow.request.method = verdict.forward_method
+        flow.request.headers.pop("content-type", None)
     if verdict.forward_body is not None:
         flow.request.content = verdict.forward_body
+        if not verdict.forward_body:
+            flow.request.headers.pop("content-length", None)
 
 
 async def response(s: Any, flow: http.HTTPFlow, pending) -> None:

@@ -68,6 +68,8 @@ def forward(flow: http.HTTPFlow, v: Verdict) -> None:
     request.path = v.forward_target
     for raw_name in flow.metadata.get(STRIP_KEY, ()):
         request.headers.pop(raw_name.decode("latin-1"), None)
+    for name in v.drop_headers:
+        request.headers.pop(name, None)
     if v.public:
         request.headers.pop("cookie", None)  # no session id leaves the proxy
         request.headers.pop("authorization", None)

@@ -166,6 +166,7 @@ class FhirRequest:
     needs_body: bool = False
     needs_stored: bool = False  # update/patch/delete: the stored resource's patients must pass too
     count: int | None = None  # the page size the client asked for (_count)
+    post_search: bool = False  # POST Type/_search: the parameters are also in the body (a form)
     filtered_search: bool = False  # unscoped search answered with a filtered Bundle
 
     def add_patient(self, patient: str) -> None:
@@ -256,7 +257,11 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
             raise not_supported("conditional update, patch and delete are not allowed through dpiguard")
         raise not_supported(f"{method} is not supported on a resource type")
     if n == 2 and segments[1] == "_search":
-        raise not_supported("POST/GET _search is not supported; use GET with the parameters in the URL")
+        if method != "POST":
+            raise not_supported("search with GET on the type (Type?...), or POST Type/_search with a form")
+        req = FhirRequest("search", kind, needs_body=True, post_search=True)
+        _search_params(req, query, allowed_params, known)  # the URL's parameters now, the form's with the body
+        return req
     if n == 2 and segments[1] == "_history":
         # Type-level history lists deleted resources by id, whoever their patient: not open.
         raise not_supported("the history of a whole resource type is not open through dpiguard")
