@@ -50,8 +50,8 @@ from dpiguard.policy.paths import HostileRequest, normalize_path, parse_query
 from dpiguard.policy.snapshot import PolicySet
 
 MAX_BODY = 5 * 1024 * 1024
-STATUS_OF = {"not_in_care_team": 403, "patient_objection": 403, "category_not_permitted": 403, "fhir_type_not_mapped": 403,
-             "fhir_no_patient": 403, "fhir_invalid_response": 502}
+STATUS_OF = {"not_in_care_team": 403, "patient_objection": 403, "category_not_permitted": 403,
+             "fhir_type_not_mapped": 403, "fhir_no_patient": 403, "fhir_invalid_response": 502, "fhir_not_found": 404}
 
 
 @dataclass
@@ -380,6 +380,9 @@ class FhirEnforcer:
             if method not in ("GET", "POST", "PUT", "DELETE"):
                 return "fhir_invalid_request", f"entry {number}: method {method[:10]!r} is not allowed in a Bundle"
             url = request["url"]
+            if set(request) & {"ifNoneExist", "ifNoneMatch", "ifModifiedSince"} or \
+                    ("ifMatch" in request and method not in ("PUT", "DELETE")):
+                return "fhir_not_supported", f"entry {number}: conditional requests are not open inside a Bundle"
             if "://" in url:
                 return "fhir_invalid_request", f"entry {number}: use relative URLs (Type/id)"
             raw_path, _, raw_query = url.partition("?")
@@ -471,7 +474,18 @@ class FhirEnforcer:
         rewriter = BundleRewriter(self.upstream_origin, ctx.proxy_origin)
         judge = self._judge(pipe, v, io, now)
         interaction = ctx.request.interaction
-        if interaction in ("search", "operation") and 200 <= status < 300:
+        if interaction in ("search", "operation", "read", "vread", "history") and not 200 <= status < 300:
+            # The DPI's own error about a search or a read may depend on what it holds (a hidden resource
+            # it failed on, a resource it refused itself): only dpiguard's answer, by status class.
+            record.update(outcome="deny", reason="fhir_upstream_error", returned=0, hidden=0)
+            if status < 500 and interaction in ("read", "vread", "history"):
+                return 404, orjson.dumps(not_found_outcome(req.request_id)), record
+            code = 400 if status < 500 else 502
+            outcome = operation_outcome("fhir_upstream_error", code, f"the DPI could not answer this request "
+                                        f"({'client' if code == 400 else 'server'} error)", req.request_id,
+                                        "invalid" if code == 400 else "exception")
+            return code, orjson.dumps(outcome), record
+        if interaction in ("search", "operation"):
             return self._search_answer(pipe, req, v, parsed, judge, rewriter, io, now, record)
         result = process(parsed, status, judge, rewriter, filtered_search=ctx.filtered_search,
                          request_id=req.request_id)

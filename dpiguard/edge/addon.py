@@ -65,7 +65,7 @@ class DpiGuard:
         )
 
     def configure(self, updated) -> None:
-        self._refuse_streaming(updated)
+        self._refuse_unsafe_options(updated)
         if self.services is not None or self._build is None or "dpiguard_config" not in updated:
             return
         try:
@@ -75,12 +75,24 @@ class DpiGuard:
         except Exception as exc:
             raise exceptions.OptionsError(f"dpiguard: cannot start: {exc}") from exc
 
-    def _refuse_streaming(self, updated) -> None:
-        """Bodies dpiguard decides on (FHIR writes, its own pages) must be whole before anything is
-        forwarded: mitmproxy's ``stream_large_bodies`` would send them to the DPI unchecked."""
-        if "stream_large_bodies" in updated and getattr(ctx.options, "stream_large_bodies", None):
-            self.unsafe = ("stream_large_bodies is set: request bodies would reach the DPI before dpiguard "
-                           "checks them; remove this option")
+    def _refuse_unsafe_options(self, updated) -> None:
+        """mitmproxy options under which requests would leave unchecked or unclean: bodies dpiguard decides
+        on (FHIR writes, its own pages) must be whole before anything is forwarded (``stream_large_bodies``),
+        the DPI must get its own Host (``keep_host_header``), smuggling checks stay on
+        (``validate_inbound_headers``) and the DPI's certificate is verified (``ssl_insecure``)."""
+        unsafe = {"stream_large_bodies": "request bodies would reach the DPI before dpiguard checks them",
+                  "keep_host_header": "the client's Host header would reach the DPI",
+                  "validate_inbound_headers": "request smuggling checks would be off",
+                  "ssl_insecure": "the DPI's certificate would not be verified"}
+        for name, why in unsafe.items():
+            if name not in updated or not hasattr(ctx.options, name):
+                continue
+            value = getattr(ctx.options, name)
+            if (not value) if name == "validate_inbound_headers" else value:
+                self.unsafe = f"{name} is {'off' if name == 'validate_inbound_headers' else 'set'}: {why}; " \
+                              "remove this option"
+                break
+        if self.unsafe:
             log.error("dpiguard: cannot start: %s", self.unsafe)
             try:  # as a script (mitmdump -s), an error in configure is only logged: stop mitmproxy itself
                 ctx.master.shutdown()
@@ -150,7 +162,7 @@ class DpiGuard:
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
         if self.unsafe:
-            respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
+            await self._refuse(req, flow, Verdict(False, "internal_error", 503, self.unsafe))
             return
         broken = framing_error(flow, req)
         if broken is not None:  # mitmproxy answers it (400) and closes; traced, never decided

@@ -78,9 +78,10 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
                                                   req.request_id, "exception"))
         trace_internal_error(s.audit, flow, exc)
         return
-    if status != flow.response.status_code or record.get("reason") == "not_found" or record.get("concealed"):
-        # dpiguard's own answer, with its own headers only: nothing of the DPI's (ETag, Last-Modified...)
-        # tells a refused resource from a missing one.
+    if status != flow.response.status_code or record.get("reason") in ("not_found", "fhir_upstream_error") or \
+            record.get("concealed") or verdict.fhir_context.request.interaction in ("search", "operation"):
+        # dpiguard's own answer (a refusal, a missing resource, a page of dpiguard's), with its own headers
+        # only: nothing of the DPI's (ETag, Last-Modified, counts or paging in headers) tells about hidden data.
         respond(flow, Reply(status, out, FHIR_JSON))
         return
     flow.response.status_code = status
@@ -89,8 +90,5 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
         if name in flow.response.headers:
             flow.response.headers[name] = rewriter.url(flow.response.headers[name])
     flow.response.headers.pop("content-encoding", None)
-    if verdict.fhir_context.request.interaction in ("search", "operation"):
-        for name in ("etag", "last-modified", "content-location"):
-            flow.response.headers.pop(name, None)  # they were the DPI's page, not dpiguard's
     flow.response.content = out
     flow.response.headers["content-length"] = str(len(out))
