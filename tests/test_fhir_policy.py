@@ -277,3 +277,73 @@ def test_read_refused_and_masks_applied(fhir, policy):
     both = judge_for(fhir, policy, ("pharmacist", "secretary"), {"P1"})
     patient["address"] = [{"city": "Y"}]
     assert "address" in process(patient, 200, both, REWRITE, filtered_search=False).body
+
+
+# -- issue 12: the parameter table, allowed chains, cursors, write helpers ------------------------------------
+
+def test_search_parameter_table_is_consistent():
+    from dpiguard.fhir.compartment import R4_TYPES
+    from dpiguard.fhir.searchparams import SEARCH_PARAMETERS, search_param
+    for kind, params in SEARCH_PARAMETERS.items():
+        assert kind in R4_TYPES
+        for param in params.values():
+            assert param.targets <= R4_TYPES | {"*"}, (kind, param)
+        for link in PATIENT_COMPARTMENT.get(kind, ()):  # every compartment link is a known reference
+            assert search_param(kind, link).kind == "reference", (kind, link)
+    assert search_param("Observation", "subject").can_target("Patient")
+    assert search_param("Observation", "encounter").targets == {"Encounter"}
+
+
+def test_allowed_chains_are_still_read(fhir):
+    def chain(query):
+        path, _, raw = query.partition("?")
+        return analyze("GET", [path], parse_query(raw), types=fhir.types, allowed_params=frozenset({"encounter."}))
+    assert chain("Observation?encounter.status=in-progress").patients == []
+    assert chain("Observation?encounter.patient=P2").patients == ["P2"]  # a patient named through it must pass
+    for bad in ("Observation?encounter.bogus=1", "Observation?encounter.subject.name=x",
+                "Observation?subject.name=x", "Observation?encounter:Patient.name=x"):
+        with pytest.raises(FhirRefusal):
+            chain(bad)
+
+
+def test_cursor_is_bound_to_user_search_and_time():
+    from dpiguard.fhir.cursor import Cursor, CursorError, CursorSigner
+    signer = CursorSigner(b"k" * 32, ttl=60)
+    token = signer.issue("alice", Cursor("/fhir/Observation", "code=1", 20, 10), now=1000)
+    assert signer.read(token, "alice", "/fhir/Observation", now=1030) == Cursor("/fhir/Observation", "code=1", 20, 10)
+    body, _, mac = token.partition(".")
+    for user, path, now, tok in (("bob", "/fhir/Observation", 1030, token), ("alice", "/fhir/Patient", 1030, token),
+                                 ("alice", "/fhir/Observation", 1061, token),
+                                 ("alice", "/fhir/Observation", 1030, body[:-2] + "AA." + mac),
+                                 ("alice", "/fhir/Observation", 1030, "x")):
+        with pytest.raises(CursorError):
+            signer.read(tok, user, path, now)
+    with pytest.raises(CursorError):
+        CursorSigner(b"j" * 32).read(token, "alice", "/fhir/Observation", now=1030)  # another key
+
+
+def test_write_helpers():
+    from dpiguard.fhir.writes import (
+        NEW_RESOURCE,
+        PatchError,
+        apply_json_patch,
+        has_conditional_reference,
+        local_reference_map,
+        resolve_local_references,
+    )
+    stored = {"resourceType": "Observation", "id": "1", "subject": {"reference": "Patient/P1"}}
+    moved = apply_json_patch(stored, [{"op": "replace", "path": "/subject/reference", "value": "Patient/P2"}])
+    assert patient_links(moved)[0] == {"P2"} and stored["subject"]["reference"] == "Patient/P1"
+    for bad in ([], {"op": "add"}, [{"op": "remove", "path": "/nothing"}], [{"op": "test", "path": "/id", "value": "2"}]):
+        with pytest.raises(PatchError):
+            apply_json_patch(stored, bad)
+    assert has_conditional_reference({"a": [{"reference": "Patient?identifier=x|1"}]})
+    entries = [{"fullUrl": "urn:uuid:a", "request": {"method": "PUT", "url": "Patient/P2"}},
+               {"fullUrl": "urn:uuid:b", "request": {"method": "POST", "url": "Patient"}}]
+    local = local_reference_map(entries)
+    assert local == {"urn:uuid:a": "Patient/P2", "urn:uuid:b": NEW_RESOURCE}
+    resolved = resolve_local_references({"subject": {"reference": "urn:uuid:a"}, "x": {"reference": "urn:uuid:z"}},
+                                        local)
+    assert resolved["subject"]["reference"] == "Patient/P2"
+    assert patient_links(resolved) == ({"P2"}, True)  # the unknown urn: stays unreadable
+    assert local_reference_map(entries + entries[:1]) is None  # repeated fullUrl

@@ -500,9 +500,8 @@ def _chain(req: FhirRequest, param: SearchParam, name: str, modifier: str | None
     chained = search_param(target, chain)
     if chained is None:
         raise forbidden_param(name, f"{chain[:32]!r} is not a search parameter of {target} that dpiguard knows")
-    if chained.kind == "reference":
-        if _reference_param(req, chained, name, None, values) is False and chained.can_target("Patient"):
-            pass  # values naming no patient: the response check applies
+    if chained.kind == "reference":  # encounter.subject=P2: P2 must pass like any patient named
+        _reference_param(req, chained, name, None, values)
 
 
 def _control(req: FhirRequest, base: str, values: list[str], known_types: frozenset[str],
