@@ -12,7 +12,7 @@ proxy stack (dpiguard run = mitmproxy + the addon, real Redis, the demo FHIR DPI
    that reached it names only patients the user may write for, and no answer to a request naming a
    patient who objected to the user carries anything of that patient.
 
-Runtime: profile ``ci`` (default, about a minute of examples); ``DPIGUARD_HYPOTHESIS_PROFILE=large`` for a
+Runtime: profile ``ci`` (default, about a minute of examples); ``HYPOTHESIS_PROFILE=large`` for a
 long run. deadline=None: the stack is real, latencies vary with the machine.
 """
 
@@ -42,7 +42,7 @@ settings.register_profile("ci", max_examples=70, deadline=None, derandomize=True
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("large", max_examples=800, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile(os.environ.get("DPIGUARD_HYPOTHESIS_PROFILE", "ci"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 pytestmark = pytest.mark.timeout(900)
 
