@@ -268,6 +268,7 @@ def _cursor(match) -> str:
 def normalized(r: httpx.Response, origin: str) -> tuple:
     text = r.text.replace(origin, "ORIGIN")
     text = re.sub(r"request id [0-9a-f]{16}", "request id X", text)
+    text = re.sub(r'"request_id":"[0-9a-f]{16}"', '"request_id":"X"', text)
     text = CURSOR.sub(_cursor, text)
     text = re.sub(r'"lastUpdated":"[^"]*"', '"lastUpdated":"T"', text)
     headers = sorted((k, CURSOR.sub(_cursor, v.replace(origin, "ORIGIN")) if k == "location" else "")
