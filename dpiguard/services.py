@@ -111,7 +111,8 @@ def fhir_enforcer(cfg: Config) -> FhirEnforcer:
                                                f"{cfg.listen.host}:{cfg.listen.port}")
     # dpiguard's paging cursors are signed with a key derived from the data key (same on every instance).
     cursors = CursorSigner(base64.b64decode(cfg.path(cfg.secrets.data_key_file).read_text().strip(), validate=True))
-    return FhirEnforcer(make_fetcher(cfg.upstream.url, ca_file), cfg.upstream.url, public_origin, cursors)
+    return FhirEnforcer(make_fetcher(cfg.upstream.url, ca_file), cfg.upstream.url, public_origin, cursors,
+                        upstream_page=cfg.fhir.upstream_page_size, max_scan=cfg.fhir.max_scan)
 
 
 # -- the running proxy --------------------------------------------------------------------------------

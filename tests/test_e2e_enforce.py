@@ -411,3 +411,17 @@ def test_dpi_errors_and_headers_never_pass_on_searches(stack, nurse):
         {"request": {"method": "GET", "url": "Observation/P0001-bio-1", "ifNoneMatch": 'W/"1"'}}]}
     r = nurse.post("/fhir", json=bundle)
     assert r.status_code == 403 and reason(r) == "fhir_not_supported"
+
+
+def test_search_too_broad_is_refused_whatever_is_visible(stack):
+    """fhir.max_scan: filling a page needs at most that many entries of the DPI's answer, else refused."""
+    small = stack.start_proxy("small-scan", env={"DPIGUARD_FHIR__MAX_SCAN": "600",
+                                                 "DPIGUARD_FHIR__UPSTREAM_PAGE_SIZE": "100"})
+    pharmacist = stack.login(small, "pha.petit")  # no patient: every Observation is hidden from him
+    r = pharmacist.get("/fhir/Observation", params={"status": "final"})
+    assert r.status_code == 403 and reason(r) == "fhir_search_too_broad"
+    rec = records(stack, event="fhir_response", request_id=r.headers["x-dpiguard-request-id"])[0]
+    assert rec["scanned"] >= 600 and rec["hidden"] >= 600
+    r = pharmacist.get("/fhir/Observation", params={"code": "http://loinc.org|8867-4"})  # 220 matches: read whole
+    assert r.status_code == 200 and r.json()["entry"] == [] and r.json()["total"] == 0
+    small.stop()
