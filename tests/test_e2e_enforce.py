@@ -425,3 +425,19 @@ def test_search_too_broad_is_refused_whatever_is_visible(stack):
     r = pharmacist.get("/fhir/Observation", params={"code": "http://loinc.org|8867-4"})  # 220 matches: read whole
     assert r.status_code == 200 and r.json()["entry"] == [] and r.json()["total"] == 0
     small.stop()
+
+
+def test_existence_is_not_told_inside_bundles(stack, nurse):
+    """Found by the property test: a missing resource in a batch answered the DPI's 404, a withheld one
+    dpiguard's; a read in a transaction failed it whole only when the resource was missing."""
+    def batch(kind, ident):
+        return nurse.post("/fhir", json={"resourceType": "Bundle", "type": kind, "entry": [
+            {"request": {"method": "GET", "url": f"Observation/{ident}"}}]})
+    a, b = batch("batch", "P0002-bio-1"), batch("batch", "P0002-bio-999")
+    assert a.status_code == b.status_code == 200
+    assert a.json()["entry"][0]["response"]["status"] == b.json()["entry"][0]["response"]["status"] == "404"
+    assert a.text.replace(a.headers["x-dpiguard-request-id"], "") == \
+        b.text.replace(b.headers["x-dpiguard-request-id"], "")
+    for ident in ("P0002-bio-1", "P0002-bio-999", "P0001-bio-1"):
+        r = batch("transaction", ident)
+        assert r.status_code == 403 and reason(r) == "fhir_not_supported"

@@ -408,6 +408,10 @@ class FhirEnforcer:
                 decision = self._passes(pipe, v.policies, v.user, patient, permitted, freq.action, True, now)
                 if not decision.member:
                     return decision.reason, f"entry {number}: {_message(decision.reason)}"
+            if method == "GET" and bundle["type"] == "transaction":
+                # All or nothing at the DPI: a read of a missing resource fails the whole transaction, one
+                # of a withheld resource does not; the difference would tell that it exists.
+                return "fhir_not_supported", f"entry {number}: reads are not open inside a transaction; use a batch"
             if freq.interaction == "search":
                 # One page of the DPI's, filtered: how many entries are left would tell how many were
                 # hidden. Searches are paged by dpiguard only as plain searches.
