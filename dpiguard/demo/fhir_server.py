@@ -398,6 +398,14 @@ def _matches(resource: dict, name: str, values: list[str]) -> bool:
     raise FhirError(400, "not-supported", f"unsupported search parameter {name!r} for {kind}")
 
 
+def _supported(kind: str, name: str) -> bool:
+    """Whether :func:`_matches` reads ``name`` on ``kind`` (checked before any resource is looked at, as
+    real servers do: an unsupported parameter is refused whatever the server holds)."""
+    base = name.partition(":")[0]
+    return (base == "_id" or base in REFERENCE_PARAMS[kind] or base in TOKEN_PARAMS[kind]
+            or (kind == "Patient" and base in ("name", "family", "birthdate")))
+
+
 class FhirApi:
     def __init__(self, store: FhirStore):
         self.store = store
@@ -436,6 +444,9 @@ class FhirApi:
                 continue
             else:
                 filters.append((name, value.split(",")))
+        for name, _ in filters:
+            if not _supported(kind, name):
+                raise FhirError(400, "not-supported", f"unsupported search parameter {name!r} for {kind}")
         matches = [r for r in self.store.all(kind) if all(_matches(r, n, v) for n, v in filters)]
         page = matches[offset:offset + count]
         entries = [self.entry(r, "match") for r in page]
