@@ -295,6 +295,10 @@ class Limits(_Section):
 class FhirSection(_Section):
     # scheme://host[:port] clients use to reach dpiguard (FHIR links)
     public_origin: Annotated[OptionalText, AfterValidator(_public_origin)] = None
+    # dpiguard pages FHIR searches itself (docs/fhir.md): entries asked of the DPI per page, and at most
+    # read to fill one page before the search is refused as too broad
+    upstream_page_size: Annotated[PositiveWhole, _check(lambda v: 10 <= v <= 5000, "must be 10..5000, got {value}")] = 500
+    max_scan: Annotated[PositiveWhole, _check(lambda v: v >= 100, "must be at least 100, got {value}")] = 10000
 
 
 class Metrics(_Section):

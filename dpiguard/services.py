@@ -8,6 +8,7 @@ arguments. Dependency rules: docs/architecture.md ("Layout and dependency rules"
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from dpiguard.edge.ops import Monitor, allowed_networks, public_text
 from dpiguard.edge.pools import Pools
 from dpiguard.edge.portal import Portal
 from dpiguard.edge.upstream import make_fetcher
+from dpiguard.fhir.cursor import CursorSigner
 from dpiguard.policy.fhir import FHIR_FILE
 from dpiguard.policy.files import PolicyError
 from dpiguard.policy.reload import PolicyReloader, files_fingerprint
@@ -113,7 +115,10 @@ def fhir_enforcer(cfg: Config) -> FhirEnforcer:
     ca_file = str(cfg.path(cfg.upstream.ca_file)) if cfg.upstream.ca_file else None
     public_origin = cfg.fhir.public_origin or (f"{'https' if cfg.tls_enabled else 'http'}://"
                                                f"{cfg.listen.host}:{cfg.listen.port}")
-    return FhirEnforcer(make_fetcher(cfg.upstream.url, ca_file), cfg.upstream.url, public_origin)
+    # dpiguard's paging cursors are signed with a key derived from the data key (same on every instance).
+    cursors = CursorSigner(base64.b64decode(cfg.path(cfg.secrets.data_key_file).read_text().strip(), validate=True))
+    return FhirEnforcer(make_fetcher(cfg.upstream.url, ca_file), cfg.upstream.url, public_origin, cursors,
+                        upstream_page=cfg.fhir.upstream_page_size, max_scan=cfg.fhir.max_scan)
 
 
 # -- the running proxy --------------------------------------------------------------------------------

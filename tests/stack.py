@@ -6,6 +6,7 @@ with the addon), talking to the demo upstream and Redis over loopback sockets.
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import subprocess
@@ -30,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class RecordingMiddleware:
-    """Wraps the demo DPI and records what reached it (path, query, headers)."""
+    """Wraps the demo DPI and records what reached it (path, query, headers) and, for the oracle of
+    tests/test_enforce_property.py, the request body and the answer (status, body)."""
 
     def __init__(self, app):
         self.app = app
@@ -39,11 +41,23 @@ class RecordingMiddleware:
 
     def __call__(self, environ, start_response):
         headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items() if k.startswith("HTTP_")}
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        record = {"method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
+                  "raw_uri": environ.get("RAW_URI") or environ.get("REQUEST_URI", ""),
+                  "query": environ.get("QUERY_STRING", ""), "headers": headers, "body": body,
+                  "status": None, "answer": b""}
         with self.lock:
-            self.seen.append({"method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
-                              "raw_uri": environ.get("RAW_URI") or environ.get("REQUEST_URI", ""),
-                              "query": environ.get("QUERY_STRING", ""), "headers": headers})
-        return self.app(environ, start_response)
+            self.seen.append(record)
+
+        def recording_start(status, response_headers, exc_info=None):
+            record["status"] = int(status.split()[0])
+            return start_response(status, response_headers, exc_info)
+
+        chunks = list(self.app(environ, recording_start))
+        record["answer"] = b"".join(chunks)
+        return chunks
 
     def paths(self) -> list[str]:
         with self.lock:

@@ -91,24 +91,37 @@ def test_unscoped_search_shows_only_care_team_and_total_hides_the_rest(stack, pr
     assert rec["hidden_reasons"] == {"not_in_care_team": 220 - len(cardio)}
 
 
-def test_paging_follows_next_through_the_proxy_with_the_same_rules(stack, proxy, cardio):
+def test_paging_is_dpiguards_own_over_visible_matches(stack, proxy, cardio):
     c = stack.client(proxy, "inf.durand")
     url = f"/fhir/Observation?code={HEART_RATE}&_count=25"
-    seen: set[str] = set()
-    pages = 0
+    seen: list[str] = []
+    pages = []
     while url:
         r = c.get(url)
         assert r.status_code == 200, r.text
         bundle = r.json()
-        assert "total" not in bundle  # a paged filtered search never shows the upstream count
-        seen |= subjects(bundle)
+        validate(bundle)
+        pages.append(bundle)
+        seen += [e["resource"]["subject"]["reference"].split("/")[1] for e in bundle["entry"]]
         nxt = [link["url"] for link in bundle["link"] if link["relation"] == "next"]
         for link in bundle["link"]:
-            assert link["url"].startswith(proxy.url + "/fhir/")  # links point at dpiguard
+            assert link["url"].startswith(proxy.url + "/fhir/Observation")  # links point at dpiguard
+            assert "_offset" not in link["url"] and "code=" not in link["url"].partition("?")[2] or \
+                link["relation"] == "self"
         url = nxt[0][len(proxy.url):] if nxt else None
-        pages += 1
-    assert pages == 9  # 220 upstream matches / 25
-    assert seen == cardio
+    # Pages of 25 visible matches (not 25 upstream matches, mostly hidden): ceil(40/25) pages.
+    assert [len(p["entry"]) for p in pages] == [25] * (len(cardio) // 25) + [len(cardio) % 25]
+    assert "total" not in pages[0] and pages[-1]["total"] == len(cardio)  # only the visible count, at the end
+    assert set(seen) == cardio and len(seen) == len(cardio)
+    # A page link dpiguard did not issue, or altered, is refused; the DPI's own paging too.
+    token = pages[0]["link"][1]["url"].partition("_cursor=")[2]
+    forged = token[:-3] + ("AAA" if not token.endswith("AAA") else "BBB")
+    for bad in (f"/fhir/Observation?_cursor={forged}", f"/fhir/Observation?_cursor={token}&code=x",
+                f"/fhir/Observation?code={HEART_RATE}&_count=25&_offset=25",
+                f"/fhir/Observation?_getpages=abc"):
+        r = c.get(bad)
+        assert r.status_code in (400, 403), bad
+    assert stack.client(proxy, "dr.martin").get(f"/fhir/Observation?_cursor={token}").status_code == 400
 
 
 def test_refuse_mode_type_needs_a_patient(stack, proxy):
@@ -199,18 +212,23 @@ def test_read_by_id_checked_on_the_response(stack, proxy):
     ok = c.get("/fhir/Observation/P0001-bio-1")
     assert ok.status_code == 200 and ok.json()["subject"]["reference"] == "Patient/P0001"
     validate(ok.json())
+    missing = c.get("/fhir/Observation/P0001-nothing-here")
     for path in ("/fhir/Observation/P0002-bio-1", "/fhir/Observation/P0002-vs-1/_history/1",
                  "/fhir/Observation/P0002-vs-1/_history"):
         r = c.get(path)
-        assert r.status_code == 403, path
+        # Answered exactly like a resource that does not exist (no existence oracle): status, headers, body.
+        assert r.status_code == missing.status_code == 404, path
         assert r.headers["content-type"].startswith("application/fhir+json")
         body = r.json()
         validate(body)
-        assert body["issue"][0]["details"]["coding"][0]["code"] == "not_in_care_team"
+        assert body["issue"][0]["details"]["coding"][0]["code"] == "fhir_not_found"
+        assert r.text.replace(r.headers["x-dpiguard-request-id"], "") == \
+            missing.text.replace(missing.headers["x-dpiguard-request-id"], "")
+        assert sorted(r.headers) == sorted(missing.headers)
         assert "P0002" not in r.text.replace("P0002-", "")  # the refused resource itself never leaves
         assert "valueQuantity" not in r.text
     rec = [x for x in records(stack, event="fhir_response", outcome="deny") if x["path"].endswith("P0002-bio-1")]
-    assert rec and rec[-1]["reason"] == "not_in_care_team"
+    assert rec and rec[-1]["reason"] == "not_in_care_team" and rec[-1]["concealed"]  # the trace says why
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +238,13 @@ def pharmacist(stack, proxy):
     return stack.client(proxy, "pha.petit")
 
 
-def test_category_from_code_vital_signs_vs_laboratory(pharmacist):
+def test_category_from_code_vital_signs_vs_laboratory(stack, pharmacist):
     c = pharmacist  # pharmacist: biology yes, vital signs no
     assert c.get("/fhir/Observation/P0001-bio-1").status_code == 200
     r = c.get("/fhir/Observation/P0001-vs-1")
-    assert r.status_code == 403
-    assert r.json()["issue"][0]["details"]["coding"][0]["code"] == "category_not_permitted"
+    assert r.status_code == 404  # like a missing resource; the trace has the reason
+    rec = [x for x in records(stack, event="fhir_response") if x["path"].endswith("/P0001-vs-1")]
+    assert rec[-1]["reason"] == "category_not_permitted" and rec[-1]["user"] == "pha.petit"
 
 
 # -- masks --------------------------------------------------------------------------------------------
@@ -284,10 +303,12 @@ def test_update_and_delete_check_the_stored_resource(stack, proxy, fhir_store):
     moved = dict(_vital("P0001"), id="P0002-vs-2")
     stack.upstream_app.clear()
     r = c.put("/fhir/Observation/P0002-vs-2", json=moved)
-    assert r.status_code == 403, r.text
+    assert r.status_code == 404, r.text  # like a missing resource (update-as-create is not open either)
     assert [s["method"] for s in stack.upstream_app.seen] == ["GET"]  # only dpiguard's look-up
     assert fhir_store.read("Observation", "P0002-vs-2")["subject"]["reference"] == "Patient/P0002"
-    assert c.delete("/fhir/Observation/P0002-vs-2").status_code == 403
+    assert c.delete("/fhir/Observation/P0002-vs-2").status_code == 404
+    assert c.put("/fhir/Observation/P0001-none", json=dict(_vital("P0001"), id="P0001-none")).status_code == 404
+    assert records(stack, event="access", reason="not_in_care_team", method="DELETE")
     assert fhir_store.read("Observation", "P0002-vs-2") is not None
     ok = c.put("/fhir/Observation/P0001-vs-2", json=dict(_vital("P0001", 91), id="P0001-vs-2"))
     assert ok.status_code == 200, ok.text

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from dpiguard.fhir.compartment import PATIENT_COMPARTMENT, FhirRefusal, analyze, patient_of_reference
-from dpiguard.fhir.response import BundleRewriter, Judge, patient_links, process
+from dpiguard.fhir.response import (
+    BundleRewriter,
+    CheckedAnswer,
+    Judge,
+    collect_page,
+    page_bundle,
+    patient_links,
+    process,
+)
 from dpiguard.policy.fhir import FhirPolicy
 from dpiguard.policy.files import PolicyError
 from dpiguard.policy.paths import parse_query
@@ -50,7 +58,9 @@ def test_compartment_table_is_r4():
     ("Observation?patient=P1,P2", ["P1", "P2"], True),
     ("Observation?patient=P1&patient=P2", ["P1", "P2"], True),
     ("Observation?performer=Practitioner/D1", [], False),
-    ("Observation?subject.name=Dupont", [], False),
+    ("Observation?subject:missing=false", [], False),
+    ("Observation?performer=Patient/P1,Practitioner/D1", ["P1"], False),
+    ("Observation?encounter=Encounter/E1&_sort=-date,code&_count=10", [], False),
     ("Observation?code=8867-4", [], False),
     ("Observation?code=1&focus=Patient/P9", ["P9"], False),
     ("Patient?_id=P1,P2", ["P1", "P2"], True),
@@ -84,7 +94,38 @@ def test_patients_of_a_request(fhir, target, patients, scoped):
     ("HEAD", "Observation/1", "fhir_not_supported"),
     ("GET", "Observation/1/$meta", "fhir_operation_not_allowed"),
     ("GET", "Observation/$lastn", "fhir_operation_not_allowed"),
-    ("POST", "Observation/_search", "fhir_not_supported"),
+    ("GET", "Observation/_search", "fhir_not_supported"),
+    ("POST", "Observation/_search?subject:Patient.name=x", "fhir_forbidden_parameter"),
+    # default-deny: unknown parameters, modifiers, chains (issue 12)
+    ("GET", "Observation?subject.name=Dupont", "fhir_forbidden_parameter"),
+    ("GET", "Observation?subject:Patient.name=Dupont", "fhir_forbidden_parameter"),
+    ("GET", "Observation?patient.identifier=urn:x|1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?subject:identifier=urn:x|1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?patient:identifier=urn:x|1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?subject:missing=Patient/P2", "fhir_invalid_request"),
+    ("GET", "Observation?patient:missing=", "fhir_invalid_request"),
+    ("GET", "Observation?subject:Encounter=E1", "fhir_invalid_request"),
+    ("GET", "Observation?subject:Group=G1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?subject=Group/G1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?subject=Patient?identifier=x", "fhir_invalid_request"),
+    ("GET", "Observation?subject:below=Patient/P1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code:contains=1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?family=x", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_offset=10", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_getpages=abc", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&page=2", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_count=0", "fhir_invalid_request"),
+    ("GET", "Observation?code=1&_sort=address", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_count:x=3", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_include=Patient:link", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_include=Observation:code", "fhir_forbidden_parameter"),
+    ("GET", "Observation?code=1&_include=Observation:focus", "fhir_forbidden_parameter"),
+    ("GET", "Patient?_revinclude=Observation:encounter", "fhir_forbidden_parameter"),
+    ("GET", "Patient?_id:not=P1", "fhir_forbidden_parameter"),
+    ("GET", "Observation?_has:Observation:patient:code=1", "fhir_forbidden_parameter"),
+    ("GET", "Observation/_history", "fhir_not_supported"),
+    ("GET", "Observation/1/_history?_count=1", "fhir_invalid_request"),
+    ("GET", "metadata?mode=full", "fhir_invalid_request"),
 ])
 def test_refused_requests(fhir, method, target, reason):
     with pytest.raises(FhirRefusal) as info:
@@ -148,7 +189,8 @@ def test_fhir_yaml_errors_name_file_and_line(tmp_path, policy, old, new, message
 # -- responses -------------------------------------------------------------------------------------
 
 def judge_for(fhir, policy, roles, team):
-    return Judge(fhir=fhir, policy=policy, roles=roles, member=lambda p, c, a: p in team)
+    return Judge(fhir=fhir, policy=policy, roles=roles,
+                 access=lambda p, c, a, required: (p in team or not required, "not_in_care_team"))
 
 
 def obs(ident, pid, **extra):
@@ -168,25 +210,30 @@ def bundle(entries, links=("self",), total=None):
 REWRITE = BundleRewriter("http://up:1", "https://proxy")
 
 
-def test_filtered_single_page_total_is_the_visible_count(fhir, policy):
+def page_of(body, judge, offset=0, size=20, exhausted=True):
+    out = CheckedAnswer(None, 200)
+    matches, includes = collect_page(body, judge, REWRITE, out)
+    return page_bundle(matches, includes, offset, size, exhausted, [{"relation": "self", "url": "x"}]), out
+
+
+def test_search_page_total_is_the_visible_count_only_when_read_to_the_end(fhir, policy):
     body = bundle([(obs("1", "P1"), "match"), (obs("2", "P2"), "match"), (obs("3", "P1"), "match")], total=3)
-    out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
-    assert [e["resource"]["id"] for e in out.body["entry"]] == ["1", "3"]
-    assert out.body["total"] == 2 and out.hidden == 1
-    assert out.body["link"][0]["url"].startswith("https://proxy/fhir/")
-    assert out.body["entry"][0]["fullUrl"] == "https://proxy/fhir/Observation/1"
+    judge = judge_for(fhir, policy, ("nurse",), {"P1"})
+    page, out = page_of(body, judge)
+    assert [e["resource"]["id"] for e in page["entry"]] == ["1", "3"]
+    assert page["total"] == 2 and out.hidden == 1
+    assert page["entry"][0]["fullUrl"] == "https://proxy/fhir/Observation/1"
+    assert page["link"] == [{"relation": "self", "url": "x"}]  # never the DPI's links
+    page, _ = page_of(body, judge, size=1, exhausted=False)  # more to read: no total at all
+    assert "total" not in page and [e["resource"]["id"] for e in page["entry"]] == ["1"]
+    page, _ = page_of(body, judge, offset=1, size=1)  # the last visible page
+    assert page["total"] == 2 and [e["resource"]["id"] for e in page["entry"]] == ["3"]
 
 
-def test_paged_filtered_search_drops_total(fhir, policy):
+def test_nested_searchset_has_no_paging_and_no_total(fhir, policy):
     body = bundle([(obs("1", "P1"), "match")], links=("self", "next"), total=50)
     out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
-    assert "total" not in out.body and out.hidden == 0
-
-
-def test_scoped_search_without_hidden_keeps_total(fhir, policy):
-    body = bundle([(obs("1", "P1"), "match")], links=("self", "next"), total=50)
-    out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=False)
-    assert out.body["total"] == 50
+    assert "total" not in out.body and [link["relation"] for link in out.body["link"]] == ["self"]
 
 
 def test_includes_of_hidden_matches_are_pruned(fhir, policy):
@@ -196,6 +243,8 @@ def test_includes_of_hidden_matches_are_pruned(fhir, policy):
                    (patient2, "include")])
     out = process(body, 200, judge_for(fhir, policy, ("nurse",), {"P1"}), REWRITE, filtered_search=True)
     assert [e["resource"]["id"] for e in out.body["entry"]] == ["1", "P1"]
+    page, _ = page_of(body, judge_for(fhir, policy, ("nurse",), {"P1"}))
+    assert [e["resource"]["id"] for e in page["entry"]] == ["1", "P1"]
 
 
 def test_a_resource_naming_two_patients_needs_both(fhir, policy):
@@ -228,3 +277,73 @@ def test_read_refused_and_masks_applied(fhir, policy):
     both = judge_for(fhir, policy, ("pharmacist", "secretary"), {"P1"})
     patient["address"] = [{"city": "Y"}]
     assert "address" in process(patient, 200, both, REWRITE, filtered_search=False).body
+
+
+# -- issue 12: the parameter table, allowed chains, cursors, write helpers ------------------------------------
+
+def test_search_parameter_table_is_consistent():
+    from dpiguard.fhir.compartment import R4_TYPES
+    from dpiguard.fhir.searchparams import SEARCH_PARAMETERS, search_param
+    for kind, params in SEARCH_PARAMETERS.items():
+        assert kind in R4_TYPES
+        for param in params.values():
+            assert param.targets <= R4_TYPES | {"*"}, (kind, param)
+        for link in PATIENT_COMPARTMENT.get(kind, ()):  # every compartment link is a known reference
+            assert search_param(kind, link).kind == "reference", (kind, link)
+    assert search_param("Observation", "subject").can_target("Patient")
+    assert search_param("Observation", "encounter").targets == {"Encounter"}
+
+
+def test_allowed_chains_are_still_read(fhir):
+    def chain(query):
+        path, _, raw = query.partition("?")
+        return analyze("GET", [path], parse_query(raw), types=fhir.types, allowed_params=frozenset({"encounter."}))
+    assert chain("Observation?encounter.status=in-progress").patients == []
+    assert chain("Observation?encounter.patient=P2").patients == ["P2"]  # a patient named through it must pass
+    for bad in ("Observation?encounter.bogus=1", "Observation?encounter.subject.name=x",
+                "Observation?subject.name=x", "Observation?encounter:Patient.name=x"):
+        with pytest.raises(FhirRefusal):
+            chain(bad)
+
+
+def test_cursor_is_bound_to_user_search_and_time():
+    from dpiguard.fhir.cursor import Cursor, CursorError, CursorSigner
+    signer = CursorSigner(b"k" * 32, ttl=60)
+    token = signer.issue("alice", Cursor("/fhir/Observation", "code=1", 20, 10), now=1000)
+    assert signer.read(token, "alice", "/fhir/Observation", now=1030) == Cursor("/fhir/Observation", "code=1", 20, 10)
+    body, _, mac = token.partition(".")
+    for user, path, now, tok in (("bob", "/fhir/Observation", 1030, token), ("alice", "/fhir/Patient", 1030, token),
+                                 ("alice", "/fhir/Observation", 1061, token),
+                                 ("alice", "/fhir/Observation", 1030, body[:-2] + "AA." + mac),
+                                 ("alice", "/fhir/Observation", 1030, "x")):
+        with pytest.raises(CursorError):
+            signer.read(tok, user, path, now)
+    with pytest.raises(CursorError):
+        CursorSigner(b"j" * 32).read(token, "alice", "/fhir/Observation", now=1030)  # another key
+
+
+def test_write_helpers():
+    from dpiguard.fhir.writes import (
+        NEW_RESOURCE,
+        PatchError,
+        apply_json_patch,
+        has_conditional_reference,
+        local_reference_map,
+        resolve_local_references,
+    )
+    stored = {"resourceType": "Observation", "id": "1", "subject": {"reference": "Patient/P1"}}
+    moved = apply_json_patch(stored, [{"op": "replace", "path": "/subject/reference", "value": "Patient/P2"}])
+    assert patient_links(moved)[0] == {"P2"} and stored["subject"]["reference"] == "Patient/P1"
+    for bad in ([], {"op": "add"}, [{"op": "remove", "path": "/nothing"}], [{"op": "test", "path": "/id", "value": "2"}]):
+        with pytest.raises(PatchError):
+            apply_json_patch(stored, bad)
+    assert has_conditional_reference({"a": [{"reference": "Patient?identifier=x|1"}]})
+    entries = [{"fullUrl": "urn:uuid:a", "request": {"method": "PUT", "url": "Patient/P2"}},
+               {"fullUrl": "urn:uuid:b", "request": {"method": "POST", "url": "Patient"}}]
+    local = local_reference_map(entries)
+    assert local == {"urn:uuid:a": "Patient/P2", "urn:uuid:b": NEW_RESOURCE}
+    resolved = resolve_local_references({"subject": {"reference": "urn:uuid:a"}, "x": {"reference": "urn:uuid:z"}},
+                                        local)
+    assert resolved["subject"]["reference"] == "Patient/P2"
+    assert patient_links(resolved) == ({"P2"}, True)  # the unknown urn: stays unreadable
+    assert local_reference_map(entries + entries[:1]) is None  # repeated fullUrl

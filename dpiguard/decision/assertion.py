@@ -78,14 +78,20 @@ class InvalidAssertion(Exception):
     """The assertion is malformed, forged, expired or meant for someone else."""
 
 
+def header_key(name: str) -> str:
+    """How servers may read a header name: case-insensitive, and ``_`` as ``-`` (CGI/WSGI, PHP, many
+    frameworks map ``X_Remote_User`` and ``X-Remote-User`` to the same ``HTTP_X_REMOTE_USER``)."""
+    return name.strip().lower().replace("_", "-")
+
+
 def is_identity_header(name: str, extra: Iterable[str] = ()) -> bool:
-    """True if only dpiguard may set the header ``name`` (case-insensitive)."""
-    lowered = name.strip().lower()
-    if lowered.startswith(RESERVED_PREFIX):
+    """True if only dpiguard may set the header ``name`` (any case, ``_`` for ``-``)."""
+    key = header_key(name)
+    if key.startswith(RESERVED_PREFIX):
         return True
-    if lowered in DEFAULT_FOREIGN_IDENTITY_HEADERS:
+    if key in DEFAULT_FOREIGN_IDENTITY_HEADERS:
         return True
-    return lowered in {header.strip().lower() for header in extra}
+    return key in {header_key(header) for header in extra}
 
 
 # --- encoding helpers -------------------------------------------------------------

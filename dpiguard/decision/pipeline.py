@@ -41,6 +41,7 @@ from dpiguard.decision import assertion as identity
 from dpiguard.decision.access import AccessDecider, AccessDecision
 from dpiguard.decision.assertion import AssertionSigner
 from dpiguard.decision.cache import DecisionCache
+from dpiguard.decision.headers import ROUTING_HEADERS
 from dpiguard.decision.massaccess import MassAccessMonitor
 from dpiguard.decision.verdict import REFUSAL_MESSAGES, Incoming, NeedIO, Verdict, audit_unavailable
 from dpiguard.fhir.compartment import fhir_resource
@@ -78,11 +79,15 @@ class Pipeline:
         self.signer = signer
         self.audit = audit
         self.cookie_name = cookie_name
+        self._cookie_lower = cookie_name.lower()
         self.instance_id = instance_id
         self.decision_ttl = decision_ttl
         self.max_header_bytes = max_header_bytes
         self.max_url_bytes = max_url_bytes
         self.extra_identity_headers = tuple(h.lower() for h in extra_identity_headers)
+        # Header names only dpiguard may set, or that reroute the request (read as servers read them).
+        self._identity_keys = frozenset(identity.header_key(h) for h in
+                                        identity.DEFAULT_FOREIGN_IDENTITY_HEADERS + self.extra_identity_headers)
         self.require_tls = require_tls
         self.fhir = fhir  # dpiguard.decision.fhir.FhirEnforcer: requests under the base path of fhir.yaml
         self.mass_access = mass_access  # in-process checks only (massaccess.py)
@@ -135,10 +140,17 @@ class Pipeline:
             return Verdict(False, "hostile_path", 414, "request URL too long")
         if req.header_bytes > self.max_header_bytes:
             return Verdict(False, "header_too_large", 431, "request headers too large")
-        for name in req.headers:
-            if identity.is_identity_header(name, self.extra_identity_headers):
+        for name, value in req.headers.items():
+            key = name.replace("_", "-") if "_" in name else name  # names are lower-case already
+            if key.startswith(identity.RESERVED_PREFIX) or key in self._identity_keys:
                 return Verdict(False, "forged_identity_header", 400,
                                f"header {name[:64]!r} may only be set by dpiguard")
+            if key in ROUTING_HEADERS:
+                return Verdict(False, "routing_header", 400,
+                               f"header {name[:64]!r} would reroute the request: not accepted")
+            if "\n" in value or "\r" in value:
+                return Verdict(False, "malformed_header", 400,
+                               f"header {name[:64]!r} is folded over several lines (obs-fold): not accepted")
 
         try:
             path, query, raw_query = parse_target(req.target)
@@ -261,10 +273,12 @@ class Pipeline:
         }
         if verdict.break_glass is not None:
             verdict.set_headers[identity.HEADER_BREAK_GLASS] = verdict.break_glass.id
-        if token_source == "cookie":
-            verdict.cookie_header = self._strip_cookie(req.headers.get("cookie", ""))
-        else:
-            verdict.drop_authorization = True
+        # dpiguard's session credentials never reach the DPI, whichever one this request logged in with
+        # (a bearer request can carry someone else's session cookie, a cookie request a bearer token).
+        cookie = req.headers.get("cookie")
+        if cookie is not None and self._cookie_lower in cookie.lower():
+            verdict.cookie_header = self._strip_cookie(cookie)
+        verdict.drop_authorization = "authorization" in req.headers
         return verdict
 
     def trace(self, req: Incoming, v: Verdict, policies: PolicySet | None, detail: str | None = None) -> Future:
@@ -325,7 +339,8 @@ class Pipeline:
                 self._units[user] = (units, now + self.units_ttl)
 
     def _strip_cookie(self, cookie: str) -> str:
-        kept = [p.strip() for p in cookie.split(";") if p.strip() and p.strip().partition("=")[0] != self.cookie_name]
+        kept = [p.strip() for p in cookie.split(";")
+                if p.strip() and p.strip().partition("=")[0].strip().lower() != self._cookie_lower]
         return "; ".join(kept)
 
     @staticmethod

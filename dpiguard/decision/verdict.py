@@ -62,6 +62,10 @@ class Verdict:
     fhir_context: object | None = None  # FHIR requests: what the response and body checks need
     fhir_issue: str | None = None  # FHIR refusals: OperationOutcome issue.code
     pending: bool = False  # FHIR writes: decided (and traced) once the body is in
+    conceal: bool = False  # FHIR: answer this refusal like a missing resource (404), the trace has the reason
+    forward_body: bytes | None = None  # FHIR Bundles: the body to forward (versions checked), None = as sent
+    drop_headers: tuple[str, ...] = ()  # request headers never forwarded for this request (FHIR validators)
+    forward_method: str | None = None  # FHIR POST _search: forwarded as this method (GET), None = as sent
     units: tuple[str, ...] | None = None
     audit: Future | None = None  # resolves once the decision's trace record is on disk
     policies: PolicySet | None = None  # the policy set this decision was taken with (FHIR answers use it too)

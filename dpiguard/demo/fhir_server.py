@@ -9,7 +9,8 @@ Registered by :func:`dpiguard.demo.app.create_app` under ``/fhir``. It knows not
   ``encounter``, Patient ``name``/``family``/``birthdate``/``identifier``, ``_include``, ``_revinclude``,
   ``_count`` and ``_offset`` paging with ``next``/``previous`` links carrying the whole search;
   compartment search ``GET /fhir/Patient/P/T``;
-* create ``POST /fhir/T``, update ``PUT /fhir/T/id``, delete ``DELETE /fhir/T/id``;
+* create ``POST /fhir/T``, update ``PUT /fhir/T/id``, JSON Patch ``PATCH /fhir/T/id``, delete
+  ``DELETE /fhir/T/id`` (``If-Match`` honoured on the last three);
 * ``transaction`` and ``batch`` Bundles ``POST /fhir``;
 * ``GET /fhir/Patient/P/$everything`` and ``GET /fhir/metadata``.
 
@@ -26,6 +27,7 @@ import threading
 from datetime import UTC, datetime
 from urllib.parse import urlencode
 
+import jsonpatch
 import orjson
 from flask import Flask, Response, request
 
@@ -307,6 +309,22 @@ class FhirStore:
             versions.append(resource)
             return copy.deepcopy(resource), created
 
+    def copy_from(self, other: "FhirStore") -> None:
+        """Hold exactly what ``other`` holds (tests build a second world from the first)."""
+        with other._lock:
+            versions = copy.deepcopy(other._versions)
+        with self._lock:
+            self._versions = versions
+
+    def forget(self, kind: str, ident: str) -> None:
+        """Remove every version, as if the resource never existed (tests build a world without a patient)."""
+        with self._lock:
+            self._versions.pop((kind, ident), None)
+
+    def keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return sorted(self._versions)
+
     def delete(self, kind: str, ident: str) -> bool:
         with self._lock:
             versions = self._versions.get((kind, ident))
@@ -380,6 +398,14 @@ def _matches(resource: dict, name: str, values: list[str]) -> bool:
     raise FhirError(400, "not-supported", f"unsupported search parameter {name!r} for {kind}")
 
 
+def _supported(kind: str, name: str) -> bool:
+    """Whether :func:`_matches` reads ``name`` on ``kind`` (checked before any resource is looked at, as
+    real servers do: an unsupported parameter is refused whatever the server holds)."""
+    base = name.partition(":")[0]
+    return (base == "_id" or base in REFERENCE_PARAMS[kind] or base in TOKEN_PARAMS[kind]
+            or (kind == "Patient" and base in ("name", "family", "birthdate")))
+
+
 class FhirApi:
     def __init__(self, store: FhirStore):
         self.store = store
@@ -418,6 +444,9 @@ class FhirApi:
                 continue
             else:
                 filters.append((name, value.split(",")))
+        for name, _ in filters:
+            if not _supported(kind, name):
+                raise FhirError(400, "not-supported", f"unsupported search parameter {name!r} for {kind}")
         matches = [r for r in self.store.all(kind) if all(_matches(r, n, v) for n, v in filters)]
         page = matches[offset:offset + count]
         entries = [self.entry(r, "match") for r in page]
@@ -561,6 +590,11 @@ class FhirApi:
                 return {"resource": found, "response": {"status": "200"}}
             params = [tuple(p.split("=", 1)) if "=" in p else (p, "") for p in query.split("&") if p]
             return {"resource": self.search(kind, params, f"/{kind}"), "response": {"status": "200"}}
+        wanted = (entry.get("request") or {}).get("ifMatch")
+        if method in ("PUT", "DELETE") and wanted is not None:
+            version = (self.store.read(kind, ident) or {}).get("meta", {}).get("versionId")
+            if version is None or wanted not in (f'W/"{version}"', f'"{version}"'):
+                raise FhirError(412, "conflict", f"{kind}/{ident} changed (ifMatch)")
         if method == "DELETE":
             self.store.delete(kind, ident)
             return {"response": {"status": "204"}}
@@ -592,6 +626,16 @@ def _send(payload: dict, status: int = 200, headers: dict | None = None) -> Resp
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
+
+
+def _if_match(current: dict | None) -> None:
+    """Writes conditional on the version (``If-Match: W/"3"``): 412 when it is not the current one."""
+    wanted = request.headers.get("If-Match")
+    if wanted is None:
+        return
+    version = (current or {}).get("meta", {}).get("versionId")
+    if version is None or wanted.strip() not in (f'W/"{version}"', f'"{version}"'):
+        raise FhirError(412, "conflict", "the resource changed (If-Match)")
 
 
 def _query_pairs() -> list[tuple[str, str]]:
@@ -652,12 +696,31 @@ def register_fhir(app: Flask, dataset: Dataset) -> FhirStore:
     @app.put("/fhir/<kind>/<ident>")
     def fhir_update(kind: str, ident: str):
         api.check_type(kind)
+        _if_match(store.read(kind, ident))
         stored, created = api.update(kind, ident, api.validate_body(_body(), kind, ident))
         return _send(stored, 201 if created else 200)
+
+    @app.patch("/fhir/<kind>/<ident>")
+    def fhir_patch(kind: str, ident: str):
+        """JSON Patch (RFC 6902) on the current version."""
+        api.check_type(kind)
+        found = store.read(kind, ident)
+        if found is None:
+            raise FhirError(404, "not-found", f"{kind}/{ident} not found")
+        _if_match(found)
+        if request.mimetype != "application/json-patch+json":
+            raise FhirError(415, "not-supported", "only JSON Patch (application/json-patch+json) is supported")
+        try:
+            patched = jsonpatch.JsonPatch(_body()).apply(found)
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError) as exc:
+            raise FhirError(422, "processing", f"the patch does not apply: {exc}") from None
+        stored, _ = api.update(kind, ident, api.validate_body(patched, kind, ident))
+        return _send(stored)
 
     @app.delete("/fhir/<kind>/<ident>")
     def fhir_delete(kind: str, ident: str):
         api.check_type(kind)
+        _if_match(store.read(kind, ident))
         if not store.delete(kind, ident):
             raise FhirError(404, "not-found", f"{kind}/{ident} not found")
         return Response(status=204)

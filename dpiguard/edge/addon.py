@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
@@ -27,12 +28,17 @@ from dpiguard.decision.verdict import NeedIO, Verdict, audit_unavailable
 from dpiguard.edge import fhir as fhir_hooks
 from dpiguard.edge import ops
 from dpiguard.edge.flows import (
+    DECIDED_KEY,
     REQUEST_ID_HEADER,
     REQUEST_ID_KEY,
+    UnparsedRequestTracer,
     durable,
     forward,
+    framing_error,
     incoming,
+    origin_form,
     respond,
+    trace_http_error,
     trace_internal_error,
 )
 from dpiguard.edge.pools import run_in
@@ -58,6 +64,9 @@ class DpiGuard:
     def __init__(self, services: Any = None, *, build: Callable[[Config], Any] | None = None):
         self.services = services  # dpiguard.services.Services
         self._build = build
+        self.unsafe: str | None = None  # an option makes enforcement unsafe: every request is refused
+        self._unparsed: UnparsedRequestTracer | None = None
+        self._authorities: tuple[frozenset[str], tuple[str, str, int]] | None = None
 
     # -- mitmproxy lifecycle -----------------------------------------------------------------------
     def load(self, loader) -> None:
@@ -67,6 +76,7 @@ class DpiGuard:
         )
 
     def configure(self, updated) -> None:
+        self._refuse_unsafe_options(updated)
         if self.services is not None or self._build is None or "dpiguard_config" not in updated:
             return
         try:
@@ -76,16 +86,49 @@ class DpiGuard:
         except Exception as exc:
             raise exceptions.OptionsError(f"dpiguard: cannot start: {exc}") from exc
 
+    def _refuse_unsafe_options(self, updated) -> None:
+        """mitmproxy options under which requests would leave unchecked or unclean: bodies dpiguard decides
+        on (FHIR writes, its own pages) must be whole before anything is forwarded (``stream_large_bodies``),
+        the DPI must get its own Host (``keep_host_header``), smuggling checks stay on
+        (``validate_inbound_headers``) and the DPI's certificate is verified (``ssl_insecure``)."""
+        unsafe = {"stream_large_bodies": "request bodies would reach the DPI before dpiguard checks them",
+                  "keep_host_header": "the client's Host header would reach the DPI",
+                  "validate_inbound_headers": "request smuggling checks would be off",
+                  "ssl_insecure": "the DPI's certificate would not be verified"}
+        for name, why in unsafe.items():
+            if name not in updated or not hasattr(ctx.options, name):
+                continue
+            value = getattr(ctx.options, name)
+            if (not value) if name == "validate_inbound_headers" else value:
+                self.unsafe = f"{name} is {'off' if name == 'validate_inbound_headers' else 'set'}: {why}; " \
+                              "remove this option"
+                break
+        if self.unsafe:
+            log.error("dpiguard: cannot start: %s", self.unsafe)
+            try:  # as a script (mitmdump -s), an error in configure is only logged: stop mitmproxy itself
+                ctx.master.shutdown()
+            except Exception:
+                pass
+            raise exceptions.OptionsError(f"dpiguard: {self.unsafe}")
+
     def running(self) -> None:
         if self.services is None:
             log.error("dpiguard: no configuration (set dpiguard_config); every request will be refused")
             return
+        if self._unparsed is None:
+            self._unparsed = UnparsedRequestTracer(self.services.audit)
+            server_log = logging.getLogger("mitmproxy.proxy.server")
+            server_log.addHandler(self._unparsed)
+            if server_log.getEffectiveLevel() > logging.INFO:  # its unparsable-request lines are INFO
+                server_log.setLevel(logging.INFO)
         self.services.start()
         version = self.services.policies.version
         self.services.audit.write({"event": "startup", "outcome": "allow", "reason": "ok", "policy_version": version})
         log.info("dpiguard ready: policy %s, instance %s", version, self.services.config.instance_id)
 
     def done(self) -> None:
+        if self._unparsed is not None:
+            logging.getLogger("mitmproxy.proxy.server").removeHandler(self._unparsed)
         if self.services is not None:
             self.services.stop()
 
@@ -98,6 +141,11 @@ class DpiGuard:
             metrics.observe_decision(False, "internal_error", 0.0, True)
             respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
             trace_internal_error(self.services and self.services.audit, flow, exc)
+
+    async def error(self, flow: http.HTTPFlow) -> None:
+        """mitmproxy refused the request itself (invalid framing or headers, CONNECT...), or it failed
+        on the way: one trace record, with the request id."""
+        trace_http_error(self.services and self.services.audit, flow, flow.error.msg if flow.error else "error")
 
     async def request(self, flow: http.HTTPFlow) -> None:
         pending = flow.metadata.get(FHIR_KEY)
@@ -124,6 +172,17 @@ class DpiGuard:
             return
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
+        if self.unsafe:
+            await self._refuse(req, flow, Verdict(False, "internal_error", 503, self.unsafe))
+            return
+        broken = framing_error(flow, req)
+        if broken is not None:  # mitmproxy answers it (400) and closes; traced, never decided
+            trace_http_error(s.audit, flow, broken)
+            return
+        if not origin_form(flow, *self._targets()):
+            await self._refuse(req, flow, Verdict(False, "absolute_target_refused", 400,
+                                                  "an absolute request target must name this service"))
+            return
         if req.target.startswith(PREFIX):
             oversized = _over_limits(s.pipeline, req)  # dpiguard's own pages get the same size limits
             if oversized is not None:
@@ -147,6 +206,7 @@ class DpiGuard:
                 respond(flow, s.portal.refusal(req, verdict))
                 return
             flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
+            flow.request.stream = False
             return
         started, used_io = time.perf_counter(), False
         try:
@@ -155,6 +215,7 @@ class DpiGuard:
             used_io = True
             verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
         metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
+        flow.metadata[DECIDED_KEY] = True
         # No answer and no forwarding before the decision's record is on disk (group commit).
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()
@@ -164,11 +225,34 @@ class DpiGuard:
         if verdict.fhir_context is not None:
             flow.metadata[FHIR_KEY] = (req, verdict)  # checked again on the body and the response
             if verdict.pending:
+                flow.request.stream = False  # the whole body is checked before anything is forwarded
                 return  # a FHIR write: decided in the `request` hook once the body is in
         forward(flow, verdict)
         session = verdict.session
         if session is not None and s.sessions.needs_touch(session, time.time()):
             asyncio.get_running_loop().run_in_executor(s.pools and s.pools["decisions"], self._touch, session)
+
+    async def _refuse(self, req, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        s = self.services
+        verdict.audit = s.pipeline.trace(req, verdict, s.pipeline.policies)
+        flow.metadata[DECIDED_KEY] = True
+        if not await self._durable(verdict, req):
+            verdict = audit_unavailable()
+        respond(flow, s.portal.refusal(req, verdict))
+
+    def _targets(self) -> tuple[frozenset[str], tuple[str, str, int]]:
+        """(host:port an absolute-form target may name, the DPI's scheme, host and port)."""
+        if self._authorities is None:
+            cfg = self.services.config
+            upstream = urlsplit(cfg.upstream.url)
+            default = 443 if upstream.scheme == "https" else 80
+            dpi = (upstream.scheme, upstream.hostname or "", upstream.port or default)
+            public = urlsplit(self.services.pipeline.fhir.public_origin) if self.services.pipeline.fhir else None
+            names = {f"{dpi[1].lower()}:{dpi[2]}", f"{cfg.listen.host.lower()}:{cfg.listen.port}"}
+            if public is not None and public.hostname:
+                names.add(f"{public.hostname.lower()}:{public.port or (443 if public.scheme == 'https' else 80)}")
+            self._authorities = (frozenset(names), dpi)
+        return self._authorities
 
     @staticmethod
     def _portal_body_ok(flow: http.HTTPFlow) -> bool:

@@ -17,7 +17,8 @@ from mitmproxy import http
 from dpiguard.decision.verdict import NeedIO, audit_unavailable
 from dpiguard.edge.flows import FHIR_JSON, durable, forward, respond, respond_fhir, trace_internal_error
 from dpiguard.edge.pools import run_in
-from dpiguard.fhir.response import BundleRewriter, operation_outcome
+from dpiguard.edge.portal import Reply
+from dpiguard.fhir.response import BundleRewriter, not_found_outcome, operation_outcome
 
 log = logging.getLogger("dpiguard")
 FHIR_KEY = "dpiguard_fhir"
@@ -41,9 +42,19 @@ async def request_body(s: Any, flow: http.HTTPFlow, pending) -> None:
         verdict = audit_unavailable()
     if not verdict.allowed:
         flow.metadata.pop(FHIR_KEY, None)
-        respond(flow, s.portal.refusal(req, verdict))
+        if verdict.conceal:  # answered like a missing resource (no existence oracle); traced with its reason
+            respond_fhir(flow, 404, not_found_outcome(req.request_id))
+        else:
+            respond(flow, s.portal.refusal(req, verdict))
         return
     forward(flow, verdict)
+    if verdict.forward_method is not None:  # POST _search, decided: a plain search for the DPI
+        flow.request.method = verdict.forward_method
+        flow.request.headers.pop("content-type", None)
+    if verdict.forward_body is not None:
+        flow.request.content = verdict.forward_body
+        if not verdict.forward_body:
+            flow.request.headers.pop("content-length", None)
 
 
 async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
@@ -68,15 +79,17 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
                                                   req.request_id, "exception"))
         trace_internal_error(s.audit, flow, exc)
         return
-    refused = status != flow.response.status_code
+    if status != flow.response.status_code or record.get("reason") in ("not_found", "fhir_upstream_error") or \
+            record.get("concealed") or verdict.fhir_context.request.interaction in ("search", "operation"):
+        # dpiguard's own answer (a refusal, a missing resource, a page of dpiguard's), with its own headers
+        # only: nothing of the DPI's (ETag, Last-Modified, counts or paging in headers) tells about hidden data.
+        respond(flow, Reply(status, out, FHIR_JSON))
+        return
     flow.response.status_code = status
     rewriter = BundleRewriter(enforcer.upstream_origin, verdict.fhir_context.proxy_origin)
     for name in ("location", "content-location"):
         if name in flow.response.headers:
             flow.response.headers[name] = rewriter.url(flow.response.headers[name])
     flow.response.headers.pop("content-encoding", None)
-    if refused:
-        flow.response.headers.pop("etag", None)
-        flow.response.headers["content-type"] = FHIR_JSON
     flow.response.content = out
     flow.response.headers["content-length"] = str(len(out))

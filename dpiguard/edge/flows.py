@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from concurrent.futures import Future
 
 import orjson
 from mitmproxy import http
+from mitmproxy.net.http import http1, url
 
 from dpiguard.audit.chain import AuditLog
+from dpiguard.decision.headers import FORWARDING_HEADERS
 from dpiguard.decision.verdict import Incoming, Verdict
 from dpiguard.edge.portal import SECURITY_HEADERS, Reply
 from dpiguard.times import iso_ms
@@ -25,6 +28,9 @@ from dpiguard.times import iso_ms
 log = logging.getLogger("dpiguard")
 
 REQUEST_ID_KEY = "dpiguard_request_id"
+STRIP_KEY = "dpiguard_strip_headers"
+TRACED_KEY = "dpiguard_traced_refusal"  # a refusal record exists: the error hook adds none
+DECIDED_KEY = "dpiguard_decided"  # the request was decided (and so traced) by dpiguard
 REQUEST_ID_HEADER = "X-DPIGuard-Request-Id"
 FHIR_JSON = "application/fhir+json"
 
@@ -32,14 +38,19 @@ FHIR_JSON = "application/fhir+json"
 def incoming(flow: http.HTTPFlow) -> Incoming:
     headers: dict[str, str] = {}
     size = 0
+    strip = []
     for raw_name, raw_value in flow.request.headers.fields:
         size += len(raw_name) + len(raw_value) + 4
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
+        if (name.replace("_", "-") if "_" in name else name) in FORWARDING_HEADERS:
+            strip.append(raw_name)  # never forwarded (dpiguard/decision/headers.py)
         if name in headers:
             headers[name] += ("; " if name == "cookie" else ", ") + value
         else:
             headers[name] = value
+    if strip:
+        flow.metadata[STRIP_KEY] = strip
     peer = flow.client_conn.peername
     return Incoming(
         method=flow.request.method.upper(),
@@ -55,6 +66,10 @@ def incoming(flow: http.HTTPFlow) -> Incoming:
 def forward(flow: http.HTTPFlow, v: Verdict) -> None:
     request = flow.request
     request.path = v.forward_target
+    for raw_name in flow.metadata.get(STRIP_KEY, ()):
+        request.headers.pop(raw_name.decode("latin-1"), None)
+    for name in v.drop_headers:
+        request.headers.pop(name, None)
     if v.public:
         request.headers.pop("cookie", None)  # no session id leaves the proxy
         request.headers.pop("authorization", None)
@@ -77,7 +92,30 @@ def respond(flow: http.HTTPFlow, reply: Reply) -> None:
         headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
     headers += [(k.encode(), v.encode("latin-1")) for k, v in SECURITY_HEADERS]
     headers += [(k.encode(), v.encode("latin-1")) for k, v in reply.headers]
-    flow.response = http.Response.make(reply.status, reply.body, headers)
+    # An answer to HEAD has no body (one would be read as the start of the next answer on the connection).
+    body = b"" if flow.request.method.upper() == "HEAD" else reply.body
+    flow.response = http.Response.make(reply.status, body, headers)
+
+
+def origin_form(flow: http.HTTPFlow, accepted: frozenset[str], upstream: tuple[str, str, int]) -> bool:
+    """An absolute-form request target (``GET http://host/path``) is accepted only when it names the DPI
+    or dpiguard itself (``accepted``: lower-case ``host:port``), and is then forwarded in origin form
+    with the DPI's own Host. False: refuse it."""
+    request = flow.request
+    if not request.authority or request.is_http2 or request.is_http3:
+        return True  # origin form (HTTP/2 always has :authority; mitmproxy sets the DPI's)
+    try:  # the authority as sent: mitmproxy has already put the DPI's address in request.host
+        host, port = url.parse_authority(request.authority, check=True)
+    except ValueError:
+        return False
+    port = port or (443 if request.scheme == "https" else 80)
+    if f"{host.lower()}:{port}" not in accepted:
+        return False
+    scheme, host, upstream_port = upstream
+    request.authority = ""
+    request.scheme, request.host, request.port = scheme, host, upstream_port
+    request.host_header = host if upstream_port == (443 if scheme == "https" else 80) else f"{host}:{upstream_port}"
+    return True
 
 
 def respond_fhir(flow: http.HTTPFlow, status: int, outcome: dict) -> None:
@@ -101,6 +139,72 @@ async def durable(future: Future | None, audit: AuditLog, on_failure: str, req: 
             return True
         log.error("dpiguard: audit record of request %s not durable (%s); refusing", req.request_id, exc)
         return False
+
+
+def framing_error(flow: http.HTTPFlow, req: Incoming) -> str | None:
+    """Why mitmproxy refused this request itself (it answers 400 and closes), or None. mitmproxy still
+    runs the requestheaders hook for some of these: they must be traced as refusals, never decided."""
+    if flow.error is not None:
+        return flow.error.msg
+    if "transfer-encoding" in req.headers or "content-length" in req.headers:
+        try:
+            http1.expected_http_body_size(flow.request)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def trace_http_error(audit: AuditLog | None, flow: http.HTTPFlow, message: str) -> None:
+    """One record for a request mitmproxy refused or that failed on the way (error hook): a refusal
+    never decided by dpiguard is an ``access`` record (``http_protocol_error``); the failure of a
+    request dpiguard had decided is an ``http_error`` record with the same request id."""
+    if audit is None or flow.metadata.get(TRACED_KEY):
+        return
+    flow.metadata[TRACED_KEY] = True
+    decided = DECIDED_KEY in flow.metadata
+    request_id = flow.metadata.get(REQUEST_ID_KEY) or secrets.token_hex(8)
+    flow.metadata.setdefault(REQUEST_ID_KEY, request_id)
+    peer = flow.client_conn.peername if flow.client_conn else None
+    request = flow.request
+    try:
+        audit.submit({
+            "event": "http_error" if decided else "access", "outcome": "deny",
+            "reason": ("upstream_error" if flow.server_conn and flow.server_conn.error else "connection_error")
+            if decided else "http_protocol_error",
+            "time": iso_ms(), "request_id": request_id, "client": peer[0] if peer else None,
+            "method": request.method[:16] if request else None,
+            "target": request.path[:512] if request else None, "detail": str(message)[:300],
+        })
+    except Exception as exc:
+        log.error("dpiguard: could not trace an HTTP error: %s", exc)
+
+
+# mitmproxy's own messages for request heads it cannot parse: no flow exists, only this log line.
+_UNPARSED = re.compile(r"^(?P<peer>\S+): (?P<error>(Bad HTTP request line|Invalid header line|Invalid headers|"
+                       r"Unknown HTTP version|Invalid HTTP version|Invalid request|Malformed).*)$", re.S)
+
+
+class UnparsedRequestTracer(logging.Handler):
+    """Turns mitmproxy's log line about a request head it could not parse (malformed request line,
+    invalid header line...) into a refusal record with a request id (reason ``http_protocol_error``)."""
+
+    def __init__(self, audit: AuditLog):
+        super().__init__(logging.INFO)
+        self.audit = audit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            match = _UNPARSED.match(record.getMessage())
+            if match is None:
+                return
+            client = getattr(record, "client", None)
+            self.audit.submit({
+                "event": "access", "outcome": "deny", "reason": "http_protocol_error", "time": iso_ms(),
+                "request_id": secrets.token_hex(8), "client": client[0] if client else match["peer"],
+                "method": None, "target": None, "detail": match["error"][:300],
+            })
+        except Exception:  # a logging handler never raises into mitmproxy
+            pass
 
 
 def trace_internal_error(audit: AuditLog | None, flow: http.HTTPFlow, exc: Exception) -> None:

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from dpiguard.fhir.searchparams import MODIFIERS, SearchParam, search_param
+
 # R4 4.0.1 CompartmentDefinition/patient: resource type -> params linking it to the patient.
 PATIENT_COMPARTMENT: dict[str, tuple[str, ...]] = {
     "Account": ("subject",),
@@ -114,9 +116,13 @@ PATIENT_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 FHIR_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 TYPE_RE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
-# Result and paging controls that never select or reveal other data.
-HARMLESS_CONTROLS = frozenset({"_count", "_offset", "_sort", "_total", "_pretty", "_lastUpdated", "_tag",
-                               "_security", "_profile", "_text", "_content", "_source"})
+# Result parameters, read by dpiguard itself (``_count`` and ``_total`` are never forwarded as sent).
+CONTROL_PARAMS = frozenset({"_count", "_sort", "_total", "_pretty", "_format", "_summary", "_include",
+                            "_revinclude"})
+# Paging state dpiguard did not issue (servers' offsets and page tokens): paging is dpiguard's.
+PAGING_PARAMS = frozenset({"_offset", "_getpages", "_getpagesoffset", "_pageId", "_page", "page", "_cursor",
+                           "_page_token", "_pageToken", "_bundletype", "_skip"})
+MAX_PAGE = 500
 # Refused unless policies/fhir.yaml allows them (allow_parameters): they probe or reshape results.
 PROBING_CONTROLS = frozenset({"_has", "_filter", "_query", "_contained", "_containedType", "_elements",
                               "_list", "_type", "_getpages"})
@@ -159,6 +165,8 @@ class FhirRequest:
     action: str = "read"
     needs_body: bool = False
     needs_stored: bool = False  # update/patch/delete: the stored resource's patients must pass too
+    count: int | None = None  # the page size the client asked for (_count)
+    post_search: bool = False  # POST Type/_search: the parameters are also in the body (a form)
     filtered_search: bool = False  # unscoped search answered with a filtered Bundle
 
     def add_patient(self, patient: str) -> None:
@@ -173,8 +181,8 @@ def patient_of_reference(value: str, *, bare_is_patient: bool) -> str | None | b
     ``http(s)://host/base/Patient/P1``.
     """
     value = value.strip()
-    if not value:
-        return False
+    if not value or "?" in value or value.startswith("urn:"):
+        return False  # conditional or Bundle-local references name no patient dpiguard can check
     parts = value.split("/")
     if len(parts) == 1:
         if not bare_is_patient:
@@ -231,6 +239,7 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
     if segments == ["metadata"]:
         if method != "GET":
             raise not_supported("metadata is read-only")
+        _no_query(query, "metadata")
         return FhirRequest("capabilities", "CapabilityStatement")
     if segments[0].startswith("_"):
         raise not_supported(f"{segments[0][:32]} at the system level is not allowed")
@@ -239,7 +248,7 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
     if n == 1:
         if method == "GET":
             req = FhirRequest("search", kind)
-            _search_params(req, query, allowed_params)
+            _search_params(req, query, allowed_params, known)
             return req
         if method == "POST":
             _no_query(query, "create")
@@ -248,13 +257,14 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
             raise not_supported("conditional update, patch and delete are not allowed through dpiguard")
         raise not_supported(f"{method} is not supported on a resource type")
     if n == 2 and segments[1] == "_search":
-        raise not_supported("POST/GET _search is not supported; use GET with the parameters in the URL")
-    if n == 2 and segments[1] == "_history":
-        if method != "GET":
-            raise not_supported("history is read-only")
-        req = FhirRequest("search", kind)
-        _search_params(req, query, allowed_params)
+        if method != "POST":
+            raise not_supported("search with GET on the type (Type?...), or POST Type/_search with a form")
+        req = FhirRequest("search", kind, needs_body=True, post_search=True)
+        _search_params(req, query, allowed_params, known)  # the URL's parameters now, the form's with the body
         return req
+    if n == 2 and segments[1] == "_history":
+        # Type-level history lists deleted resources by id, whoever their patient: not open.
+        raise not_supported("the history of a whole resource type is not open through dpiguard")
     ident = check_id(segments[1])
     if n == 2:
         if method == "GET":
@@ -279,7 +289,7 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
     if segments[2] == "_history":
         if method != "GET":
             raise not_supported("history is read-only")
-        _no_query(query, "history", allow=("_format", "_pretty", "_count"))
+        _no_query(query, "history")
         if n == 3:
             req = FhirRequest("history", kind, ident)
         elif n == 4:
@@ -294,11 +304,15 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
         if method != "GET":
             raise not_supported("$everything is read with GET")
         _no_query(query, "$everything", allow=("_format", "_pretty", "_count"))
+        if "_count" in query:
+            _control(FhirRequest("operation", "Patient"), "_count", query["_count"], known, allowed_params)
         patient = patient_of_reference(ident, bare_is_patient=True)
         if not patient:
             raise invalid("malformed patient id")
         req = FhirRequest("operation", "Patient", ident, scoped=True)
         req.add_patient(patient)
+        if "_count" in query:
+            req.count = int(query["_count"][0])
         return req
     if kind == "Patient" and n == 3 and not segments[2].startswith("$"):
         # Compartment search: GET /Patient/P/Observation?...
@@ -308,7 +322,7 @@ def analyze(method: str, segments: list[str], query: Mapping[str, list[str]], *,
         if not patient:
             raise invalid("malformed patient id")
         req = FhirRequest("search", check_type(segments[2]))
-        _search_params(req, query, allowed_params)
+        _search_params(req, query, allowed_params, known)
         req.add_patient(patient)
         req.scoped = True
         return req
@@ -331,88 +345,226 @@ def _check_format(query: Mapping[str, list[str]]) -> None:
             raise forbidden_param("_summary", "summaries can drop the elements dpiguard checks")
 
 
-def _search_params(req: FhirRequest, query: Mapping[str, list[str]], allowed: frozenset[str]) -> None:
+def _search_params(req: FhirRequest, query: Mapping[str, list[str]], allowed: frozenset[str],
+                   known_types: frozenset[str] = frozenset()) -> None:
+    """Default-deny reading of a search: every parameter, modifier and chain must be known for the type
+    (:mod:`dpiguard.fhir.searchparams`) and understood, else :class:`FhirRefusal`."""
     kind = req.resource_type
     links = set(PATIENT_COMPARTMENT.get(kind, ())) | (PATIENT_PARAMS if kind in PATIENT_COMPARTMENT else set())
     _check_format(query)
     scoped_by: list[str] = []
     for name, values in query.items():
+        if name.startswith("_has:") or name == "_has":
+            if "_has" not in allowed:
+                raise forbidden_param("_has", "it can probe patients outside your care team")
+            req.params.append("_has")
+            continue
         base, modifier, chain = _split_name(name)
         if base not in req.params:
             req.params.append(base)
-        if base.startswith("_"):
-            if base in ("_format", "_summary", "_pretty"):
+        if base in CONTROL_PARAMS:
+            if modifier is not None or chain is not None:
+                raise forbidden_param(name, "result parameters take no modifier")
+            _control(req, base, values, known_types, allowed)
+            continue
+        if base in PAGING_PARAMS:
+            raise forbidden_param(name, "paging is done by dpiguard: follow the next/previous links it gives")
+        if base in PROBING_CONTROLS:
+            if base in allowed and modifier is None and chain is None:
                 continue
-            if base in ("_include", "_revinclude"):
-                if modifier or chain:
-                    raise forbidden_param(name, "iterate/recurse includes are not allowed")
-                for value in values:
-                    _include_value(req, base, value, allowed)
-                continue
+            raise forbidden_param(name, "it can probe patients outside your care team")
+        param = search_param(kind, base)
+        if param is None:
+            raise forbidden_param(name, f"not a search parameter of {kind} that dpiguard knows")
+        if chain is not None:
+            _chain(req, param, name, modifier, chain, values, allowed)
+            continue
+        if param.kind == "reference":
+            if _reference_param(req, param, name, modifier, values) and base in links:
+                scoped_by.append(name)
+            continue
+        if modifier is not None:
             if base == "_id":
-                if modifier or chain:
-                    raise forbidden_param(name, "modifiers on _id are not allowed")
-                if kind == "Patient":
-                    for value in values:
-                        ids = [patient_of_reference(v, bare_is_patient=True) for v in value.split(",")]
-                        if not all(ids):
-                            raise invalid("malformed patient id in _id")
-                        for patient in ids:
-                            req.add_patient(patient)
-                    scoped_by.append(name)
+                raise forbidden_param(name, "modifiers on _id are not allowed")
+            if modifier not in MODIFIERS[param.kind]:
+                raise forbidden_param(name, f"modifier :{modifier[:32]} is not understood on a {param.kind} "
+                                            "parameter")
+            if modifier == "missing":
+                _missing_values(name, values)
                 continue
-            if base in HARMLESS_CONTROLS:
-                continue
-            if base in PROBING_CONTROLS and base in allowed:
-                continue
-            raise forbidden_param(name, "it can probe patients outside your care team"
-                                  if base in PROBING_CONTROLS else "unknown control parameter")
-        if base in links:
-            if chain is not None:
-                if modifier not in (None, "Patient"):
-                    raise forbidden_param(name, "chains are only allowed through Patient")
-                continue  # selects patients by their data: unscoped, the response is filtered
-            if modifier not in (None, "Patient"):
-                continue  # :missing, :identifier, :not... do not scope the search
-            scope = True
+        if base == "_id" and kind == "Patient":
             for value in values:
                 for item in value.split(","):
                     patient = patient_of_reference(item, bare_is_patient=True)
-                    if patient is False:
-                        raise invalid(f"malformed reference in {name!r}")
-                    if patient is None:
-                        scope = False  # e.g. performer=Practitioner/D1
-                    else:
-                        req.add_patient(patient)
-            if scope:
-                scoped_by.append(name)
+                    if not patient:
+                        raise invalid("malformed patient id in _id")
+                    req.add_patient(patient)
+            scoped_by.append(name)
             continue
-        if chain is not None:
-            if f"{base}." not in allowed and name not in allowed:
-                raise forbidden_param(name, "chained parameters outside the Patient compartment can probe "
-                                            "other patients")
-            continue
-        # Any other parameter that names a patient (focus=Patient/P2...) must pass too.
+        # A value that names a patient (token or string holding Patient/P2...) must pass too.
         for value in values:
             for item in value.split(","):
-                patient = patient_of_reference(item, bare_is_patient=False)
-                if patient:
-                    req.add_patient(patient)
+                if "/" in item:
+                    patient = patient_of_reference(item, bare_is_patient=False)
+                    if patient:
+                        req.add_patient(patient)
     req.scoped = bool(scoped_by)
 
 
-def _include_value(req: FhirRequest, base: str, value: str, allowed: frozenset[str]) -> None:
+def _missing_values(name: str, values: list[str]) -> None:
+    if any(v not in ("true", "false") for v in values):
+        raise invalid(f"{name[:64]} takes true or false")
+
+
+def _reference_param(req: FhirRequest, param: SearchParam, name: str, modifier: str | None,
+                     values: list[str]) -> bool:
+    """Check a reference parameter; True if every value names a patient (the search is then scoped)."""
+    if modifier == "missing":
+        _missing_values(name, values)
+        return False
+    if modifier == "identifier":
+        if param.can_target("Patient"):
+            raise forbidden_param(name, "name the patient by its id (patient=Patient/...), not by an identifier")
+        return False
+    if modifier is not None:
+        if not TYPE_RE.match(modifier) or modifier not in R4_TYPES:
+            raise forbidden_param(name, f"modifier :{modifier[:32]} is not understood on a reference")
+        if not param.can_target(modifier):
+            raise invalid(f"{name[:64]}: {param.name} never points at {modifier}")
+        if modifier == "Group":
+            raise forbidden_param(name, "Group references cannot be checked patient by patient")
+    all_patients = True
+    for value in values:
+        items = value.split(",")
+        for item in items:
+            item = item.strip()
+            if modifier is not None:
+                if "/" in item or not FHIR_ID_RE.match(item):
+                    raise invalid(f"malformed id in {name[:64]!r}")
+                target, patient = modifier, (item if modifier == "Patient" else None)
+            else:
+                target, patient = _reference_target(item, param, name)
+            if target == "Group":
+                raise forbidden_param(name, "Group references cannot be checked patient by patient")
+            if patient is not None:
+                if not PATIENT_ID_RE.match(patient):
+                    raise invalid(f"malformed patient id in {name[:64]!r}")
+                req.add_patient(patient)
+            else:
+                all_patients = False
+    return all_patients
+
+
+def _reference_target(item: str, param: SearchParam, name: str) -> tuple[str | None, str | None]:
+    """(target type, patient id or None) of one reference value of a search."""
+    if not item or "?" in item or "#" in item:
+        raise invalid(f"malformed reference in {name[:64]!r}")
+    parts = item.split("/")
+    if len(parts) == 1:
+        if not FHIR_ID_RE.match(item):
+            raise invalid(f"malformed reference in {name[:64]!r}")
+        # A bare id: a patient whenever the parameter may point at one (it must pass).
+        return ("Patient", item) if param.can_target("Patient") else (None, None)
+    if len(parts) >= 4 and parts[-2] == "_history":
+        parts = parts[:-2]
+    target, ident = parts[-2], parts[-1]
+    if not TYPE_RE.match(target) or target not in R4_TYPES or not FHIR_ID_RE.match(ident):
+        raise invalid(f"malformed reference in {name[:64]!r}")
+    if len(parts) > 2 and not (parts[0] in ("http:", "https:") and parts[1] == ""):
+        raise invalid(f"malformed reference in {name[:64]!r}")
+    if not param.can_target(target):
+        raise invalid(f"{name[:64]}: {param.name} never points at {target}")
+    return target, (ident if target == "Patient" else None)
+
+
+def _chain(req: FhirRequest, param: SearchParam, name: str, modifier: str | None, chain: str,
+           values: list[str], allowed: frozenset[str]) -> None:
+    """``encounter.status=...``: refused unless allowed in fhir.yaml; never through a patient reference."""
+    if param.kind != "reference":
+        raise forbidden_param(name, "only reference parameters can be chained")
+    if param.can_target("Patient") and modifier in (None, "Patient"):
+        raise forbidden_param(name, "a chain through the patient selects patients by their data: name the "
+                                    "patient by its id (patient=Patient/...)")
+    if f"{param.name}." not in allowed and name not in allowed:
+        raise forbidden_param(name, "chained parameters can probe other patients")
+    if modifier is not None:
+        if modifier not in R4_TYPES or not param.can_target(modifier):
+            raise invalid(f"{name[:64]}: {param.name} never points at {modifier[:32]}")
+        target = modifier
+    elif len(param.targets) == 1 and "*" not in param.targets:
+        (target,) = param.targets
+    else:
+        raise forbidden_param(name, "say the type of the chained resource (param:Type.name)")
+    if "." in chain or ":" in chain:
+        raise forbidden_param(name, "chains of more than one step, or with modifiers, are not allowed")
+    chained = search_param(target, chain)
+    if chained is None:
+        raise forbidden_param(name, f"{chain[:32]!r} is not a search parameter of {target} that dpiguard knows")
+    if chained.kind == "reference":  # encounter.subject=P2: P2 must pass like any patient named
+        _reference_param(req, chained, name, None, values)
+
+
+def _control(req: FhirRequest, base: str, values: list[str], known_types: frozenset[str],
+             allowed: frozenset[str]) -> None:
+    kind = req.resource_type
+    if base in ("_format", "_summary"):
+        return  # _check_format
+    if base == "_pretty":
+        if any(v not in ("true", "false") for v in values):
+            raise invalid("_pretty takes true or false")
+        return
+    if base == "_total":
+        if any(v not in ("none", "estimate", "accurate") for v in values):
+            raise invalid("_total takes none, estimate or accurate")
+        return  # dpiguard counts itself; not forwarded
+    if base == "_count":
+        if len(values) != 1 or not values[0].isdigit() or not 1 <= int(values[0]) <= MAX_PAGE:
+            raise invalid(f"_count must be a whole number between 1 and {MAX_PAGE}")
+        req.count = int(values[0])
+        return
+    if base == "_sort":
+        for value in values:
+            for item in value.split(","):
+                field_name = item[1:] if item.startswith("-") else item
+                sort_param = search_param(kind, field_name)
+                if sort_param is None or sort_param.kind in ("composite", "special"):
+                    raise forbidden_param("_sort", f"{field_name[:64]!r} is not a parameter of {kind} to sort on")
+                if field_name not in req.params:
+                    req.params.append(field_name)  # sorting on a masked element probes it too
+        return
+    for value in values:  # _include, _revinclude
+        _include_value(req, base, value, allowed, known_types)
+
+
+def _include_value(req: FhirRequest, base: str, value: str, allowed: frozenset[str],
+                   known_types: frozenset[str] = frozenset()) -> None:
     parts = value.split(":")
     if len(parts) not in (2, 3) or not TYPE_RE.match(parts[0]) or not parts[1] or parts[1] == "*":
         raise forbidden_param(base, f"{value[:64]!r}: use Type:parameter (no wildcard)")
-    if parts[0] not in R4_TYPES:
-        raise forbidden_param(base, f"unknown resource type {parts[0][:64]!r}")
+    source = parts[0]
+    if source not in R4_TYPES:
+        raise forbidden_param(base, f"unknown resource type {source[:64]!r}")
+    param = search_param(source, parts[1])
+    if param is None or param.kind != "reference":
+        raise forbidden_param(base, f"{value[:64]!r}: {parts[1][:32]!r} is not a reference parameter of {source}")
+    if len(parts) == 3 and (parts[2] not in R4_TYPES or not param.can_target(parts[2])):
+        raise forbidden_param(base, f"{value[:64]!r}: {param.name} never points at {parts[2][:32]}")
     if base == "_include":
+        if source != req.resource_type:
+            raise forbidden_param(base, f"{value[:64]!r}: includes start from the type searched")
+        included = {parts[2]} if len(parts) == 3 else set(param.targets)
+        if "*" in included or (known_types and not included & known_types):
+            raise forbidden_param(base, f"{value[:64]!r}: say the type included (Type:param:Target), one "
+                                        "open through dpiguard")
         req.includes.append(value)
         return
+    if known_types and source not in known_types:
+        raise forbidden_param(base, f"{source} is not open through dpiguard")
+    if not param.can_target(req.resource_type):
+        raise forbidden_param(base, f"{value[:64]!r}: {param.name} never points at {req.resource_type}")
     if req.resource_type != "Patient" and "_revinclude" not in allowed:
         raise forbidden_param(base, "reverse includes are only allowed on Patient searches")
-    if parts[1] not in set(PATIENT_COMPARTMENT.get(parts[0], ())) | PATIENT_PARAMS:
+    if parts[1] not in set(PATIENT_COMPARTMENT.get(source, ())) | PATIENT_PARAMS:
         if "_revinclude" not in allowed:
             raise forbidden_param(base, f"{value[:64]!r} does not point at the patient")
     req.revincludes.append(value)

@@ -75,12 +75,21 @@ class Permissions(Protocol):
     def category(self, name: str) -> Any: ...  # has .care_team_required
 
 
-class Judge:
-    """Decides, resource by resource, for one user."""
+Access = Callable[[str, str, str, bool], tuple[bool, str]]
 
-    def __init__(self, *, fhir: ResourceRules, policy: Permissions, roles: tuple[str, ...],
-                 member: Callable[[str, str, str], bool]):
-        self.fhir, self.policy, self.roles, self.member = fhir, policy, roles, member
+
+class Judge:
+    """Decides, resource by resource, for one user.
+
+    ``access(patient, category, action, care_team_required)`` → (allowed, refusal reason): the care-team
+    step of the pipeline, asked for **every** patient a resource names, whatever its category, so that a
+    patient objection (``patient_objection``) holds on administrative data too."""
+
+    def __init__(self, *, fhir: ResourceRules, policy: Permissions, roles: tuple[str, ...], access: Access):
+        self.fhir, self.policy, self.roles, self.access = fhir, policy, roles, access
+
+    def member(self, patient: str, category: str, action: str) -> tuple[bool, str]:
+        return self.access(patient, category, action, self.policy.category(category).care_team_required)
 
     def resource(self, resource: Any, action: str = "read") -> Judgement:
         if not isinstance(resource, dict):
@@ -94,14 +103,15 @@ class Judge:
         if not self.policy.permits(self.roles, category, action):
             return Judgement(False, "category_not_permitted", category)
         patients, unreadable = patient_links(resource)
-        if self.policy.category(category).care_team_required:
-            if unreadable:
-                return Judgement(False, NO_PATIENT, category, tuple(sorted(patients)))
-            if not patients:
-                return Judgement(False, NO_PATIENT, category)
-            for patient in sorted(patients):
-                if not self.member(patient, category, action):
-                    return Judgement(False, "not_in_care_team", category, tuple(sorted(patients)))
+        required = self.policy.category(category).care_team_required
+        if unreadable:  # a patient that cannot be named cannot be checked (objections included)
+            return Judgement(False, NO_PATIENT, category, tuple(sorted(patients)))
+        if required and not patients:
+            return Judgement(False, NO_PATIENT, category)
+        for patient in sorted(patients):
+            ok, reason = self.access(patient, category, action, required)
+            if not ok:
+                return Judgement(False, reason, category, tuple(sorted(patients)))
         return Judgement(True, "allowed", category, tuple(sorted(patients)))
 
     def masks(self, category: str) -> dict[str, list[str]]:
@@ -154,6 +164,7 @@ class CheckedAnswer:
     hidden_reasons: dict[str, int] = field(default_factory=dict)
     masked: set[str] = field(default_factory=set)
     patients: set[str] = field(default_factory=set)
+    request_id: str = ""
 
 
 class BundleRewriter:
@@ -169,9 +180,10 @@ class BundleRewriter:
         return url
 
 
-def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, filtered_search: bool) -> CheckedAnswer:
-    """Check, filter and mask a parsed FHIR response body."""
-    out = CheckedAnswer(body, status)
+def process(body: Any, status: int, judge: Judge, rewriter: BundleRewriter, *, filtered_search: bool,
+            request_id: str = "") -> CheckedAnswer:
+    """Check, filter and mask a parsed FHIR response body (not a top-level search: see collect_page)."""
+    out = CheckedAnswer(body, status, request_id=request_id)
     if not isinstance(body, dict) or "resourceType" not in body:
         raise ValueError("the FHIR response is not a resource")
     if body["resourceType"] == "Bundle":
@@ -196,17 +208,24 @@ def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: CheckedAn
     if not isinstance(entries, list):
         raise ValueError("Bundle.entry is not a list")
     kept: list = []
-    hidden_matches = 0
-    visible_matches = 0
     for entry in entries:
         if not isinstance(entry, dict):
             raise ValueError("a Bundle entry is not an object")
         if "fullUrl" in entry:
             entry["fullUrl"] = rewriter.url(entry["fullUrl"])
         resource = entry.get("resource")
-        is_match = (entry.get("search") or {}).get("mode", "match") == "match"
+        response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+        if kind in ("batch-response", "transaction-response") and str(response.get("status", ""))[:3] in ("404",
+                                                                                                           "410"):
+            # A missing resource answers like a withheld one (no existence oracle inside Bundles either).
+            kept.append({"response": {"status": "404", "outcome": not_found_outcome(out.request_id)}})
+            continue
         if resource is None:
-            kept.append(entry)
+            if kind in ("batch-response", "transaction-response"):
+                kept.append(entry)  # the outcome of the user's own write (status, location)
+            else:
+                out.hidden += 1  # a deleted version or an empty entry says whose resource existed
+                out.hidden_reasons[NO_PATIENT] = out.hidden_reasons.get(NO_PATIENT, 0) + 1
             continue
         if isinstance(resource, dict) and resource.get("resourceType") == "Bundle":
             _bundle(resource, judge, rewriter, out, filtered_search=True)
@@ -218,31 +237,82 @@ def _bundle(bundle: dict, judge: Judge, rewriter: BundleRewriter, out: CheckedAn
                 out.returned += 1
                 out.patients.update(verdict.patients)
                 out.masked.update(apply_masks(resource, judge, verdict.category))
-            visible_matches += is_match
             kept.append(entry)
             continue
         out.hidden += 1
         out.hidden_reasons[verdict.reason] = out.hidden_reasons.get(verdict.reason, 0) + 1
-        hidden_matches += is_match
         if kind in ("batch-response", "transaction-response"):
-            kept.append({"response": {"status": "403", "outcome": {
-                "resourceType": "OperationOutcome",
-                "issue": [{"severity": "error", "code": "forbidden",
-                           "diagnostics": f"dpiguard withheld this resource ({verdict.reason})"}]}}})
-    if kind == "searchset" and out.hidden:
+            kept.append({"response": {"status": "404", "outcome": not_found_outcome(out.request_id)}})
+    if kind == "searchset":
         kept = _prune_includes(kept)
     if entries:
         bundle["entry"] = kept
-    links = bundle.get("link") or []
-    for link in links:
+    if kind in ("searchset", "history"):
+        # Only dpiguard's paging is followed (top-level searches); here one page, counted by nobody:
+        # whether the DPI had more pages, or how many matches, would depend on hidden entries.
+        bundle.pop("total", None)
+        bundle["link"] = [link for link in bundle.get("link") or []
+                          if isinstance(link, dict) and link.get("relation") == "self"]
+        if kind == "history":
+            bundle["total"] = len(kept)
+    for link in bundle.get("link") or []:
         if isinstance(link, dict) and "url" in link:
             link["url"] = rewriter.url(link["url"])
-    if kind in ("searchset", "history") and (filtered_search or hidden_matches):
-        paged = any(isinstance(l, dict) and l.get("relation") in ("next", "previous", "prev") for l in links)
-        if paged:
-            bundle.pop("total", None)  # the real count would reveal hidden matches
-        else:
-            bundle["total"] = visible_matches
+
+
+def collect_page(bundle: Any, judge: Judge, rewriter: BundleRewriter, out: CheckedAnswer) -> tuple[list, list]:
+    """One page of the DPI's answer to a search: (visible match entries, visible included entries), each
+    checked, masked and with its fullUrl pointing at dpiguard; hidden ones are counted in ``out``."""
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle" or bundle.get("type") != "searchset":
+        raise ValueError("the DPI did not answer the search with a searchset Bundle")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list):
+        raise ValueError("Bundle.entry is not a list")
+    matches, includes = [], []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            raise ValueError("a searchset entry without a resource")
+        resource = entry["resource"]
+        mode = (entry.get("search") or {}).get("mode", "match")
+        verdict = judge.resource(resource)
+        if not verdict.ok:
+            out.hidden += 1
+            out.hidden_reasons[verdict.reason] = out.hidden_reasons.get(verdict.reason, 0) + 1
+            continue
+        if resource.get("resourceType") == "OperationOutcome":
+            continue  # the DPI's warnings about the search (may echo what it matched): not passed on
+        out.returned += 1
+        out.patients.update(verdict.patients)
+        out.masked.update(apply_masks(resource, judge, verdict.category))
+        clean = {"fullUrl": rewriter.url(entry["fullUrl"])} if "fullUrl" in entry else {}
+        clean["resource"] = resource
+        clean["search"] = {"mode": "match" if mode == "match" else "include"}
+        (matches if mode == "match" else includes).append(clean)
+    return matches, includes
+
+
+def next_link(bundle: Any) -> str | None:
+    for link in (bundle.get("link") or []) if isinstance(bundle, dict) else []:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return link["url"]
+    return None
+
+
+def page_bundle(matches: list, includes: list, offset: int, size: int, exhausted: bool,
+                links: list[dict]) -> dict:
+    """The searchset dpiguard answers: visible matches [offset, offset+size) with the included entries
+    linked to them, dpiguard's links only, and ``total`` only when it is the visible count (the search
+    was read to its end without filling the page: the count then depends on visible entries only)."""
+    page = matches[offset:offset + size]
+    pool = {}
+    for entry in includes:
+        pool.setdefault(_key(entry["resource"]), entry)
+    bundle: dict = {"resourceType": "Bundle", "type": "searchset"}
+    if exhausted and len(matches) <= offset + size:
+        bundle["total"] = len(matches)
+    bundle["link"] = links
+    bundle["entry"] = _prune_includes(page + list(pool.values()))
+    return bundle
 
 
 def _key(resource: Any) -> str | None:
@@ -297,6 +367,25 @@ def operation_outcome(reason: str, status: int, message: str, request_id: str, i
             "code": issue,
             "details": {"coding": [{"system": "urn:dpiguard:reason", "code": reason}], "text": message},
             "diagnostics": f"dpiguard refused the request ({reason}); request id {request_id}",
+        }],
+    }
+
+
+NOT_FOUND = "fhir_not_found"
+
+
+def not_found_outcome(request_id: str) -> dict:
+    """The one answer to a read of a resource that does not exist **or** that the user may not see: the
+    same status and body, so that a refusal does not tell that the resource exists (the trace says
+    which it was, under the request id)."""
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": "error",
+            "code": "not-found",
+            "details": {"coding": [{"system": "urn:dpiguard:reason", "code": NOT_FOUND}],
+                        "text": "no such resource, or not one you may see"},
+            "diagnostics": f"dpiguard: not found or not accessible to you; request id {request_id}",
         }],
     }
 
