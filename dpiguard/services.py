@@ -33,10 +33,11 @@ from dpiguard.decision.assertion import AssertionSigner
 from dpiguard.decision.breakglass import BreakGlassService
 from dpiguard.decision.cache import DecisionCache
 from dpiguard.decision.fhir import FhirEnforcer
-from dpiguard.decision.massaccess import MassAccessMonitor
+from dpiguard.decision.massaccess import MassAccessMonitor, throttled_users, unthrottle
 from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
 from dpiguard.edge.banner import Banner
+from dpiguard.edge.console import Console
 from dpiguard.edge.ops import Monitor, allowed_networks
 from dpiguard.edge.pages import PageSettings
 from dpiguard.edge.portal import Portal, PortalSettings
@@ -242,6 +243,13 @@ def build_services(cfg: Config) -> Services:
         health=lambda: services_ref["s"].health(), policies=lambda: pipeline.policies, breakglass=breakglass,
         settings=settings, resume=resume,
     )
+    if cfg.console.enabled:
+        prefix = cfg.redis.prefix
+        portal.console = Console(
+            roles=settings.console_roles, audit_source=cfg.path(cfg.console.audit_source or cfg.audit.path),
+            users=users, authenticator=auth, sessions=sessions, grants=grants, careteam=careteam,
+            unthrottle=lambda user: unthrottle(client, prefix, user),
+            throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows)
     banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
                     idle_timeout=cfg.sessions.idle_timeout)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,

@@ -460,6 +460,9 @@ class Portal:
         """The answer to a refused request. Runs on the event loop: no I/O here."""
         l10n = self.l10n(req)
         text = reason_text(l10n, v.reason, v.message)
+        admin = v.status == 403 and bool(v.roles) and all(r in self.admin_roles for r in v.roles)
+        if admin:  # an administrative account on the DPI: it opens no record (the code stays the same)
+            text = reason_text(l10n, "admin_account")
         html = wants_html(req.headers, req.method) and not v.fhir and not is_fhir(req.target, req.headers)
         if v.status == 401 and html:
             next_target = req.target if req.method in ("GET", "HEAD") else (
@@ -506,6 +509,8 @@ class Portal:
     def _advice(self, l10n: Localizer, v: Verdict, breakglass: bool) -> list[str]:
         helpdesk = self.pages.helpdesk(l10n)
         out = []
+        if v.roles and all(r in self.admin_roles for r in v.roles):
+            return [l10n.gettext("Open the dpiguard console: /_dpiguard/console")]
         if breakglass:
             out.append(l10n.gettext("If this is an emergency, open an emergency access (bris de glace) with the "
                                     "form below: it takes a reason, a sentence and your current code."))
@@ -518,8 +523,6 @@ class Portal:
         elif v.reason == "patient_objection":
             out.append(l10n.gettext("The patient's objection can only be lifted by the patient; contact the "
                                     "data protection officer if you have a question."))
-        elif v.reason == "admin_account":
-            out.append(l10n.gettext("Open the dpiguard console: /_dpiguard/console"))
         elif v.reason == "mass_access":
             out.append(l10n.gettext("Your supervisor or the helpdesk can lift the pause once they checked."))
         out.append(l10n.gettext("Quote the reference below to the helpdesk. %(helpdesk)s", helpdesk=helpdesk))
@@ -700,6 +703,11 @@ class Portal:
 
     def _json(self, status: int, data: dict, headers: list[tuple[str, str]] | None = None) -> Reply:
         return Reply(status, orjson.dumps(data), "application/json", headers or [])
+
+    def event(self, req: Incoming, event: str, user: str | None, outcome: str, reason: str,
+              detail: str | None = None, **extra: Any) -> None:
+        """Write a trace record about this request (the console's actions use it too)."""
+        self._event(req, event, user, outcome, reason, detail, **extra)
 
     def _event(self, req: Incoming, event: str, user: str | None, outcome: str, reason: str,
                detail: str | None = None, **extra: Any) -> None:
