@@ -114,14 +114,12 @@ def safe_next(target: str, portal_pages: bool = False) -> str:
 
 
 def same_origin_path(headers: Mapping[str, str]) -> str:
-    """The local path of the Referer when it is one of ours ("" otherwise): the way back."""
+    """The path of the Referer as a local address ("" if none): the way back. Only its path is kept
+    (the Host header is the DPI's in reverse mode), so it can never lead off this site."""
     referer = headers.get("referer", "")
-    if not referer:
+    if not referer or headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return ""
     parts = urlsplit(referer)
-    host = headers.get("host", "")
-    if parts.netloc and parts.netloc != host:
-        return ""
     path = parts.path + ("?" + parts.query if parts.query else "")
     back = safe_next(path, portal_pages=True)
     return back if back != "/" or path == "/" else ""
