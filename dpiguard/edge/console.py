@@ -339,11 +339,11 @@ class Console:
             c.trace("allow", "ok", user.login, action=f"helpdesk_{action}", target_user=user.login)
         else:
             c.trace("allow", "ok", login or None)
-        status = None
+        state = None
         if user is not None:
-            status = {"locked_for": self.authenticator.locked_for(user.login),
+            state = {"locked_for": self.authenticator.locked_for(user.login),
                       "throttled": user.login in self.throttled(), "disabled": user.disabled}
-        return c.render("console_helpdesk.html", login=login, account=user, status=status, done=done, qr=qr, uri=uri)
+        return c.render("console_helpdesk.html", login=login, account=user, state=state, done=done, qr=qr, uri=uri)
 
 
 STATUS_TEXT = {"pending": N_("to review"), "justified": N_("justified"), "abusive": N_("abusive")}
