@@ -13,9 +13,7 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
 
-import pyotp
 import pytest
 
 from dpiguard.demo.runner import DEMO_PASSWORD
