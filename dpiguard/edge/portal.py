@@ -40,7 +40,7 @@ from dpiguard.audit.chain import AuditError, AuditLog
 from dpiguard.auth.login import Authenticator, LoginResult
 from dpiguard.auth.resume import KeptForm, ResumeStore, is_form
 from dpiguard.auth.sessions import SessionStore, cookie_value, presented_token
-from dpiguard.decision.verdict import Incoming, Verdict
+from dpiguard.decision.verdict import REFUSAL_MESSAGES, Incoming, Verdict
 from dpiguard.edge.pages import (
     ACTION_TEXT,
     PREFIX,
@@ -107,6 +107,16 @@ def wants_html(headers: Mapping[str, str], method: str) -> bool:
 
 def is_fhir(target: str, headers: Mapping[str, str]) -> bool:
     return target.startswith("/fhir/") or "fhir+json" in headers.get("accept", "")
+
+
+#: The pipeline's own one-line messages, which say no more than the reason's sentence.
+_GENERIC = frozenset(REFUSAL_MESSAGES.values()) | {"please log in", "this address is not open through dpiguard",
+                                                   "cross-site request refused"}
+
+
+def _detail(v: Verdict) -> str:
+    """What a refusal's message adds to its reason (a FHIR entry, a parameter...), or ""."""
+    return v.message if v.message and v.message not in _GENERIC else ""
 
 
 def _form(body: bytes, fields: int = 10) -> dict[str, str]:
@@ -480,7 +490,8 @@ class Portal:
                 "issue": [{
                     "severity": "error",
                     "code": v.fhir_issue or FHIR_ISSUE_CODE.get(v.status, "forbidden"),
-                    "details": {"coding": [{"system": REASON_SYSTEM, "code": v.reason}], "text": text},
+                    "details": {"coding": [{"system": REASON_SYSTEM, "code": v.reason}],
+                                "text": f"{text} ({detail})" if (detail := _detail(v)) else text},
                     "diagnostics": f"dpiguard refused the request ({v.reason}); request id {req.request_id}"
                                    + (f": {v.message}" if v.message else ""),
                 }],
@@ -500,7 +511,7 @@ class Portal:
                              back=same_origin_path(req.headers), advice=self._advice(l10n, v, bool(fields)),
                              breakglass=fields)
         data = {"error": v.reason, "message": text, "request_id": req.request_id}
-        if v.message and v.message != text:
+        if _detail(v):
             data["detail"] = v.message
         if offer:
             data["break_glass"] = "/_dpiguard/api/breakglass"
