@@ -477,8 +477,6 @@ class Config(BaseModel):
             raise ConfigError("audit.signing_key_file", "must be kept outside the audit folder (audit.path)")
         if self.ui.language not in self.ui.languages:
             raise ConfigError("ui.language", f"must be one of ui.languages ({', '.join(self.ui.languages)})")
-        if self.ui.idle_warning_seconds >= self.sessions.idle_timeout:
-            raise ConfigError("ui.idle_warning_seconds", "must be less than sessions.idle_timeout")
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             key = "tls.key_file" if self.tls.cert_file else "tls.cert_file"
             raise ConfigError(key, "tls.cert_file and tls.key_file go together")

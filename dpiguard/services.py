@@ -251,7 +251,7 @@ def build_services(cfg: Config) -> Services:
             unthrottle=lambda user: unthrottle(client, prefix, user),
             throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows)
     banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
-                    idle_timeout=cfg.sessions.idle_timeout)
+                    idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
                         breakglass=breakglass, mass_access=mass_access, banner=banner)
     services_ref["s"] = services

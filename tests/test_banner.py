@@ -52,6 +52,13 @@ def test_top_after_body_tag_and_no_store():
     assert b"<script" not in body[at:] and b"style=" not in body[at:]
 
 
+def test_no_idle_warning_when_switched_off():
+    b = Banner(Pages(PageSettings()), enabled=True, position="top", idle_timeout=1800, idle_warning=0)
+    body = run(b, flow()).content
+    assert b"dpiguard-bar" in body and b"dpiguard-idle" not in body
+    assert b"dpiguard-idle" in run(banner(), flow()).content
+
+
 def test_bottom_before_closing_body():
     body = run(banner("bottom"), flow()).content
     assert body.index(b"<h1>") < body.index(b'<aside id="dpiguard-bar"') < body.index(b"</body>")

@@ -98,7 +98,6 @@ KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, fhir, identity, ins
     (U + "ui: {languages: [en]}", {}, "ui.language", "must be one of ui.languages (en)"),
     (U + "ui: {timezone: Mars/Olympus}", {}, "ui.timezone", "unknown time zone 'Mars/Olympus' (e.g. Europe/Paris)"),
     (U + "ui: {banner_position: left}", {}, "ui.banner_position", "must be 'top' or 'bottom', got 'left'"),
-    (U + "ui: {idle_warning_seconds: 1800}", {}, "ui.idle_warning_seconds", "must be less than sessions.idle_timeout"),
     (U + "login: {trusted_networks: [10.0.0.0/33]}", {}, "login.trusted_networks", "not an address or CIDR network: '10.0.0.0/33'"),
     (U + "console: {roles: {dpo: [everything]}}", {}, "console.roles", "role 'dpo': unknown capability 'everything' (known: traces, names, timeline, breakglass, alerts, stats, "
      "explain, helpdesk)"),

@@ -41,8 +41,9 @@ SEARCH_BYTES = 65536
 
 
 class Banner:
-    def __init__(self, pages: Pages, *, enabled: bool, position: str, idle_timeout: int):
+    def __init__(self, pages: Pages, *, enabled: bool, position: str, idle_timeout: int, idle_warning: int = 120):
         self.pages = pages
+        self.idle_warning = idle_warning  # 0: no idle warning in the bar
         self.enabled = enabled
         self.position = position
         self.idle_timeout = idle_timeout
@@ -89,7 +90,7 @@ class Banner:
         grant = verdict.break_glass
         html = self.pages.render_text(
             "banner.html", l10n, position=self.position, user=verdict.session.user,
-            expires=l10n.clock(now + self.idle_timeout), grant=grant,
+            expires=l10n.clock(now + self.idle_timeout) if self.idle_warning else "", grant=grant,
             until=l10n.clock(grant.end) if grant is not None else "")
         return html.encode("ascii", "xmlcharrefreplace")
 
