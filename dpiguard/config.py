@@ -225,6 +225,10 @@ class Sessions(_Section):
     absolute_lifetime: PositiveWhole = 43200
     touch_interval: PositiveWhole = 60
     cookie_name: Name = "dpiguard_session"
+    # A form sent after the session ended by inactivity is kept (encrypted, in Redis) this long while
+    # its author logs in again, then sent once (docs/configuration.md). 0 = not kept.
+    resume_seconds: Annotated[Whole, _check(lambda v: 0 <= v <= 3600, "must be from 0 (off) to 3600 seconds")] = 900
+    resume_max_bytes: Annotated[PositiveWhole, _check(lambda v: v <= 1_048_576, "must be at most 1048576")] = 65536
 
 
 class Login(_Section):
@@ -236,6 +240,10 @@ class Login(_Section):
     ip_max_failures: PositiveWhole = 20
     ip_window: PositiveWhole = 600
     ip_block_seconds: PositiveWhole = 300
+    # Once an address reached ip_max_failures it is slowed down (one attempt per ip_slow_seconds),
+    # never blocked: a ward behind one NAT address keeps working. Trusted networks are never slowed.
+    ip_slow_seconds: Annotated[PositiveWhole, _check(lambda v: v <= 60, "must be at most 60 seconds")] = 2
+    trusted_networks: Annotated[TextList, AfterValidator(_networks)] = Field(default_factory=list)
     issuer: Text = "dpiguard"
 
 
@@ -315,6 +323,73 @@ class Threads(_Section):
     adt: PositiveWhole = 2
 
 
+_LANGUAGES = ("fr", "en")
+
+
+def _language(value: str) -> str:
+    if value not in _LANGUAGES:
+        raise ValueError(f"unknown language {value!r} (known: {', '.join(_LANGUAGES)})")
+    return value
+
+
+def _languages(values: list[str]) -> list[str]:
+    if not values:
+        raise ValueError("give at least one language")
+    for value in values:
+        _language(value)
+    return values
+
+
+class UI(_Section):
+    """What people see: language, local time, helpdesk line, the banner on the DPI's pages."""
+
+    language: Annotated[Text, AfterValidator(_language)] = "fr"
+    languages: Annotated[TextList, AfterValidator(_languages)] = Field(default_factory=lambda: ["fr", "en"])
+    timezone: Annotated[Text, AfterValidator(_time_zone)] = "Europe/Paris"
+    helpdesk: OptionalText = None  # e.g. "Assistance informatique : poste 4242, 24 h/24"
+    banner: Flag = True
+    banner_position: Annotated[Text, _check(lambda v: v in ("top", "bottom"),
+                                            "must be 'top' or 'bottom', got {value!r}")] = "top"
+    idle_warning_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 (no warning) or more")] = 120
+
+
+#: What an administrative role may do in the web console (docs/console.md).
+CONSOLE_CAPABILITIES = ("traces", "names", "timeline", "breakglass", "alerts", "stats", "explain", "helpdesk")
+
+
+def _console_roles(value: Any) -> dict[str, list[str]]:
+    if not isinstance(value, Mapping) or not value:
+        raise _WrongType(f"expected a mapping role: [capability, ...], got {value!r}")
+    out: dict[str, list[str]] = {}
+    for role, caps in value.items():
+        if not isinstance(role, str) or not role.replace("_", "").isalnum() or not role[:1].islower():
+            raise ValueError(f"role name {role!r} must be lowercase letters, digits or '_'")
+        if isinstance(caps, str):
+            caps = _split_commas(caps)
+        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) for c in caps):
+            raise ValueError(f"role {role!r}: expected a list of capabilities ({', '.join(CONSOLE_CAPABILITIES)})")
+        for cap in caps:
+            if cap not in CONSOLE_CAPABILITIES:
+                raise ValueError(f"role {role!r}: unknown capability {cap!r} (known: {', '.join(CONSOLE_CAPABILITIES)})")
+        out[role] = list(dict.fromkeys(caps))
+    return out
+
+
+def _default_console_roles() -> dict[str, list[str]]:
+    return {"dpo": ["traces", "names", "timeline", "breakglass", "alerts", "stats", "explain"],
+            "rssi": ["traces", "timeline", "breakglass", "alerts", "stats", "explain"],
+            "helpdesk": ["helpdesk"]}
+
+
+class Console(_Section):
+    """The web console under /_dpiguard/console, for administrative accounts only."""
+
+    enabled: Flag = True
+    roles: Annotated[dict, BeforeValidator(_console_roles)] = Field(default_factory=_default_console_roles)
+    max_rows: PositiveWhole = 500
+    audit_source: OptionalText = None  # a central store (`audit collect`) instead of audit.path
+
+
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -353,6 +428,8 @@ class Config(BaseModel):
     fhir: FhirSection = Field(default_factory=FhirSection)
     metrics: Metrics = Field(default_factory=Metrics)
     threads: Threads = Field(default_factory=Threads)
+    ui: UI = Field(default_factory=UI)
+    console: Console = Field(default_factory=Console)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -414,6 +491,8 @@ class Config(BaseModel):
         key = self.path(self.audit.signing_key_file).resolve()
         if key == store or store in key.parents:
             raise ConfigError("audit.signing_key_file", "must be kept outside the audit folder (audit.path)")
+        if self.ui.language not in self.ui.languages:
+            raise ConfigError("ui.language", f"must be one of ui.languages ({', '.join(self.ui.languages)})")
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             key = "tls.key_file" if self.tls.cert_file else "tls.cert_file"
             raise ConfigError(key, "tls.cert_file and tls.key_file go together")

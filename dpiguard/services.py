@@ -21,6 +21,7 @@ from dpiguard import metrics
 from dpiguard.audit.chain import AuditLog
 from dpiguard.audit.chain import from_config as audit_from_config
 from dpiguard.auth.login import Authenticator
+from dpiguard.auth.resume import ResumeStore
 from dpiguard.auth.sessions import SessionStore
 from dpiguard.auth.users import SecretBox, UserDirectory
 from dpiguard.careteam.breakglass import BreakGlassStore
@@ -34,12 +35,15 @@ from dpiguard.decision.assertion import AssertionSigner
 from dpiguard.decision.breakglass import BreakGlassService
 from dpiguard.decision.cache import DecisionCache
 from dpiguard.decision.fhir import FhirEnforcer
-from dpiguard.decision.massaccess import MassAccessMonitor
+from dpiguard.decision.massaccess import MassAccessMonitor, throttled_users, unthrottle
 from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
+from dpiguard.edge.banner import Banner
+from dpiguard.edge.console import Console
 from dpiguard.edge.ops import Monitor, allowed_networks, public_text
+from dpiguard.edge.pages import PageSettings
 from dpiguard.edge.pools import Pools
-from dpiguard.edge.portal import Portal
+from dpiguard.edge.portal import Portal, PortalSettings
 from dpiguard.edge.upstream import make_fetcher
 from dpiguard.fhir.cursor import CursorSigner
 from dpiguard.policy.fhir import FHIR_FILE
@@ -90,7 +94,19 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
     return SessionStore(
         client or redis_client(cfg), prefix=cfg.redis.prefix, idle_timeout=cfg.sessions.idle_timeout,
         absolute_lifetime=cfg.sessions.absolute_lifetime, touch_interval=cfg.sessions.touch_interval,
+        resume_seconds=cfg.sessions.resume_seconds,
     )
+
+
+def portal_settings(cfg: Config) -> PortalSettings:
+    """What the pages say: languages, local time, helpdesk line, session limits, console roles."""
+    ui = cfg.ui
+    pages = PageSettings(languages=tuple(ui.languages), language=ui.language, timezone=ui.timezone,
+                         helpdesk=ui.helpdesk)
+    return PortalSettings(pages=pages, idle_timeout=cfg.sessions.idle_timeout,
+                          absolute_lifetime=cfg.sessions.absolute_lifetime, idle_warning=ui.idle_warning_seconds,
+                          console_roles={r: tuple(c) for r, c in cfg.console.roles.items()}
+                          if cfg.console.enabled else {})
 
 
 def authenticator(cfg: Config, client: redis.Redis, users: UserDirectory) -> Authenticator:
@@ -140,6 +156,7 @@ class Services:
     monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
     pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
+    banner: Banner | None = None  # no-store on forwarded answers, the session bar on the DPI's pages
 
     @property
     def policies(self) -> PolicySet:
@@ -238,13 +255,26 @@ def build_services(cfg: Config) -> Services:
         fhir=fhir_enforcer(cfg), mass_access=mass_access,
     )
     services_ref: dict[str, Services] = {}
+    settings = portal_settings(cfg)
+    resume = ResumeStore(client, users.box, cfg.redis.prefix, ttl=cfg.sessions.resume_seconds,
+                         max_bytes=cfg.sessions.resume_max_bytes)
     portal = Portal(
         authenticator=auth, sessions=sessions, audit=audit, cookie_name=cfg.cookie_name,
         secure_cookies=cfg.tls_enabled, units_of=lambda u: careteam.user_units(u),
         health=lambda: services_ref["s"].health(), policies=lambda: pipeline.policies, breakglass=breakglass,
+        settings=settings, resume=resume,
     )
+    if cfg.console.enabled:
+        prefix = cfg.redis.prefix
+        portal.console = Console(
+            roles=settings.console_roles, audit_source=cfg.path(cfg.console.audit_source or cfg.audit.path),
+            users=users, authenticator=auth, sessions=sessions, grants=grants, careteam=careteam,
+            unthrottle=lambda user: unthrottle(client, prefix, user),
+            throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows)
+    banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
+                    idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
-                        breakglass=breakglass, mass_access=mass_access)
+                        breakglass=breakglass, mass_access=mass_access, banner=banner)
     services_ref["s"] = services
     services.pools = Pools(cfg.threads.model_dump())
     services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))

@@ -16,15 +16,19 @@ import pytest
 
 from dpiguard.audit import report
 from dpiguard.audit.chain import AuditLog
-from dpiguard.audit.query import WHO_COLUMNS_NAMED, Filter, iter_store, summarize, who_accessed
+from dpiguard.audit.query import WHO_COLUMNS, WHO_COLUMNS_NAMED, Filter, iter_store, summarize, who_accessed
 from dpiguard.audit.report import html_report, who_accessed_html
 from dpiguard.cli import main
+from dpiguard.i18n import Localizer
+
+EN = Localizer("en", "UTC")
 
 
 def rec(t, user, patient, outcome="allow", reason="allowed", category="biology", **extra):
     base = {"event": "access", "time": t, "user": user, "roles": ["nurse"], "units": ["CARDIO"],
             "patient": patient, "category": category, "action": "read", "outcome": outcome, "reason": reason,
-            "break_glass": None, "break_glass_reason": None, "request_id": f"{user}-{patient}-{t}"}
+            "break_glass": None, "break_glass_reason": None, "request_id": f"{user}-{patient}-{t}",
+            "care_team": "unit:CARDIO stay:S1"}
     base.update(extra)
     return base
 
@@ -61,14 +65,34 @@ def test_query_filters_and_formats(store, capsys):
 def test_who_accessed_hides_names_unless_asked(store, capsys):
     assert main(["audit", "who-accessed", "P0001", "--source", str(store), "--format", "json"]) == 0
     rows = orjson.loads(capsys.readouterr().out)
-    assert len(rows) == 2  # allowed accesses only
+    assert len(rows) == 3  # the refusal too: the patient learns that an access was attempted and refused
     assert all("user" not in r and "name" not in r for r in rows)
-    assert rows[0]["units"] == ["CARDIO"] and rows[0]["purpose"] == "care"
+    assert rows[0]["units"] == ["CARDIO"] and rows[0]["purpose"] == "care_team"
+    assert [r["purpose"] for r in rows] == ["care_team", "care_team", "refused"]
+    assert rows[2]["reason"] == "category_not_permitted" and rows[2]["outcome"] == "deny"
     assert "inf.durand" not in orjson.dumps(rows).decode()
+    assert main(["audit", "who-accessed", "P0001", "--source", str(store), "--format", "json", "--allowed-only"]) == 0
+    assert len(orjson.loads(capsys.readouterr().out)) == 2
     named = who_accessed(iter_store(store), "P0001", with_names=True, names={"dr.martin": "Dr Paul Martin"})
-    assert [(r["user"], r["name"]) for r in named] == [("inf.durand", ""), ("dr.martin", "Dr Paul Martin")]
+    assert [(r["user"], r["name"]) for r in named] == [("inf.durand", ""), ("dr.martin", "Dr Paul Martin"),
+                                                      ("acc.robert", "")]
     bg = who_accessed(iter_store(store), "P0004")
-    assert bg[0]["break_glass"] and bg[0]["purpose"].startswith("emergency access: cardiac arrest")
+    assert bg[0]["break_glass"] and bg[0]["purpose"] == "emergency"
+    assert bg[0]["reason"].startswith("cardiac arrest")
+
+
+def test_who_accessed_labels_are_truthful():
+    """Reception reading the administrative file is not "the care team"; an emergency access says so."""
+    records = [rec("2026-03-01T08:00:00.000Z", "acc.robert", "P1", category="administrative", care_team=None),
+               rec("2026-03-01T09:00:00.000Z", "dr.x", "P1", break_glass=True, break_glass_reason="garde",
+                   care_team=None)]
+    rows = who_accessed(records, "P1")
+    assert [r["purpose"] for r in rows] == ["no_care_team_needed", "emergency"]
+    page = who_accessed_html("P1", rows, WHO_COLUMNS, Localizer("fr"), {"administrative": "Patient identity, "
+                                                                      "address, insurance and admission data."})
+    assert '<html lang="fr">' in page and "sans équipe de soins nécessaire" in page
+    assert "accès d&#39;urgence (bris de glace)" in page and "Identité, adresse" in page
+    assert "1 mars 2026, 09:00:00" in page  # local time (Europe/Paris), French format; not ISO UTC
 
 
 def test_summaries(store, capsys):
@@ -116,8 +140,10 @@ def test_html_report_is_self_contained_with_charts(store, tmp_path):
 
 
 def test_empty_period_still_renders(store):
-    page = html_report(summarize(iter_store(store), Filter(since="2030-01-01T00:00:00.000Z")))
+    page = html_report(summarize(iter_store(store), Filter(since="2030-01-01T00:00:00.000Z")), l10n=EN)
     assert page.count("nothing in this period") == 3
+    fr = html_report(summarize(iter_store(store), Filter(since="2030-01-01T00:00:00.000Z")))
+    assert fr.count("rien sur cette période") == 3 and '<html lang="fr">' in fr
 
 
 IMG = "<img src=x onerror=alert(1)>"
@@ -138,7 +164,7 @@ def test_html_report_shows_hostile_values_as_text():
                rec("2026-03-02T11:30:00.000Z", "dr.martin", IMG, break_glass=True, break_glass_reason=IMG),
                {"event": IMG, "time": "2026-03-02T12:00:00.000Z", "user": IMG, "outcome": "allow"}]
     summary = summarize(hostile, Filter())
-    page = html_report(summary, title="Report " + IMG)
+    page = html_report(summary, title="Report " + IMG, l10n=EN)
     assert IMG not in page
     parser = _Collect()
     parser.feed(page)
@@ -153,21 +179,21 @@ def test_html_report_shows_hostile_values_as_text():
 def test_who_accessed_html_shows_hostile_values_as_text():
     records = [rec("2026-03-01T08:00:00.000Z", IMG, IMG, care_team=IMG)]
     rows = who_accessed(records, IMG, with_names=True, names={IMG: "Dr " + IMG})
-    page = who_accessed_html(IMG, rows, WHO_COLUMNS_NAMED)
+    page = who_accessed_html(IMG, rows, WHO_COLUMNS_NAMED, EN)
     assert IMG not in page
     parser = _Collect()
     parser.feed(page)
     assert "img" not in parser.tags
     assert "<h1>Accesses to the record of patient &lt;img src=x onerror=alert(1)&gt;</h1>" in page
-    assert "<td>Dr &lt;img src=x onerror=alert(1)&gt;</td>" in page and "1 access(es)." in page
+    assert "<td>Dr &lt;img src=x onerror=alert(1)&gt;</td>" in page and "1 line(s), one per request" in page
 
 
 def test_report_templates_autoescape():
-    env = report._TEMPLATES
+    env = report.TEMPLATES.env("en")
     assert env.autoescape is True and sorted(env.list_templates()) == ["charts.html", "report.html",
                                                                          "who_accessed.html"]
     with pytest.raises(jinja2.UndefinedError):
-        env.get_template("who_accessed.html").render(patient="P1", rows=[{"time": "t"}])  # columns missing
+        env.get_template("who_accessed.html").render(patient="P1", rows=[{"time": "t"}], L=EN)  # columns missing
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed")

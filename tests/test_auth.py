@@ -104,14 +104,23 @@ def test_wrong_password_does_not_burn_the_code(auth, totp, clock):
 def test_lockout_after_mixed_factor_failures(r, auth, totp, clock):
     now = clock.tick()
     bad_code = str((int(totp.at(now)) + 1) % 1_000_000).zfill(6)
-    assert auth.login("alice", PASSWORD, bad_code, IP, now=now).detail == "bad_totp"
-    assert auth.login("alice", PASSWORD, bad_code, IP, now=now).detail == "bad_totp"
+    first = auth.login("alice", PASSWORD, bad_code, IP, now=now)
+    assert first.detail == "bad_totp" and first.attempts_left == 2
+    second = auth.login("alice", PASSWORD, bad_code, IP, now=now)
+    assert second.detail == "bad_totp" and second.attempts_left == 1  # the page warns: last attempt
     assert r.get("dpiguard:authfail:{alice}") == b"2"
-    assert auth.login("alice", "Wrong-Horse-42", totp.at(now), IP, now=now).reason == "invalid_credentials"
+    # The failure that locks says so at once (dpi-rules.md rule 4: 3 failures lock >= 5 min).
+    third = auth.login("alice", "Wrong-Horse-42", totp.at(now), IP, now=now)
+    assert (third.reason, third.retry_after, third.attempts_left, third.detail) == ("locked", 2, 0, "bad_password")
     assert r.exists("dpiguard:lock:{alice}") and not r.exists("dpiguard:authfail:{alice}")
     locked = auth.login("alice", PASSWORD, totp.at(now), IP, now=now)
     assert (locked.ok, locked.reason) == (False, "locked")
     assert 1 <= locked.retry_after <= 2
+
+
+def test_default_policy_is_three_failures_five_minutes():
+    policy = Login()
+    assert (policy.max_failures, policy.lock_seconds) == (3, 300)
 
 
 def test_lock_expires(auth, totp, clock):
@@ -135,7 +144,8 @@ def test_unknown_login_locks_identically(r, auth, totp):
     real = [auth.login("alice", "Wrong-Horse-42", "123456", IP) for _ in range(4)]
     ghost = [auth.login("ghost", "Wrong-Horse-42", "123456", IP) for _ in range(4)]
     assert [outward(x) for x in real] == [outward(x) for x in ghost]
-    assert [x.reason for x in ghost] == ["invalid_credentials"] * 3 + ["locked"]
+    assert [x.reason for x in ghost] == ["invalid_credentials"] * 2 + ["locked"] * 2
+    assert [x.attempts_left for x in ghost] == [2, 1, 0, None]
     assert r.exists("dpiguard:lock:{ghost}")
 
 
@@ -157,34 +167,54 @@ def test_failure_counter_has_window_ttl(r, auth):
     assert 0 < r.ttl(f"dpiguard:ipfail:{IP}") <= 600
 
 
-def test_ip_throttling(r, users, totp, clock):
-    auth = make_auth(r, users, max_failures=100, ip_max_failures=5, ip_block_seconds=1)
-    for i in range(5):
-        assert auth.login(f"user{i}", "Wrong-Horse-42", "123456", IP).reason == "invalid_credentials"
+def test_address_is_slowed_down_never_blocked(r, users, totp, clock):
+    """A ward's workstations behind one NAT address: after many failures from that address, a user who
+    never failed still logs in (one attempt per ip_slow_seconds from the address), never locked out."""
+    auth = make_auth(r, users, max_failures=100, ip_max_failures=5, ip_slow_seconds=1)
+    for i in range(20):
+        result = auth.login(f"user{i}", "Wrong-Horse-42", "123456", IP)
+        assert result.reason in ("invalid_credentials", "throttled")
+    assert int(r.get(f"dpiguard:ipfail:{IP}")) >= 5
+    time.sleep(1.1)  # the slowdown interval of the last attempt
+    now = clock.tick()
+    assert auth.login("alice", PASSWORD, totp.at(now), IP, now=now).ok  # the one attempt of this interval
     now = clock.tick()
     throttled = auth.login("alice", PASSWORD, totp.at(now), IP, now=now)
     assert (throttled.ok, throttled.reason, throttled.retry_after) == (False, "throttled", 1)
     assert auth.login("alice", PASSWORD, totp.at(now), "192.0.2.11", now=now).ok  # another client
-    now = clock.tick()
     time.sleep(1.1)
+    now = clock.tick()
     assert auth.login("alice", PASSWORD, totp.at(now), IP, now=now).ok
-    assert not r.exists(f"dpiguard:ipfail:{IP}")
+
+
+def test_trusted_networks_are_never_slowed(r, users, totp, clock):
+    auth = make_auth(r, users, max_failures=100, ip_max_failures=2, trusted_networks=["192.0.2.0/24"])
+    for i in range(5):
+        assert auth.login(f"user{i}", "Wrong-Horse-42", "123456", IP).reason == "invalid_credentials"
+    for _ in range(3):
+        now = clock.tick()
+        assert auth.login("alice", PASSWORD, totp.at(now), IP, now=now).ok
+    # Accounts stay protected whatever the address: three failures lock one.
+    strict = make_auth(r, users, ip_max_failures=2, trusted_networks=["192.0.2.0/24"])
+    assert [strict.login("bob", "x", "123456", IP).reason for _ in range(3)] == [
+        "invalid_credentials", "invalid_credentials", "locked"]
 
 
 def test_ip_normalization(r, users):
-    auth = make_auth(r, users, ip_max_failures=2)
+    auth = make_auth(r, users, ip_max_failures=2, ip_slow_seconds=30)
     auth.login("ghost", "x", "123456", "::ffff:192.0.2.10")
     auth.login("ghost", "x", "123456", " 192.0.2.10 ")
-    assert auth.login("ghost", "x", "123456", IP).reason == "throttled"
+    assert auth.login("ghost", "x", "123456", IP).reason == "locked"  # slowed: the interval's one attempt
+    assert auth.login("ghost2", "x", "123456", IP).reason == "throttled"
     auth.unblock_ip(IP)
-    assert auth.login("ghost", "x", "123456", IP).reason == "invalid_credentials"  # third failure: locks
-    assert auth.login("ghost", "x", "123456", IP).reason == "locked"
+    assert auth.login("ghost2", "x", "123456", IP).reason == "invalid_credentials"
 
 
 def test_non_addresses_share_one_bucket(r, users):
-    auth = make_auth(r, users, ip_max_failures=2)
+    auth = make_auth(r, users, ip_max_failures=2, ip_slow_seconds=30)
     auth.login("ghost", "x", "123456", "")
     auth.login("ghost", "x", "123456", None)
+    auth.login("ghost", "x", "123456", "not-an-ip")  # slowed bucket: its one attempt
     assert auth.login("ghost", "x", "123456", "not-an-ip").reason == "throttled"
     assert r.exists("dpiguard:ipfail:unknown")
 

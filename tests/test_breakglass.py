@@ -239,9 +239,50 @@ def test_service_grants_and_traces_the_alert_first(service):
     (alert,) = [x for x in read_records(service.audit_path) if x["event"] == "break_glass"]
     assert alert["alert"] is True and alert["break_glass_id"] == out.grant.id and alert["break_glass_text"] == TEXT
     assert service.store.current("nina", "P1") == out.grant
-    # The same code again: refused (single use).
+    # The same code again: refused (single use), but a correct code is never counted as a failure.
     again = ask(service)
-    assert again.status == 401 and again.error == "invalid_totp"
+    assert again.status == 401 and again.error == "totp_reused" and 0 < again.retry_after <= 30
+    assert service.store.current("nina", "P1") == out.grant
+    assert [x["reason"] for x in read_records(service.audit_path) if x["event"] == "break_glass_request"] == [
+        "totp_reused"]
+
+
+def test_the_login_code_serves_once_more_in_its_session(service, r):
+    """Break-glass at 3 a.m.: the code she just logged in with works, no wait for the next step; once."""
+    from dpiguard.auth.sessions import SessionStore
+
+    sessions = SessionStore(r)
+    auth = service.authenticator
+    code = service.totp.at(T0)
+    login = auth.login("nina", "Correct-Horse-42", code, "192.0.2.1", now=T0)
+    assert login.ok and login.totp_step == int(T0) // 30
+    _, session = sessions.create("nina", ["nurse"], login_step=login.totp_step)
+    other_token, other = sessions.create("nina", ["nurse"], login_step=None)  # a session opened otherwise
+
+    def ask_in(sess, patient):
+        return service.request(BG, user="nina", roles=("nurse",), patient=patient, reason="urgence_vitale",
+                               text=TEXT, totp=code, client_ip="192.0.2.1", request_id="r", now=T0 + 20,
+                               login_step=sess.login_step, claim_login_code=lambda: sessions.claim_login_code(sess))
+
+    assert ask_in(other, "P1").error == "totp_reused"  # not this session's login code
+    first = ask_in(session, "P1")
+    assert first.ok, first
+    second = ask_in(session, "P2")
+    assert second.error == "totp_reused" and second.status == 401  # once only, on every instance
+    assert r.get("dpiguard:authfail:{nina}") is None  # correct codes never count as failures
+    (alert,) = [x for x in read_records(service.audit_path) if x["event"] == "break_glass"]
+    assert alert["step_up"] == "login_code_step_up"
+
+
+def test_user_ends_own_grant_early(service):
+    out = ask(service)
+    assert service.end(out.grant.id, user="sam", client_ip="192.0.2.1", request_id="r2") is None
+    assert service.store.current("nina", "P1") == out.grant  # not someone else's to end
+    ended = service.end(out.grant.id, user="nina", client_ip="192.0.2.1", request_id="r3")
+    assert ended == out.grant and service.store.current("nina", "P1") is None
+    assert service.store.get(out.grant.id)["revoked_by"] == "nina"
+    events = [(x["event"], x["outcome"]) for x in read_records(service.audit_path) if x["event"] == "break_glass_end"]
+    assert events == [("break_glass_end", "deny"), ("break_glass_end", "allow")]
 
 
 def test_service_refusals(service, r):
@@ -259,8 +300,9 @@ def test_service_refusals(service, r):
 
 
 def test_wrong_codes_count_as_login_failures_and_lock(service):
-    assert ask(service, code="000000").status == 401
-    assert ask(service, code="000001").status == 401
+    first = ask(service, code="000000")
+    assert (first.status, first.error, first.attempts_left) == (401, "invalid_totp", 2)
+    assert ask(service, code="000001").attempts_left == 1
     third = ask(service, code="000002")
     assert third.status == 429 and third.error == "locked" and third.retry_after > 0
     assert ask(service).status == 429  # even the right code, while locked

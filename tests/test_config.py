@@ -88,14 +88,25 @@ def test_missing_files_are_named(tmp_path):
 
 
 U = "upstream: {url: 'http://x'}\n"
-KNOWN_TOP = ("adt, audit, careteam, decision_cache, fhir, identity, instance_id, limits, listen, login, mass_access, "
-             "metrics, policies, redis, secrets, sessions, threads, tls, upstream")
+KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, fhir, identity, instance_id, limits, listen, login, "
+             "mass_access, metrics, policies, redis, secrets, sessions, threads, tls, ui, upstream")
 
 
 @pytest.mark.parametrize("text, env, key, message", [
+    # what people see, and the console
+    (U + "ui: {language: de}", {}, "ui.language", "unknown language 'de' (known: fr, en)"),
+    (U + "ui: {languages: [en]}", {}, "ui.language", "must be one of ui.languages (en)"),
+    (U + "ui: {timezone: Mars/Olympus}", {}, "ui.timezone", "unknown time zone 'Mars/Olympus' (e.g. Europe/Paris)"),
+    (U + "ui: {banner_position: left}", {}, "ui.banner_position", "must be 'top' or 'bottom', got 'left'"),
+    (U + "login: {trusted_networks: [10.0.0.0/33]}", {}, "login.trusted_networks", "not an address or CIDR network: '10.0.0.0/33'"),
+    (U + "console: {roles: {dpo: [everything]}}", {}, "console.roles", "role 'dpo': unknown capability 'everything' (known: traces, names, timeline, breakglass, alerts, stats, "
+     "explain, helpdesk)"),
+    (U + "console: {roles: {DPO: [traces]}}", {}, "console.roles", "role name 'DPO' must be lowercase letters, digits or '_'"),
+    (U + "sessions: {resume_seconds: 7200}", {}, "sessions.resume_seconds", "must be from 0 (off) to 3600 seconds"),
     # unknown keys, at any level, from the file or the environment
     (U + "sessions: {idel_timeout: 5}", {}, "sessions.idel_timeout",
-     "unknown key (known: absolute_lifetime, cookie_name, idle_timeout, touch_interval)"),
+     "unknown key (known: absolute_lifetime, cookie_name, idle_timeout, resume_max_bytes, resume_seconds, "
+     "touch_interval)"),
     (U + "base_dir: /tmp", {}, "base_dir", f"unknown key (known: {KNOWN_TOP})"),
     (U + "listen: {1: x}", {}, "listen.1", "unknown key (known: host, port)"),
     (U, {"DPIGUARD_FOO": "1"}, "foo", f"unknown key (known: {KNOWN_TOP})"),

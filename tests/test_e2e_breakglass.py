@@ -9,6 +9,7 @@ Each test uses its own accounts, so that TOTP steps never need waiting for.
 
 from __future__ import annotations
 
+import html
 import re
 import shutil
 import time
@@ -183,27 +184,36 @@ def test_invalid_requests_and_wrong_totp(stack):
     a = stack.proxies[0]
     user = "inf.guerin"
     c = stack.client(a, user)
+    c.headers["accept-language"] = "en"
     r = request_bg(stack, c, "P0002", user, reason="because", totp="000000")
     assert r.status_code == 400 and "reason" in r.json()["message"]
     r = request_bg(stack, c, "P0002", user, text="too short", totp="000000")
     assert r.status_code == 400 and "20 characters" in r.json()["message"]
+    del c.headers["accept-language"]
+    r = request_bg(stack, c, "P0002", user, text="too short", totp="000000")
+    assert r.status_code == 400 and r.json()["message"] == "La justification doit compter au moins 20 caractères."
     r = c.post("/_dpiguard/api/breakglass", content=b"patient=P0002")
     assert r.status_code == 415
     assert httpx.post(f"{a.url}/_dpiguard/api/breakglass", json={"patient": "P0002"}).status_code == 401
     # A wrong code is refused and counts as a failed login (the account lock counter).
     r = request_bg(stack, c, "P0002", user, totp="000000")
-    assert r.status_code == 401 and r.json()["error"] == "invalid_totp"
+    assert r.status_code == 401 and r.json()["error"] == "invalid_totp" and r.json()["attempts_left"] == 2
     client = redis_client(stack.config)
     assert int(client.get(f"dpiguard:authfail:{{{user}}}")) == 1
     client.delete(f"dpiguard:authfail:{{{user}}}")
     assert c.get("/api/patients/P0002/biology").status_code == 403
-    # A code already used (the login's own step) is refused too: single use, same anti-replay.
+    # The code she logged in with serves once more in this session (no wait for the next step at 3 a.m.),
+    # on any instance; a third use is refused as already used, and not counted as a failure.
     used = stack.last_step[user]
     import pyotp
-    r = request_bg(stack, c, "P0002", user, totp=pyotp.TOTP(stack.accounts[user].totp_secret).at(used * 30))
-    assert r.status_code == 401
-    assert records(stack, event="break_glass_request", user=user, reason="invalid_totp")[-1]["detail"] == "totp_reused"
-    client.delete(f"dpiguard:authfail:{{{user}}}")
+    login_code = pyotp.TOTP(stack.accounts[user].totp_secret).at(used * 30)
+    r = request_bg(stack, twin(c, stack.proxies[1]), "P0002", user, totp=login_code)
+    assert r.status_code == 201, r.text
+    r = request_bg(stack, c, "P0003", user, totp=login_code)
+    assert r.status_code == 401 and r.json()["error"] == "totp_reused"
+    assert records(stack, event="break_glass_request", user=user, reason="totp_reused")[-1]["detail"] == "totp_reused"
+    assert client.get(f"dpiguard:authfail:{{{user}}}") is None
+    BreakGlassStore(client).revoke(records(stack, event="break_glass", user=user)[-1]["break_glass_id"], by="test")
 
 
 def test_refusal_page_form_opens_access(stack):
@@ -211,8 +221,8 @@ def test_refusal_page_form_opens_access(stack):
     user = "dr.dupont"  # PNEUMO doctor; P0001 stays in CARDIO
     c = stack.client(a, user)
     page = c.get("/patients/P0001/biology", headers={"accept": "text/html"})
-    assert page.status_code == 403 and "Emergency access (bris de glace)" in page.text
-    assert 'value="urgence_vitale"' in page.text
+    assert page.status_code == 403 and "Accès d'urgence (bris de glace)" in page.text
+    assert 'type="radio" id="bg-r-1" name="reason" value="urgence_vitale"' in page.text
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
     assert csrf == c.get("/_dpiguard/api/session").json()["csrf"]
     # Wrong CSRF token: refused.
@@ -222,11 +232,19 @@ def test_refusal_page_form_opens_access(stack):
     r = c.post("/_dpiguard/breakglass", data={"csrf": csrf, "patient": "P0001", "reason": "garde",
                                               "text": JUSTIFICATION, "totp": stack.totp(user),
                                               "next": "/patients/P0001/biology"})
-    assert r.status_code == 303 and r.headers["location"] == "/patients/P0001/biology"
-    assert c.get("/patients/P0001/biology", headers={"accept": "text/html"}).status_code == 200
+    # A confirmation: until when, a link back to the record, and a button to end it early.
+    assert r.status_code == 201 and "Accès d'urgence ouvert" in r.text
     rec = records(stack, event="break_glass", user=user)[-1]
-    BreakGlassStore(redis_client(stack.config)).revoke(rec["break_glass_id"], by="test")
+    assert f'href="/patients/P0001/biology"' in r.text and rec["break_glass_id"] in r.text
+    assert 'action="/_dpiguard/breakglass/end"' in r.text and "jusqu'à" in r.text
+    assert c.get("/patients/P0001/biology", headers={"accept": "text/html"}).status_code == 200
+    # Ended early by the user, traced, on every instance.
+    end_csrf = re.search(r'name="csrf" value="([^"]+)"', r.text).group(1)
+    r = c.post("/_dpiguard/breakglass/end", data={"csrf": end_csrf, "id": rec["break_glass_id"]})
+    assert r.status_code == 200 and "Accès d'urgence terminé" in html.unescape(r.text)
     wait_status(c, "/api/patients/P0001/biology", 403)
+    wait_status(twin(c, stack.proxies[1]), "/api/patients/P0001/biology", 403)
+    assert records(stack, event="break_glass_end", user=user, outcome="allow")
 
 
 # -- patient objections ----------------------------------------------------------------------------

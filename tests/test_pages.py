@@ -33,7 +33,8 @@ class Page(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.tags: list[str] = []
         self.inputs: dict[str, str] = {}
-        self.options: list[dict[str, str | None]] = []
+        self.options: list[dict[str, str | None]] = []  # the reasons' radio buttons
+        self.attrs: list[tuple[str, dict]] = []
         self.text = ""
         self._in = ""
         self.feed(html)
@@ -43,8 +44,9 @@ class Page(HTMLParser):
         a = dict(attrs)
         if tag == "input" and a.get("type") == "hidden":
             self.inputs[a["name"]] = a.get("value", "")
-        elif tag == "option":
+        elif tag == "input" and a.get("type") == "radio":
             self.options.append(a)
+        self.attrs.append((tag, a))
         self._in = tag
 
     def handle_endtag(self, tag):
@@ -110,9 +112,9 @@ def portal(bg_policy, session):
                   policies=lambda: SimpleNamespace(breakglass=bg_policy), breakglass=_BreakGlass())
 
 
-def incoming(method: str, target: str, request_id: str = "0123456789abcdef") -> Incoming:
-    return Incoming(method, target, {"accept": "text/html", "content-type": "application/x-www-form-urlencoded"},
-                    "127.0.0.1", False, request_id=request_id)
+def incoming(method: str, target: str, request_id: str = "0123456789abcdef", lang: str = "en") -> Incoming:
+    return Incoming(method, target, {"accept": "text/html", "content-type": "application/x-www-form-urlencoded",
+                                     "accept-language": lang}, "127.0.0.1", False, request_id=request_id)
 
 
 # -- login ------------------------------------------------------------------------------------------
@@ -147,11 +149,11 @@ def test_login_csrf_value_is_escaped(portal, monkeypatch):
 
 def test_login_page_notices(portal):
     expired = portal.login_form(incoming("GET", "/_dpiguard/login"), "reason=session_expired").body.decode()
-    assert '<p class="info">Your session has ended' in expired
+    assert '<p class="info" role="status">Your session has ended: after 30 minutes without activity' in expired
     out = portal.login_form(incoming("GET", "/_dpiguard/login"), "reason=" + quote(XSS)).body.decode()
     assert_inert(out)
     assert 'class="info"' not in out and 'class="err"' not in out  # unknown reason: no notice, not echoed
-    assert '<p class="info">You are logged out.</p>' in portal.login_form(
+    assert '<p class="info" role="status">You are logged out.</p>' in portal.login_form(
         incoming("GET", "/_dpiguard/login"), "reason=logged_out").body.decode()
 
 
@@ -164,8 +166,10 @@ def test_refusal_page_shows_hostile_values_as_text(portal, session, bg_policy):
     reply = portal.refusal(incoming("GET", target, request_id="rid" + HOSTILE), verdict)
     assert reply.status == 403 and reply.content_type == "text/html; charset=utf-8"
     page = assert_inert(reply.body)
-    assert "Reason code: not_in_care_team" in page.text and "Request id: rid" + HOSTILE in page.text
-    assert "Emergency access (bris de glace)" in page.text and "opens for 1.5 h" in page.text
+    assert "Code: not_in_care_team" in page.text and "Reference: rid" + HOSTILE in page.text
+    assert "Emergency access (bris de glace)" in page.text and "opens to you for 1 hour 30 minutes" in page.text
+    assert "record P0001" + HOSTILE in page.text  # which patient
+    assert "Logged in as" in page.text and "dr.x" in page.text  # who
     assert page.inputs == {"csrf": session.csrf, "patient": "P0001" + HOSTILE, "next": target}
     assert [o["value"] for o in page.options] == ["urgence_vitale", "garde"]
     assert "Urgence vitale " + HOSTILE in page.text
@@ -174,7 +178,7 @@ def test_refusal_page_shows_hostile_values_as_text(portal, session, bg_policy):
 def test_refusal_page_unknown_reason_is_text(portal, session):
     verdict = Verdict(False, "weird" + HOSTILE, 403, "message " + HOSTILE, session=session)
     page = assert_inert(portal.refusal(incoming("GET", "/patients/P0001/notes"), verdict).body)
-    assert "Reason code: weird" + HOSTILE in page.text and "message " + HOSTILE in page.text
+    assert "Code: weird" + HOSTILE in page.text and "message " + HOSTILE in page.text
     assert "form" not in page.tags  # no patient: no emergency access offered
 
 
@@ -194,13 +198,13 @@ def test_breakglass_refusal_sends_back_the_form_escaped(portal, session):
     assert "</textarea>" + XSS not in reply.body.decode()
     assert page.inputs == {"csrf": session.csrf, "patient": ("P0001" + HOSTILE)[:64],  # as long as an id may be
                            "next": "/patients/P0001" + HOSTILE, "textarea": text}
-    assert [o["value"] for o in page.options if "selected" in o] == ["garde"]
-    assert "Reason code: invalid_request" + HOSTILE in page.text and "Request id: rid" + HOSTILE in page.text
+    assert [o["value"] for o in page.options if "checked" in o] == ["garde"]
+    assert "Code: invalid_request" + HOSTILE in page.text and "Reference: rid" + HOSTILE in page.text
     assert "The justification is too short " + HOSTILE in page.text
 
 
 def test_breakglass_refusal_without_form(portal, session):
-    portal.breakglass.outcomes.append(RequestOutcome(False, 403, "break_glass_forbidden", "Not for you " + HOSTILE))
+    portal.breakglass.outcomes.append(RequestOutcome(False, 403, "weird" + HOSTILE, "Not for you " + HOSTILE))
     reply = _breakglass_post(portal, {"csrf": session.csrf, "patient": "P0001", "reason": "garde", "text": "x",
                                       "totp": "1"})
     assert reply.status == 403
@@ -208,10 +212,65 @@ def test_breakglass_refusal_without_form(portal, session):
     assert "form" not in page.tags and "Not for you " + HOSTILE in page.text
 
 
-def test_templates_autoescape_and_refuse_undefined_values():
-    env = portal_module._TEMPLATES
+def test_templates_autoescape_and_refuse_undefined_values(portal):
+    env = portal.pages.templates.env("en")
     assert env.autoescape is True
     for name in env.list_templates():
         assert env.get_template(name) is env.get_template(name)  # parsed once, then kept
     with pytest.raises(jinja2.UndefinedError):
-        env.get_template("refusal.html").render(text="t", reason="r")  # request_id missing
+        env.get_template("refusal.html").render(text="t", reason="r", L=None)  # request_id, chrome missing
+
+
+# -- languages ------------------------------------------------------------------------------------
+
+def test_pages_are_french_by_default_english_on_request(portal, session):
+    verdict = Verdict(False, "not_in_care_team", 403, "", patient="P0001", session=session, category="biology",
+                      action="read", roles=("doctor",))
+    fr = portal.refusal(Incoming("GET", "/patients/P0001/biology", {"accept": "text/html"}, "127.0.0.1", False),
+                        verdict).body.decode()
+    assert '<html lang="fr">' in fr and "Accès refusé" in fr and "équipe de soins" in fr
+    assert "Accès d'urgence (bris de glace)" in fr and "1 heure 30 minutes" in fr
+    en = portal.refusal(incoming("GET", "/patients/P0001/biology", lang="en-GB,en;q=0.8"), verdict).body.decode()
+    assert '<html lang="en">' in en and "Access refused" in en
+    # The switch (a cookie) wins over the browser's language; codes never change.
+    switched = portal.refusal(Incoming("GET", "/patients/P0001/biology", {
+        "accept": "text/html", "accept-language": "fr-FR", "cookie": "dpiguard_lang=en"}, "127.0.0.1", False),
+        verdict).body.decode()
+    assert "Access refused" in switched and "not_in_care_team" in switched and "not_in_care_team" in fr
+
+
+def test_json_and_fhir_messages_are_translated_codes_unchanged(portal, session):
+    import orjson
+
+    verdict = Verdict(False, "category_not_permitted", 403, "", session=session, roles=("doctor",))
+    api = portal.refusal(Incoming("GET", "/api/patients/P1/notes", {}, "127.0.0.1", False), verdict)
+    data = orjson.loads(api.body)
+    assert data["error"] == "category_not_permitted"
+    assert data["message"] == "Votre rôle ne donne pas accès à ce type de données."
+    fhir = portal.refusal(Incoming("GET", "/fhir/Observation?patient=P1", {"accept-language": "en"}, "127.0.0.1",
+                                   False), verdict)
+    issue = orjson.loads(fhir.body)["issue"][0]
+    assert issue["details"]["coding"][0]["code"] == "category_not_permitted"
+    assert issue["details"]["text"] == "Your role does not give access to this kind of data."
+
+
+def test_language_switch_sets_a_cookie_and_goes_back_locally(portal):
+    reply = portal.handle(incoming("GET", "/_dpiguard/lang?to=en&next=%2F_dpiguard%2Flogin%3Fnext%3D%252Fp"), b"", None)
+    headers = dict(reply.headers)
+    assert reply.status == 303 and headers["Location"] == "/_dpiguard/login?next=%2Fp"
+    assert headers["Set-Cookie"].startswith("dpiguard_lang=en; Path=/")
+    reply = portal.handle(incoming("GET", "/_dpiguard/lang?to=xx&next=https://evil.example/"), b"", None)
+    assert dict(reply.headers) == {"Location": "/"}  # unknown language: no cookie; never an open redirect
+
+
+def test_every_page_is_translated():
+    """Each template's visible texts come from the catalogue: rendering in French leaves no msgid behind."""
+    from babel.messages.pofile import read_po
+
+    from dpiguard.i18n import LOCALE_DIR
+
+    with open(LOCALE_DIR / "fr" / "LC_MESSAGES" / "messages.po", "rb") as fh:
+        catalog = read_po(fh, locale="fr")
+    untranslated = [m.id for m in catalog if m.id and not (m.string if isinstance(m.string, str) else all(m.string))]
+    fuzzy = [m.id for m in catalog if m.id and m.fuzzy]
+    assert untranslated == [] and fuzzy == []

@@ -33,6 +33,7 @@ class Filter:
     event: str | None = None
     reason: str | None = None
     instance: str | None = None
+    unit: str | None = None  # one of the user's units at the time of the record
 
     def match(self, r: dict[str, Any]) -> bool:
         if r.get("event") == "checkpoint" and self.event != "checkpoint":
@@ -47,6 +48,7 @@ class Filter:
             or (self.event is not None and r.get("event") != self.event)
             or (self.reason is not None and r.get("reason") != self.reason)
             or (self.instance is not None and r.get("instance") != self.instance)
+            or (self.unit is not None and self.unit not in (r.get("units") or ()))
         )
 
 
@@ -124,17 +126,37 @@ def render(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> st
 
 # -- who accessed my record -------------------------------------------------------------------------
 
-WHO_COLUMNS = ("time", "purpose", "category", "action", "roles", "units", "care_team", "break_glass")
+WHO_COLUMNS = ("time", "outcome", "purpose", "category", "action", "roles", "units", "reason")
 WHO_COLUMNS_NAMED = ("time", "user", "name") + WHO_COLUMNS[1:]
+
+#: Why an access happened, as the timeline says it (one code per row; texts in the report templates):
+#: ``care_team`` (the patient stays in the user's unit or is assigned to them), ``emergency`` (an
+#: emergency access, bris de glace), ``no_care_team_needed`` (data any holder of the role may see, such as
+#: the administrative file at the admissions desk), ``refused`` (dpiguard refused it: ``reason`` says why).
+PURPOSES = ("care_team", "emergency", "no_care_team_needed", "refused")
+
+
+def purpose_of(r: dict[str, Any]) -> str:
+    if r.get("outcome") != "allow":
+        return "refused"
+    if r.get("break_glass"):
+        return "emergency"
+    source = r.get("care_team") or ""
+    if source.startswith(("unit:", "assignment:", "stay:")):
+        return "care_team"
+    return "no_care_team_needed"
 
 
 def who_accessed(records: Iterable[dict[str, Any]], patient: str, since: str | None = None, until: str | None = None,
-                 names: dict[str, str] | None = None, with_names: bool = False) -> list[dict[str, Any]]:
-    """The allowed accesses to a patient's data, for the patient's own request (RGPD art. 15).
+                 names: dict[str, str] | None = None, with_names: bool = False,
+                 refusals: bool = True) -> list[dict[str, Any]]:
+    """The accesses to a patient's data, allowed and refused, for the patient's own request (RGPD art.
+    15), each labelled with its real purpose (:func:`purpose_of`): care team, emergency access, data
+    that needs no care team (the admissions desk), or refused.
 
     Professionals are described by role, unit and purpose; their identity appears only with
-    ``with_names`` (an explicit request, e.g. when the patient asks who exactly)."""
-    flt = Filter(patient=patient, since=since, until=until, outcome="allow")
+    ``with_names`` (CJEU C-579/21: staff identities are in principle not disclosed; the DPO decides)."""
+    flt = Filter(patient=patient, since=since, until=until, outcome=None if refusals else "allow")
     rows = []
     seen: set[str] = set()  # one row per request (a FHIR read has a request and an answer record)
     for r in select(records, flt):
@@ -145,22 +167,66 @@ def who_accessed(records: Iterable[dict[str, Any]], patient: str, since: str | N
             if request_id in seen:
                 continue
             seen.add(request_id)
-        bg = bool(r.get("break_glass"))
+        purpose = purpose_of(r)
         row = {
             "time": r.get("time"),
-            "purpose": ("emergency access: " + (r.get("break_glass_reason") or "")) if bg else "care",
+            "outcome": r.get("outcome"),
+            "purpose": purpose,
             "category": r.get("category"),
             "action": r.get("action"),
             "roles": r.get("roles") or [],
             "units": r.get("units") or [],
+            "reason": (r.get("break_glass_reason") if purpose == "emergency"
+                       else r.get("reason") if purpose == "refused" else None),
             "care_team": r.get("care_team"),
-            "break_glass": bg,
+            "break_glass": bool(r.get("break_glass")),
         }
-        if with_names:
+        if with_names:  # the DPO's view: who, and the request's reference (to explain a refusal)
             row = {"time": row["time"], "user": r.get("user"),
-                   "name": (names or {}).get(r.get("user") or "", ""), **{k: v for k, v in row.items() if k != "time"}}
+                   "name": (names or {}).get(r.get("user") or "", ""), **{k: v for k, v in row.items() if k != "time"},
+                   "request_id": request_id}
         rows.append(row)
     return rows
+
+
+def find_request(records: Iterable[dict[str, Any]], request_id: str) -> dict[str, Any] | None:
+    """The decision record of one request (``event: access``), for "why was this refused?"."""
+    for r in records:
+        if r.get("request_id") == request_id and r.get("event") == "access":
+            return r
+    return None
+
+
+#: Refusals that are the ordinary way into the application: a browser without a session is sent to
+#: the login page. They are counted apart in the statistics, not mixed with real refusals.
+LOGIN_REDIRECT_REASONS = ("not_authenticated", "session_expired")
+
+
+def refusal_stats(records: Iterable[dict[str, Any]], flt: Filter, top: int = 20) -> dict[str, Any]:
+    """Refused decisions by reason, by user, by category and by day, the login redirects apart."""
+    reasons: Counter = Counter()
+    users: Counter = Counter()
+    categories: Counter = Counter()
+    days: Counter = Counter()
+    redirects = total = 0
+    for r in records:
+        if r.get("event") != "access" or r.get("outcome") != "deny" or not flt.match(r):
+            continue
+        if r.get("reason") in LOGIN_REDIRECT_REASONS:
+            redirects += 1
+            continue
+        total += 1
+        reasons[r.get("reason") or "?"] += 1
+        if r.get("user"):
+            users[r["user"]] += 1
+        if r.get("category"):
+            categories[r["category"]] += 1
+        days[(r.get("time") or "")[:10]] += 1
+    return {"total": total, "login_redirects": redirects,
+            "by_reason": [{"reason": k, "count": v} for k, v in reasons.most_common()],
+            "by_user": [{"user": k, "count": v} for k, v in users.most_common(top)],
+            "by_category": [{"category": k, "count": v} for k, v in categories.most_common()],
+            "by_day": [{"day": d, "count": days[d]} for d in sorted(days)]}
 
 
 # -- summaries --------------------------------------------------------------------------------------
@@ -172,7 +238,11 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
     patients_per_user: dict[str, set] = defaultdict(set)
     events: Counter = Counter()
     break_glass: list[dict[str, Any]] = []
+    grants: dict[str, dict[str, Any]] = {}
+    under_grant: Counter = Counter()
+    reviews: dict[str, tuple[str, str]] = {}
     refusal_users: Counter = Counter()
+    login_redirects = 0
     first = last = None
     total = 0
     for r in records:
@@ -180,12 +250,24 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
             continue
         total += 1
         events[r.get("event")] += 1
+        if r.get("event") == "break_glass" and r.get("break_glass_id"):
+            grants[r["break_glass_id"]] = {
+                "time": r.get("time"), "user": r.get("user"), "patient": r.get("patient"),
+                "break_glass_reason": r.get("break_glass_label") or r.get("reason"),
+                "justification": r.get("break_glass_text"), "id": r["break_glass_id"]}
+        elif r.get("action") == "break_glass_review" and r.get("break_glass_id"):  # CLI or console review
+            reviews[r["break_glass_id"]] = (r.get("review") or "", r.get("comment") or "")
         t = r.get("time") or ""
         first = t if first is None or t < first else first
         last = t if last is None or t > last else last
         if r.get("event") == "fhir_response" and r.get("outcome") == "allow" and r.get("user"):
             patients_per_user[r["user"]].update(record_patients(r))  # patients only the answer showed
         if r.get("event") != "access":
+            continue
+        if r.get("break_glass_id"):
+            under_grant[r["break_glass_id"]] += 1
+        if r.get("outcome") == "deny" and r.get("reason") in LOGIN_REDIRECT_REASONS:
+            login_redirects += 1  # the ordinary way to the login page: counted apart
             continue
         day = t[:13] if flt.since and flt.until and flt.until[:10] == flt.since[:10] else t[:10]
         by_day[day] += 1
@@ -200,6 +282,9 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
             break_glass.append({k: r.get(k) for k in ("time", "user", "roles", "units", "patient", "category",
                                                        "break_glass_reason", "outcome", "request_id")})
     top_users = sorted(((u, len(p)) for u, p in patients_per_user.items()), key=lambda x: (-x[1], x[0]))[:top]
+    for grant_id, g in grants.items():
+        status, comment = reviews.get(grant_id, ("pending", ""))
+        g.update(requests=under_grant[grant_id], status=status, review_comment=comment)
     return {
         "generated": iso_ms(), "from": flt.since or first, "to": flt.until or last, "records": total,
         "events": dict(events.most_common()),
@@ -208,4 +293,6 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
         "top_users_by_distinct_patients": [{"user": u, "patients": n} for u, n in top_users],
         "users_with_most_refusals": [{"user": u, "refusals": n} for u, n in refusal_users.most_common(top)],
         "break_glass": sorted(break_glass, key=lambda r: r.get("time") or ""),
+        "break_glass_grants": sorted(grants.values(), key=lambda r: r.get("time") or ""),
+        "login_redirects": login_redirects,
     }

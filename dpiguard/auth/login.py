@@ -2,19 +2,20 @@
 
 Order of checks in :meth:`Authenticator.login`:
 
-1. client address blocked (``P:ipfail:IP`` reached ``ip_max_failures``) → ``throttled``;
+1. client address slowed down (``P:ipfail:IP`` reached ``ip_max_failures``): one attempt per
+   ``ip_slow_seconds`` from that address (``P:ipslow:IP``), the others get ``throttled`` with a wait of
+   a few seconds. An address is never blocked: a ward's workstations behind one NAT or Citrix address
+   share it, and a user who never failed must still log in. Addresses of ``trusted_networks`` are
+   never slowed. Accounts are protected by their own lock (next point), whatever the address;
 2. account locked (``P:lock:{LOGIN}`` exists) → ``locked`` with ``retry_after``;
 3. both factors are verified, always, and the caller only learns ``invalid_credentials`` whatever
    failed (unknown user, wrong password, wrong or reused TOTP code, disabled account). The precise
    cause is in ``LoginResult.detail`` for the audit log only;
 4. a failure increments ``P:authfail:{LOGIN}`` and ``P:ipfail:IP`` (each one Lua script: INCR, TTL =
-   window on the first failure, and the lock/block when the threshold is reached). Unknown logins
-   count and lock like real ones, so lockout reveals nothing about which accounts exist. Failures of
-   either factor count.
-
-The address block lives in the ``P:ipfail:IP`` counter itself (the key layout has no other key for
-it): once the counter reaches the threshold its TTL becomes ``ip_block_seconds``, and the address is
-blocked while the counter stays at or above the threshold.
+   window on the first failure, and the lock when the threshold is reached). Unknown logins count
+   and lock like real ones, so lockout reveals nothing about which accounts exist, and the answer
+   says how many attempts are left (``attempts_left``) and, on the failure that locks, ``locked``
+   at once with the wait (dpi-rules.md rule 4: 3 failed attempts lock the account 5 minutes).
 
 A success resets the account counter (not the address counter: one valid account must not let a
 client wipe its failures). Redis errors propagate: the caller fails closed.
@@ -46,6 +47,7 @@ OK = "ok"
 INVALID_CREDENTIALS = "invalid_credentials"
 LOCKED = "locked"
 THROTTLED = "throttled"
+CODE_USED = "totp_reused"  # step-up only: a correct code that already served (not a failure)
 
 # Audit details (never shown to the client).
 DETAIL_UNKNOWN_USER = "unknown_user"
@@ -67,7 +69,8 @@ end
 return n
 """
 
-# KEYS[1] = P:ipfail:IP. ARGV = window, ip_max_failures, ip_block_seconds. Returns the count.
+# KEYS[1] = P:ipfail:IP. ARGV = window, ip_max_failures, ip_block_seconds (how long the address stays
+# slowed down once it reached the threshold). Returns the count.
 _IP_FAILURE_SCRIPT = """
 local n = redis.call('INCR', KEYS[1])
 if n >= tonumber(ARGV[2]) then
@@ -88,6 +91,8 @@ class LoginResult:
     reason: str
     retry_after: int = 0
     detail: str = ""  # precise cause, for the audit log only
+    attempts_left: int | None = None  # failed attempts still possible before the account locks
+    totp_step: int | None = None  # time step of the accepted code (the session keeps it: step-up)
 
 
 UNKNOWN_ADDRESS = "unknown"
@@ -124,10 +129,9 @@ class Authenticator:
         self.policy = policy
         self.prefix = prefix
         self.keys = Keys(prefix)
+        self.trusted = tuple(ipaddress.ip_network(n, strict=False) for n in policy.trusted_networks)
         self._account_failure = redis_client.register_script(_ACCOUNT_FAILURE_SCRIPT)
         self._ip_failure = redis_client.register_script(_IP_FAILURE_SCRIPT)
-
-    # -- keys --------------------------------------------------------------------------------------
 
     # -- the decision ------------------------------------------------------------------------------
 
@@ -135,9 +139,9 @@ class Authenticator:
         ip = normalize_ip(client_ip)
         login = normalize_login(login if isinstance(login, str) else "")
 
-        blocked_for = self._ip_blocked_for(ip)
-        if blocked_for:
-            return LoginResult(False, None, THROTTLED, retry_after=blocked_for, detail=THROTTLED)
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
 
         if len(login) > MAX_LOGIN_LENGTH or not is_valid_login(login):
             # Cannot be an account: no per-login keys with arbitrary content. Spend the argon2 time anyway.
@@ -153,11 +157,11 @@ class Authenticator:
         password_ok = self.users.verify_password(login, password)
         # Always check the code too; record its step only when the password was right, so a password
         # typo does not burn the user's current code.
-        totp_outcome = self.users.check_totp(login, totp_code, now=now, consume=password_ok)
+        totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
 
         if user is not None and not user.disabled and password_ok and totp_outcome == TOTP_OK:
             self.redis.delete(self.keys.login_failures(login))
-            return LoginResult(True, user, OK, detail=OK)
+            return LoginResult(True, user, OK, detail=OK, totp_step=step)
 
         if user is None:
             detail = DETAIL_UNKNOWN_USER
@@ -167,34 +171,47 @@ class Authenticator:
             detail = DETAIL_BAD_PASSWORD
         else:
             detail = totp_outcome  # bad_totp or totp_reused
-        self._record_failure(login, ip)
-        return LoginResult(False, None, INVALID_CREDENTIALS, detail=detail)
+        return self._failed(login, ip, detail)
 
-    def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None) -> LoginResult:
-        """Second-factor re-entry by a logged-in user (emergency access): a fresh TOTP code.
+    def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None,
+                       login_step: int | None = None, claim_login_code=None) -> LoginResult:
+        """Second-factor re-entry by a logged-in user (emergency access): a TOTP code.
 
-        Same rules as a login for that factor: address block and account lock are honoured, the code
-        is single-use across instances, and a wrong or reused code counts as a failed login (so three
-        lock the account). A success does not reset the failure counter (no password was checked)."""
+        Address slowdown and account lock are honoured and a code is single-use across instances,
+        with one exception: the code that opened this session (``login_step``) is accepted once more
+        within the session, while it is still valid (``claim_login_code()`` marks that use, atomically,
+        and returns False if it was already made), so a clinician does not wait for the next code.
+        A wrong code counts as a failed login (so three lock the account); a correct code that already
+        served is refused (``totp_reused``) but never counted as a failure. A success does not reset
+        the failure counter (no password was checked)."""
         ip = normalize_ip(client_ip)
         login = normalize_login(login if isinstance(login, str) else "")
-        blocked_for = self._ip_blocked_for(ip)
-        if blocked_for:
-            return LoginResult(False, None, THROTTLED, retry_after=blocked_for, detail=THROTTLED)
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
         if not is_valid_login(login):
             self._record_ip_failure(ip)
             return LoginResult(False, None, INVALID_CREDENTIALS, detail=DETAIL_UNKNOWN_USER)
         locked_for = self._locked_for(login)
         if locked_for:
             return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
-        outcome = self.users.check_totp(login, totp_code, now=now)
+        outcome, step = self.users.check_totp_step(login, totp_code, now=now)
         if outcome == TOTP_OK:
-            return LoginResult(True, self.users.get(login), OK, detail=OK)
-        self._record_failure(login, ip)
-        locked_for = self._locked_for(login)
-        if locked_for:
-            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=outcome)
-        return LoginResult(False, None, INVALID_CREDENTIALS, detail=outcome)
+            return LoginResult(True, self.users.get(login), OK, detail=OK, totp_step=step)
+        if outcome == TOTP_REUSED:
+            if login_step is not None and step == login_step and claim_login_code is not None and claim_login_code():
+                return LoginResult(True, self.users.get(login), OK, detail="login_code_step_up", totp_step=step)
+            return LoginResult(False, None, CODE_USED, detail=TOTP_REUSED)
+        return self._failed(login, ip, outcome)
+
+    def _failed(self, login: str, ip: str, detail: str) -> LoginResult:
+        """Count a failed attempt; the answer says what is left, or that the account is now locked."""
+        count = self._record_failure(login, ip)
+        if count == 0:  # this failure locked the account
+            return LoginResult(False, None, LOCKED, retry_after=self.policy.lock_seconds, detail=detail,
+                               attempts_left=0)
+        return LoginResult(False, None, INVALID_CREDENTIALS, detail=detail,
+                           attempts_left=max(0, self.policy.max_failures - count))
 
     # -- administration ----------------------------------------------------------------------------
 
@@ -204,19 +221,33 @@ class Authenticator:
         self.redis.delete(self.keys.login_lock(login), self.keys.login_failures(login))
 
     def unblock_ip(self, client_ip: str) -> None:
-        """Lift a client address block and forget its recent failures."""
-        self.redis.delete(self.keys.address_failures(normalize_ip(client_ip)))
+        """Stop slowing down a client address and forget its recent failures."""
+        ip = normalize_ip(client_ip)
+        self.redis.delete(self.keys.address_failures(ip), self.keys.address_slow(ip))
+
+    def locked_for(self, login: str) -> int:
+        """Seconds until the account's lock ends (0: not locked)."""
+        return self._locked_for(normalize_login(login))
 
     # -- counters ----------------------------------------------------------------------------------
 
-    def _ip_blocked_for(self, ip: str) -> int:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.get(self.keys.address_failures(ip))
-        pipe.pttl(self.keys.address_failures(ip))
-        count, pttl = pipe.execute()
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted or ip == UNKNOWN_ADDRESS:
+            return False
+        address = ipaddress.ip_address(ip)
+        return any(address in net for net in self.trusted)
+
+    def _ip_slowed_for(self, ip: str) -> int:
+        """0 if an attempt from ``ip`` may go on now, else the seconds to wait (a few)."""
+        if self.is_trusted(ip):
+            return 0
+        count = self.redis.get(self.keys.address_failures(ip))
         if count is None or int(as_text(count)) < self.policy.ip_max_failures:
             return 0
-        return _seconds_left(pttl, self.policy.ip_block_seconds)
+        slow_key = self.keys.address_slow(ip)
+        if self.redis.set(slow_key, "1", nx=True, ex=self.policy.ip_slow_seconds):
+            return 0  # the one attempt of this interval
+        return _seconds_left(self.redis.pttl(slow_key), self.policy.ip_slow_seconds)
 
     def _locked_for(self, login: str) -> int:
         pttl = self.redis.pttl(self.keys.login_lock(login))
@@ -224,13 +255,15 @@ class Authenticator:
             return 0
         return _seconds_left(pttl, self.policy.lock_seconds)
 
-    def _record_failure(self, login: str, ip: str) -> None:
+    def _record_failure(self, login: str, ip: str) -> int:
+        """The account's failure count after this one (0: it just locked the account)."""
         p = self.policy
-        self._account_failure(
+        count = self._account_failure(
             keys=[self.keys.login_failures(login), self.keys.login_lock(login)],
             args=[p.failure_window, p.max_failures, p.lock_seconds],
         )
         self._record_ip_failure(ip)
+        return int(count)
 
     def _record_ip_failure(self, ip: str) -> None:
         p = self.policy

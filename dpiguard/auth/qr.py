@@ -51,3 +51,14 @@ def qr_png(uri: str, path: str | os.PathLike, box_size: int = 8) -> None:
     )
     with open(path, "wb") as f:
         image.save(f)
+
+
+def qr_png_bytes(uri: str, box_size: int = 6) -> bytes:
+    """The QR code of ``uri`` as PNG bytes (the console shows it as a data: image)."""
+    import io
+
+    image = qrcode.make(uri, image_factory=PyPNGImage, error_correction=ERROR_CORRECT_M, box_size=box_size,
+                        border=QUIET_ZONE)
+    buf = io.BytesIO()
+    image.save(buf)
+    return buf.getvalue()

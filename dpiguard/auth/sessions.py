@@ -3,9 +3,17 @@
 Redis (see docs/architecture.md):
 
 * ``P:session:{SIDHASH}`` (hash, TTL = min(idle timeout, remaining absolute lifetime)): ``user``,
-  ``roles`` (comma list), ``created``, ``last_seen``, ``abs_expiry``, ``csrf``. SIDHASH is the sha256
+  ``roles`` (comma list), ``created``, ``last_seen``, ``abs_expiry``, ``csrf``, ``name`` (display
+  name), ``login_step`` and ``login_code_reused`` (below). SIDHASH is the sha256
   hex of the session id: the id itself (the cookie) is never stored.
 * ``P:user-sessions:{LOGIN}`` (set): the session id hashes of a user, for revocation.
+* ``P:session-owner:{SIDHASH}`` (string, TTL = absolute lifetime + ``resume_seconds``): the user of a
+  session, kept after the session ended by inactivity so that a form sent then is kept for its author
+  only (``auth/resume.py``); deleted by logout and revocation, which keep nothing.
+
+The session hash also holds ``login_step`` (the TOTP time step of the login code) and, once used,
+``login_code_reused``: the login code may serve once more for a step-up (emergency access) in the
+same session, while it is valid (``auth/login.py``, ``Authenticator.reauthenticate``).
 
 Hot path: :meth:`SessionStore.get` answers from an in-process LRU dict without a Redis round trip
 (:meth:`SessionStore.get_local` answers from that dict only, for callers on an event loop).
@@ -52,6 +60,13 @@ end
 return 1
 """
 
+# The login code's second (and last) use: 1 if the session exists, has this login step and had not
+# used it yet. KEYS[1] = session key; ARGV[1] = the step.
+_CLAIM_LOGIN_CODE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'login_step') ~= ARGV[1] then return 0 end
+return redis.call('HSETNX', KEYS[1], 'login_code_reused', '1')
+"""
+
 
 def sid_hash(sid: str) -> str:
     return hashlib.sha256(sid.encode()).hexdigest()
@@ -91,6 +106,8 @@ class Session:
     last_seen: float  # last activity seen by this instance
     csrf: str
     touched_at: float = 0.0  # last_seen value last written to Redis (drives needs_touch)
+    login_step: int | None = None  # TOTP time step of the code that opened the session
+    display_name: str = ""  # shown on dpiguard's pages ("logged in as"), without a Redis read
 
 
 class _LocalCache:
@@ -148,6 +165,7 @@ class SessionStore:
         absolute_lifetime: int = 43200,
         touch_interval: int = 60,
         max_local: int = DEFAULT_MAX_LOCAL,
+        resume_seconds: int = 0,
     ):
         self.redis = redis_client
         self.prefix = prefix
@@ -155,11 +173,13 @@ class SessionStore:
         self.idle_timeout = idle_timeout
         self.absolute_lifetime = absolute_lifetime
         self.touch_interval = touch_interval
+        self.resume_seconds = resume_seconds
         self._lock = threading.Lock()
         self._local = _LocalCache(max_local)
         self._generation = 0  # bumped by every invalidation; a racing Redis read is then not cached
         self._local_enabled = True
         self._touch = redis_client.register_script(_TOUCH_SCRIPT)
+        self._claim = redis_client.register_script(_CLAIM_LOGIN_CODE_SCRIPT)
 
     # -- keys and events -------------------------------------------------------------------------
 
@@ -186,8 +206,10 @@ class SessionStore:
     def _ttl_ms(self, last_seen: float, abs_expiry: float) -> int:
         return max(1, math.ceil(min(self.idle_timeout, abs_expiry - last_seen) * 1000))
 
-    def create(self, user: str, roles, now: float | None = None) -> tuple[str, Session]:
-        """New session for ``user``. Returns the opaque id (the cookie value) and the session."""
+    def create(self, user: str, roles, now: float | None = None,
+               login_step: int | None = None, display_name: str = "") -> tuple[str, Session]:
+        """New session for ``user``. Returns the opaque id (the cookie value) and the session.
+        ``login_step``: the TOTP step of the login code (see the module docstring)."""
         now = time.time() if now is None else now
         sid = secrets.token_urlsafe(SID_BYTES)
         roles = tuple(roles)
@@ -200,6 +222,8 @@ class SessionStore:
             last_seen=now,
             csrf=secrets.token_urlsafe(SID_BYTES),
             touched_at=now,
+            login_step=login_step,
+            display_name=display_name,
         )
         key = self.keys.session(session.sid_hash)
         with self._lock:
@@ -217,9 +241,14 @@ class SessionStore:
                 "last_seen": repr(now),
                 "abs_expiry": repr(session.abs_expiry),
                 "csrf": session.csrf,
+                **({"login_step": str(login_step)} if login_step is not None else {}),
+                **({"name": display_name} if display_name else {}),
             },
         )
         pipe.pexpire(key, self._ttl_ms(now, session.abs_expiry))
+        if self.resume_seconds:
+            pipe.set(self.keys.session_owner(session.sid_hash), user,
+                     ex=self.absolute_lifetime + self.resume_seconds)
         pipe.execute()
         with self._lock:
             if self._local_enabled and self._generation == generation:  # not revoked meanwhile
@@ -291,6 +320,8 @@ class SessionStore:
                 last_seen=last_seen,
                 csrf=f["csrf"],
                 touched_at=last_seen,
+                login_step=int(f["login_step"]) if f.get("login_step") else None,
+                display_name=f.get("name", ""),
             )
         except (KeyError, ValueError):
             return None  # incomplete or corrupt record: no session
@@ -319,6 +350,26 @@ class SessionStore:
                 cached.last_seen = max(cached.last_seen, now)
         return True
 
+    def claim_login_code(self, session: Session) -> bool:
+        """Use the session's login code once more (step-up). True at most once per session, across
+        instances; False when the session has no login step or it was already used."""
+        if session.login_step is None:
+            return False
+        return bool(self._claim(keys=[self.keys.session(session.sid_hash)], args=[str(session.login_step)]))
+
+    def owner_of_ended(self, sid: str, now: float | None = None) -> str | None:
+        """The user of a session that ended by inactivity or lifetime (not by logout or revocation),
+        while ``resume_seconds`` allow a kept form; None otherwise (live, unknown, logged out)."""
+        if not self.resume_seconds or not is_valid_sid(sid):
+            return None
+        h = sid_hash(sid)
+        owner = as_text(self.redis.get(self.keys.session_owner(h)))
+        if owner is None:
+            return None
+        if self.get(sid, now) is not None:
+            return None  # still alive: nothing to resume
+        return owner
+
     def rotate(self, old_sid: str | None, user: str, roles, now: float | None = None) -> tuple[str, Session]:
         """End the previous session (if any) and create a new one: the id changes at login."""
         if old_sid:
@@ -333,6 +384,7 @@ class SessionStore:
         key = self.keys.session(h)
         user = as_text(self.redis.hget(key, "user"))
         existed = bool(self.redis.delete(key))
+        self.redis.delete(self.keys.session_owner(h))  # logged out: no kept form for this session
         if user is not None:
             self.redis.srem(self.keys.user_sessions(user), h)
         self.drop_local(h)
@@ -348,7 +400,8 @@ class SessionStore:
             pipe = self.redis.pipeline(transaction=False)
             for h in hashes:
                 pipe.delete(self.keys.session(h))
-            count = sum(pipe.execute())
+                pipe.delete(self.keys.session_owner(h))
+            count = sum(pipe.execute()[::2])
             # Remove only what was read: a session created meanwhile stays indexed.
             self.redis.srem(index, *hashes)
         self.drop_local_user(login)

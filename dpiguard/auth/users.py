@@ -354,9 +354,15 @@ class UserDirectory:
         written: the login flow uses it when the password was wrong, so that a typo does not burn the
         user's current code, while the time spent stays the same.
         """
+        return self.check_totp_step(login, code, now, consume)[0]
+
+    def check_totp_step(self, login: str, code: str, now: float | None = None,
+                        consume: bool = True) -> tuple[str, int | None]:
+        """:meth:`check_totp`, and the time step the code belongs to (None for a wrong code): the
+        session remembers the step of its login code (step-up for emergency access)."""
         login = normalize_login(login)
         if not isinstance(code, str) or not TOTP_CODE_RE.fullmatch(code) or not is_valid_login(login):
-            return TOTP_BAD
+            return TOTP_BAD, None
         key = self.keys.user(login)
         enc, disabled = (as_text(v) for v in self.redis.hmget(key, ["totp_enc", "disabled"]))
         secret = self._dummy_secret
@@ -368,8 +374,8 @@ class UserDirectory:
             keys=[key], args=[matched if matched is not None else 0, enc or "", "1" if consume else "0"]
         )
         if matched is None or enc is None or outcome == -1:
-            return TOTP_BAD
-        return TOTP_OK if outcome == 1 else TOTP_REUSED
+            return TOTP_BAD, None
+        return (TOTP_OK if outcome == 1 else TOTP_REUSED), matched
 
     def verify_totp(self, login: str, code: str, now: float | None = None) -> bool:
         """RFC 6238 check (30 s, 6 digits, +-1 step) with single use of each time step."""

@@ -37,6 +37,7 @@ from dpiguard.audit.verify import prune_chain, verify_store
 from dpiguard.cli.common import audit_admin, config_path, emit, load, time_arg, with_config
 from dpiguard.config import ConfigError
 from dpiguard.decision.massaccess import unthrottle
+from dpiguard.i18n import DEFAULT_LANGUAGE, DEFAULT_TIMEZONE, SUPPORTED, Localizer
 from dpiguard.times import iso_ms
 
 
@@ -174,12 +175,34 @@ def _display_names(args) -> dict[str, str]:
         return {}
 
 
+def _reader(args) -> tuple[Localizer, dict[str, str]]:
+    """The reader's language and time zone (--lang, --timezone, else ui.* of the configuration, else
+    French and Europe/Paris), and the descriptions of categories and roles (from the policy files)."""
+    lang, tz, labels = args.lang, args.timezone, {}
+    if config_path(args):
+        try:
+            cfg = load(args, check_files=False)
+            lang, tz = lang or cfg.ui.language, tz or cfg.ui.timezone
+            from dpiguard.services import load_policies
+
+            policies = load_policies(cfg)
+            labels = {**dict(policies.roles), **{n: c.description for n, c in policies.categories.items()}}
+        except Exception as exc:  # labels are a convenience; the codes are still shown
+            print(f"dpiguard: descriptions of categories unavailable ({exc}); showing codes", file=sys.stderr)
+    return Localizer(lang or DEFAULT_LANGUAGE, tz or DEFAULT_TIMEZONE), labels
+
+
 def cmd_who_accessed(args) -> int:
     since, until = _time_bounds(args)
     names = _display_names(args) if args.names else None
-    rows = who_accessed(iter_store(_source(args)), args.patient, since, until, names, with_names=args.names)
+    rows = who_accessed(iter_store(_source(args)), args.patient, since, until, names, with_names=args.names,
+                        refusals=not args.allowed_only)
     columns = WHO_COLUMNS_NAMED if args.names else WHO_COLUMNS
-    text = who_accessed_html(args.patient, rows, columns) if args.format == "html" else render(rows, columns, args.format)
+    if args.format == "html":
+        l10n, labels = _reader(args)
+        text = who_accessed_html(args.patient, rows, columns, l10n, labels)
+    else:
+        text = render(rows, columns, args.format)
     emit(text, args.out)
     return 0
 
@@ -205,7 +228,8 @@ def cmd_summary(args) -> int:
 def cmd_report(args) -> int:
     since, until = _time_bounds(args)
     summary = summarize(iter_store(_source(args)), Filter(since=since, until=until, instance=args.instance), args.top)
-    emit(html_report(summary), args.out)
+    l10n, labels = _reader(args)
+    emit(html_report(summary, l10n=l10n, labels=labels), args.out)
     return 0
 
 
@@ -229,7 +253,10 @@ def register_query(asub) -> None:
     sp = common(asub.add_parser("who-accessed", help="accesses to a patient's record, for the patient's request"))
     sp.add_argument("patient")
     sp.add_argument("--names", action="store_true", help="also show who (login and name): only when explicitly asked")
+    sp.add_argument("--allowed-only", action="store_true", help="leave out the refused requests")
     sp.add_argument("--format", choices=("table", "csv", "json", "html"), default="table")
+    sp.add_argument("--lang", choices=SUPPORTED, help="language of the HTML page (default: ui.language, fr)")
+    sp.add_argument("--timezone", help="time zone of the HTML page (default: ui.timezone, Europe/Paris)")
     sp.set_defaults(func=cmd_who_accessed)
 
     sp = common(asub.add_parser("summary", help="refusal and break-glass summaries"))
@@ -239,6 +266,8 @@ def register_query(asub) -> None:
 
     sp = common(asub.add_parser("report", help="self-contained HTML report with charts"))
     sp.add_argument("--instance"); sp.add_argument("--top", type=int, default=10)
+    sp.add_argument("--lang", choices=SUPPORTED, help="language of the report (default: ui.language, fr)")
+    sp.add_argument("--timezone", help="time zone of the report (default: ui.timezone, Europe/Paris)")
     sp.set_defaults(func=cmd_report)
 
 

@@ -158,6 +158,13 @@ class MassAccessMonitor:
         self._blocked = {(u.decode() if isinstance(u, bytes) else u): until for u, until in rows}
 
 
+def throttled_users(client: redis.Redis, prefix: str, now: float | None = None) -> dict[str, float]:
+    """Users paused for mass access now, and until when (epoch seconds)."""
+    now = time.time() if now is None else now
+    rows = client.zrangebyscore(Keys(prefix).mass_blocked, now, "+inf", withscores=True)
+    return {(u.decode() if isinstance(u, bytes) else u): until for u, until in rows}
+
+
 def unthrottle(client: redis.Redis, prefix: str, user: str) -> bool:
     pipe = client.pipeline(transaction=False)
     keys = Keys(prefix)

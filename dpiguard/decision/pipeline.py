@@ -190,6 +190,7 @@ class Pipeline:
                                       policies, needs_care_team(policies.table, match))
             verdict.source = decision.source
             if not decision.member:
+                verdict.units = self._known_units(session.user, now)  # the trace says which units (no I/O)
                 verdict.reason = decision.reason
                 verdict.message = REFUSAL_MESSAGES.get(decision.reason, decision.reason)
                 return verdict
@@ -332,6 +333,12 @@ class Pipeline:
         units = tuple(self.careteam.user_units(user, now))
         self._remember_units(user, units, now, generation)
         return units
+
+    def _known_units(self, user: str, now: float) -> tuple[str, ...] | None:
+        """The user's units if this instance knows them now (in-process only), else None."""
+        with self._units_lock:
+            hit = self._units.get(user)
+        return hit[0] if hit is not None and hit[1] > now else None
 
     def _remember_units(self, user: str, units: tuple[str, ...], now: float, generation: int) -> None:
         if self.cache.enabled and self.cache.generation() == generation:

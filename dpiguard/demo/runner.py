@@ -77,6 +77,14 @@ def write_demo_config(workdir: Path, *, host: str, port: int, upstream_port: int
     return path
 
 
+#: Administrative accounts of the demo (console.roles): they open the console, no patient record.
+ADMIN_ACCOUNTS = (
+    ("dpo.marchand", "dpo", "Hélène Marchand (DPO)"),
+    ("rssi.garnier", "rssi", "Julien Garnier (RSSI)"),
+    ("support.blanc", "helpdesk", "Karim Blanc (assistance)"),
+)
+
+
 def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush: bool = True) -> list[DemoAccount]:
     """Load the synthetic hospital into Redis through the same code as production (users, care team)."""
     from dpiguard.services import careteam_store, redis_client, user_directory
@@ -92,6 +100,10 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
         _, uri = users.add(member.login, password, [member.role], display_name=member.display_name)
         secret = uri.split("secret=")[1].split("&")[0]
         accounts.append(DemoAccount(member.login, member.display_name, member.role, member.units, secret, uri))
+    for login, role, name in ADMIN_ACCOUNTS:
+        if role in cfg.console.roles:
+            _, uri = users.add(login, password, [role], display_name=name)
+            accounts.append(DemoAccount(login, name, role, (), uri.split("secret=")[1].split("&")[0], uri))
     for m in dataset.memberships:
         careteam.add_unit_member(m.login, m.unit, start=m.start, end=m.end)
     for s in dataset.stays:

@@ -26,7 +26,7 @@ from dpiguard import metrics
 from dpiguard.config import Config, ConfigError, load_config
 from dpiguard.decision.verdict import NeedIO, Verdict, audit_unavailable
 from dpiguard.edge import fhir as fhir_hooks
-from dpiguard.edge import ops
+from dpiguard.edge import ops, resume
 from dpiguard.edge.flows import (
     DECIDED_KEY,
     REQUEST_ID_HEADER,
@@ -152,6 +152,10 @@ class DpiGuard:
         if pending is not None and pending[1].pending:
             await fhir_hooks.request_body(self.services, flow, pending)
             return
+        kept = flow.metadata.pop(resume.KEEP_KEY, None)
+        if kept is not None:  # a form sent with an ended session: kept for its author (edge/resume.py)
+            await resume.keep(self.services, flow, kept)
+            return
         req = flow.metadata.get(PORTAL_KEY)
         if req is None:
             return
@@ -159,6 +163,9 @@ class DpiGuard:
             s = self.services
             token, _ = s.pipeline.session_token(req)
             reply = await run_in(s, "portal", s.portal.handle, req, flow.request.raw_content or b"", token)
+            if reply.replay is not None:  # logged in again: the kept form goes on, decided anew
+                await resume.replay(s, flow, reply)
+                return
         except Exception as exc:
             log.exception("dpiguard: portal error")
             reply = Reply(503, b'{"error":"internal_error"}', "application/json")
@@ -220,8 +227,12 @@ class DpiGuard:
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()
         if not verdict.allowed:
+            if resume.wants_keep(s, req, verdict, flow):
+                flow.metadata[resume.KEEP_KEY] = req  # answered in `request`, once the body is in
+                return
             respond(flow, s.portal.refusal(req, verdict))
             return
+        s.banner.note(flow, verdict)  # no-store, and the session bar on HTML pages (edge/banner.py)
         if verdict.fhir_context is not None:
             flow.metadata[FHIR_KEY] = (req, verdict)  # checked again on the body and the response
             if verdict.pending:
@@ -274,10 +285,14 @@ class DpiGuard:
         request_id = flow.metadata.get(REQUEST_ID_KEY)
         if request_id and flow.response is not None and REQUEST_ID_HEADER not in flow.response.headers:
             flow.response.headers[REQUEST_ID_HEADER] = request_id
+        if self.services is not None:
+            self.services.banner.on_headers(flow)
 
     async def response(self, flow: http.HTTPFlow) -> None:
         if FHIR_KEY in flow.metadata:
             await fhir_hooks.response(self.services, flow, flow.metadata[FHIR_KEY])
+        elif self.services is not None:
+            self.services.banner.on_response(flow)
 
     def _touch(self, session) -> None:
         try:

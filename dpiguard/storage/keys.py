@@ -44,11 +44,23 @@ class Keys:
     def address_failures(self, address: str) -> str:
         return f"{self.prefix}:ipfail:{address}"
 
+    def address_slow(self, address: str) -> str:
+        """Set for ``ip_slow_seconds`` after each attempt from a slowed-down address."""
+        return f"{self.prefix}:ipslow:{address}"
+
     def session(self, sid_hash: str) -> str:
         return f"{self.prefix}:session:{{{sid_hash}}}"
 
     def user_sessions(self, login: str) -> str:
         return f"{self.prefix}:user-sessions:{{{login}}}"
+
+    def session_owner(self, sid_hash: str) -> str:
+        """Whose a session was, kept after it ended by inactivity (a kept form goes to its author only)."""
+        return f"{self.prefix}:session-owner:{{{sid_hash}}}"
+
+    def resume(self, resume_id: str) -> str:
+        """A form kept while its author logs in again (auth/resume.py)."""
+        return f"{self.prefix}:resume:{{{resume_id}}}"
 
     # -- care team (careteam/) ---------------------------------------------------------------------
     def user_units(self, login: str) -> str:
