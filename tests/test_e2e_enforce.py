@@ -347,6 +347,11 @@ def test_forbidden_and_missing_resources_answer_alike(stack, nurse):
         assert a.text.replace(a.headers["x-dpiguard-request-id"], "") == \
             b.text.replace(b.headers["x-dpiguard-request-id"], "")
         assert sorted(k for k in a.headers if k != "date") == sorted(k for k in b.headers if k != "date")
+        # Told to the person in French by default, in English on request; the code stays the same.
+        assert a.json()["issue"][0]["details"]["text"].startswith("Cette ressource FHIR n'existe pas")
+        en = nurse.get(forbidden, headers={"accept-language": "en"})
+        assert en.json()["issue"][0]["details"]["text"].startswith("This FHIR resource does not exist")
+        assert en.json()["issue"][0]["details"]["coding"][0]["code"] == "fhir_not_found"
     for method in ("put", "delete"):
         body = {"resourceType": "Observation", "id": "P0002-vs-1", "status": "final", "code": {},
                 "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",

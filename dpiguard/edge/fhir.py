@@ -12,6 +12,7 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 from mitmproxy import http
 
 from dpiguard.decision.verdict import NeedIO, audit_unavailable
@@ -43,7 +44,8 @@ async def request_body(s: Any, flow: http.HTTPFlow, pending) -> None:
     if not verdict.allowed:
         flow.metadata.pop(FHIR_KEY, None)
         if verdict.conceal:  # answered like a missing resource (no existence oracle); traced with its reason
-            respond_fhir(flow, 404, not_found_outcome(req.request_id))
+            respond(flow, Reply(404, s.portal.localize_outcome(req, orjson.dumps(not_found_outcome(req.request_id))),
+                                FHIR_JSON))
         else:
             respond(flow, s.portal.refusal(req, verdict))
         return
@@ -83,7 +85,7 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
             record.get("concealed") or verdict.fhir_context.request.interaction in ("search", "operation"):
         # dpiguard's own answer (a refusal, a missing resource, a page of dpiguard's), with its own headers
         # only: nothing of the DPI's (ETag, Last-Modified, counts or paging in headers) tells about hidden data.
-        respond(flow, Reply(status, out, FHIR_JSON))
+        respond(flow, Reply(status, s.portal.localize_outcome(req, out) if status >= 400 else out, FHIR_JSON))
         return
     flow.response.status_code = status
     rewriter = BundleRewriter(enforcer.upstream_origin, verdict.fhir_context.proxy_origin)

@@ -63,6 +63,18 @@ REASON_TEXT = {
     "fhir_invalid_request": N_("The FHIR request is malformed."),
     "fhir_no_patient": N_("This FHIR resource names no patient dpiguard can check, so it is refused."),
     "not_found": N_("This page does not exist."),
+    "fhir_not_found": N_("This FHIR resource does not exist, or it is not one you may see."),
+    "fhir_upstream_error": N_("The patient record application could not answer this FHIR request."),
+    "fhir_search_too_broad": N_("This FHIR search matches too many entries: narrow it (for example, name "
+                                "the patient)."),
+    "fhir_invalid_cursor": N_("This FHIR page link is not valid for you, or it has expired: run the "
+                              "search again."),
+    "fhir_conditional_reference": N_("A conditional reference (a search in place of a resource id) cannot "
+                                     "be checked, so it is refused: name the resource by its id."),
+    "routing_header": N_("The request carried a header that would change its address, so it was refused."),
+    "malformed_header": N_("A header of the request is malformed, so it was refused."),
+    "absolute_target_refused": N_("The request names another server, so it was refused."),
+    "http_protocol_error": N_("The request does not follow the HTTP protocol, so it was refused."),
 }
 
 #: The descriptions and labels of the shipped policy files (policies/categories.yaml, breakglass.yaml),

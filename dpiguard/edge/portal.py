@@ -44,6 +44,7 @@ from dpiguard.decision.verdict import REFUSAL_MESSAGES, Incoming, Verdict
 from dpiguard.edge.pages import (
     ACTION_TEXT,
     PREFIX,
+    REASON_TEXT,
     Pages,
     PageSettings,
     reason_text,
@@ -466,6 +467,26 @@ class Portal:
         })
 
     # -- refusals ----------------------------------------------------------------------------------
+    def localize_outcome(self, req: Incoming, body: bytes) -> bytes:
+        """dpiguard's own FHIR OperationOutcome (made where no person's language is known) with each
+        issue's ``details.text`` in the person's language; the codes never change. Anything else (the
+        DPI's resources, a body that is not an outcome) is returned as it is."""
+        if b'"OperationOutcome"' not in body[:64]:
+            return body
+        try:
+            outcome = orjson.loads(body)
+            l10n = self.l10n(req)
+            changed = False
+            for issue in outcome.get("issue", []):
+                details = issue.get("details") or {}
+                for coding in details.get("coding", []):
+                    if coding.get("system") == REASON_SYSTEM and coding.get("code") in REASON_TEXT:
+                        details["text"] = reason_text(l10n, coding["code"])
+                        changed = True
+            return orjson.dumps(outcome) if changed else body
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            return body
+
     def refusal(self, req: Incoming, v: Verdict) -> Reply:
         """The answer to a refused request. Runs on the event loop: no I/O here."""
         l10n = self.l10n(req)
