@@ -9,7 +9,8 @@ used), and keeps them together:
 * ``breakglass`` emergency access (breakglass.yaml: :mod:`dpiguard.policy.breakglass`);
 * ``careteam``   transversal units and the grace period (careteam.yaml: :mod:`dpiguard.policy.careteam`),
                  the grace already resolved against ``careteam.grace_seconds`` of the configuration;
-* ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file.
+* ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file;
+* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it.
 
 The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
 replaces it in one assignment; every step of a decision, and the FHIR checks of its answer, read the
@@ -28,6 +29,7 @@ from dpiguard.policy.breakglass import BreakGlassPolicy
 from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
+from dpiguard.policy.privacy import PRIVACY_FILE, PrivacyPolicy
 from dpiguard.policy.routes import RouteTable
 from dpiguard.policy.table import Category, Policy, read_policy_files
 
@@ -40,6 +42,7 @@ class PolicySet:
     breakglass: BreakGlassPolicy
     careteam: CareTeamPolicy
     fhir: FhirPolicy | None
+    privacy: PrivacyPolicy = PrivacyPolicy()
 
     @classmethod
     def load(cls, directory: str | Path, *, default_grace_seconds: int = 86400) -> PolicySet:
@@ -66,8 +69,11 @@ class PolicySet:
         fhir = (FhirPolicy.from_text(fhir_text, str(directory / FHIR_FILE), table.roles, table.categories,
                                      hashlib.sha256(contents[FHIR_FILE]).hexdigest()[:16])
                 if fhir_text is not None else None)
+        pv_text = text(PRIVACY_FILE)
+        privacy = PrivacyPolicy.from_text(pv_text, str(directory / PRIVACY_FILE)) if pv_text is not None \
+            else PrivacyPolicy()
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir)
+                   careteam=careteam, fhir=fhir, privacy=privacy)
 
     # -- what the steps and the tools ask of the table (roles, categories, routes) -------------------
     def permits(self, roles: Iterable[str], category: str, action: str) -> bool:
