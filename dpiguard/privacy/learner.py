@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from typing import Any
 
+import orjson
 import redis
 
 from dpiguard.ids import ID_RE
@@ -42,10 +42,9 @@ class Learner:
     def note_hl7(self, text: str, patient: str | None = None) -> None:
         self._put(("hl7", text, patient))
 
-    def note_fhir(self, body: Any) -> None:
-        """A parsed FHIR answer (any resource or Bundle); only Patient resources are kept."""
-        if isinstance(body, dict) and body.get("resourceType") in ("Patient", "Bundle"):
-            self._put(("fhir", body, None))
+    def note_fhir(self, body: bytes | dict) -> None:
+        """A FHIR answer (raw bytes, parsed again in the worker; or a dict nobody changes any more)."""
+        self._put(("fhir", body, None))
 
     def _put(self, item) -> None:
         if len(self._queue) == self._queue.maxlen:
@@ -96,6 +95,8 @@ class Learner:
                     if patient and ID_RE.fullmatch(patient) and not d.empty():
                         hashed.append((patient, self.hasher.pseudonyms(d)))
                 else:
+                    if isinstance(payload, (bytes, bytearray)):
+                        payload = orjson.loads(payload)
                     for pid, resource in fhir_patients(payload):
                         d = from_fhir_patient(resource)
                         if ID_RE.fullmatch(pid) and not d.empty():
