@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from dpiguard.audit.chain import iter_chain, list_chains, list_segments
+from dpiguard.audit.explain import ExplanationRates
 from dpiguard.times import iso_ms
 
 #: Records about access to patient data: request decisions, and FHIR answers (whose patients are
@@ -173,18 +174,23 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
     events: Counter = Counter()
     break_glass: list[dict[str, Any]] = []
     refusal_users: Counter = Counter()
+    privacy_alerts: Counter = Counter()
     first = last = None
     total = 0
+    explained = ExplanationRates()
     for r in records:
         if not flt.match(r):
             continue
         total += 1
+        explained.add(r)
         events[r.get("event")] += 1
         t = r.get("time") or ""
         first = t if first is None or t < first else first
         last = t if last is None or t > last else last
         if r.get("event") == "fhir_response" and r.get("outcome") == "allow" and r.get("user"):
             patients_per_user[r["user"]].update(record_patients(r))  # patients only the answer showed
+        if r.get("event") == "privacy_alert":
+            privacy_alerts[r.get("reason") or "?"] += 1
         if r.get("event") != "access":
             continue
         day = t[:13] if flt.since and flt.until and flt.until[:10] == flt.since[:10] else t[:10]
@@ -208,4 +214,6 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
         "top_users_by_distinct_patients": [{"user": u, "patients": n} for u, n in top_users],
         "users_with_most_refusals": [{"user": u, "refusals": n} for u, n in refusal_users.most_common(top)],
         "break_glass": sorted(break_glass, key=lambda r: r.get("time") or ""),
+        "explanation_rate": explained.result(),
+        "privacy_alerts": [{"detector": k, "count": v} for k, v in privacy_alerts.most_common()],
     }

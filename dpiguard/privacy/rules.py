@@ -81,15 +81,16 @@ LABELS = {
 #: Why an alert fired, for people (``{...}`` filled from the alert's evidence; no name, no address).
 WHY = {
     "self_access": "L'utilisateur a ouvert un dossier patient qui est le sien.",
-    "family_name": "Le patient porte le même nom de famille que l'utilisateur ({reason}).",
-    "same_address": "Le patient habite {where} que l'utilisateur ({reason}).",
-    "staff_patient": "Le patient est un membre du personnel, et l'accès n'est pas expliqué par une prise en "
-                     "charge directe ({reason}).",
-    "coworker": "Le patient est un collègue qui travaille dans le même service que l'utilisateur ({units}).",
-    "vip": "Le patient est signalé {level} ; accès {reason}.",
+    "family_name": "Le patient porte le même nom de famille que l'utilisateur ; {reason}.",
+    "same_address": "Le patient habite {where} que l'utilisateur ; {reason}.",
+    "staff_patient": "Le patient est un membre du personnel, sans prise en charge directe par l'utilisateur "
+                     "ni événement de soins autour de l'accès ; {reason}.",
+    "coworker": "Le patient est un collègue qui travaille dans le même service que l'utilisateur ({units}) ; "
+                "{reason}.",
+    "vip": "Le patient est signalé {level} ; {reason}.",
     "late_access": "Le dernier lien de soins de l'utilisateur avec ce patient a pris fin il y a {days} jours.",
-    "broad_rule": "Accès permis seulement par une règle large ({reason}), sans séjour, affectation ni acte de "
-                  "soins dans les {hours} heures autour.",
+    "broad_rule": "Aucun séjour, affectation ni écriture de soins dans les {hours} heures autour de l'accès ; "
+                  "{reason}.",
     "volume": "{patients} patients distincts ouverts le {day}, pour {own} d'habitude (rôle : {role}).",
     "unusual_hours": "{patients} patients ouverts le {day} à des heures où l'utilisateur et son rôle ne "
                      "travaillent presque jamais ({hours}).",
@@ -98,10 +99,10 @@ WHY = {
 }
 
 EXPLANATIONS = {
-    "direct": "expliqué par un séjour dans un service de l'utilisateur ou une affectation",
-    "transversal": "par un service transversal",
-    "role_only": "par le seul rôle (données sans exigence d'équipe de soins)",
-    "break_glass": "sous bris de glace",
+    "direct": "accès expliqué par un séjour dans un service de l'utilisateur ou une affectation",
+    "transversal": "accès permis par un service transversal",
+    "role_only": "accès permis par le seul rôle (données sans exigence d'équipe de soins)",
+    "break_glass": "accès sous bris de glace",
 }
 
 STATUS_LABELS = {"new": "à revoir", "justified": "justifié", "abusive": "abusif"}
