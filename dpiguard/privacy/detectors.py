@@ -136,25 +136,28 @@ def evaluate(a: Access, f: Facts, rules, care_hours: float) -> list[Candidate]:
     elif r and shared_street and r.get("street") and not explained_directly(a):
         out.append(Candidate("same_address", a, {"explanation": expl, "where": "dans la même rue"}, "context", due,
                              a.patient))
-    if f.patient.links:  # the patient is a member of the staff
+    if f.patient.links and not explained_directly(a):  # a member of the staff, not in the user's care
         if f.coworker_units and rules.on("coworker"):
             out.append(Candidate("coworker", a, {"explanation": expl, "units": ",".join(sorted(f.coworker_units))},
                                  key=a.patient))
-        elif rules.on("staff_patient") and not explained_directly(a):
+        elif rules.on("staff_patient"):
             out.append(Candidate("staff_patient", a, {"explanation": expl}, "context", due, a.patient))
     r = rules.on("vip")
     if r and f.patient.vip:
         level = "confidentiel" if f.patient.vip == "confidential" else "personnalité (VIP)"
         if r.get("every_access"):
             out.append(Candidate("vip", a, {"explanation": expl, "level": level}, key=f"{a.patient}|{a.request_id}"))
-        elif not explained_directly(a):
+        elif expl == "break_glass":
             out.append(Candidate("vip", a, {"explanation": expl, "level": level}, key=a.patient))
+        elif not explained_directly(a):
+            out.append(Candidate("vip", a, {"explanation": expl, "level": level}, "context", due, a.patient))
     r = rules.on("late_access")
     if r:
         current, ended = relationship_end(a, f)
         if not current and ended is not None and a.t - ended > r.get("after_days") * DAY:
+            # a former patient coming back (a new stay, an appointment booked) is a care event
             out.append(Candidate("late_access", a, {"explanation": expl, "days": int((a.t - ended) // DAY)},
-                                 key=a.patient))
+                                 "context", due, a.patient))
     if rules.on("broad_rule") and expl in ("transversal", "role_only"):
         out.append(Candidate("broad_rule", a, {"explanation": expl, "hours": int(care_hours)}, "context", due,
                              a.patient))

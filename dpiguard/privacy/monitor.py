@@ -439,12 +439,12 @@ class PrivacyMonitor:
             own_counts = sorted(int(v.split("|")[0]) for v in past.values())
             own_known = len(own_counts) >= g["min_history_days"]
             role_median, role_hours = baselines[role]
-            if vol:
-                own_median = own_counts[len(own_counts) // 2] if own_known else None
-                if count >= vol.get("min_patients") and count > vol.get("role_factor") * max(1, role_median) and (
-                        own_median is None or count > vol.get("own_factor") * max(1, own_median)):
+            if vol and own_known:
+                own_median = own_counts[len(own_counts) // 2]
+                if count >= vol.get("min_patients") and count > vol.get("role_factor") * max(1, role_median) and \
+                        count > vol.get("own_factor") * max(1, own_median):
                     self._raise(Candidate("volume", _day_access(u, role, end), {
-                        "patients": count, "day": day, "own": own_median if own_median is not None else "?",
+                        "patients": count, "day": day, "own": own_median,
                         "role": role_median}, key=day), rules, bucket_key=day)
             if hrs and own_known:
                 days_with = [0] * 24
