@@ -273,6 +273,9 @@ def run(profile: str, seed: int, out: Path) -> int:
     (out / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     write_markdown(result, out / f"{name}.md")
     log(f"written {out}/{name}.{{json,md}} in {result['elapsed_seconds']} s; targets {result['targets']}")
+    if result["replay_from_start"]["alerts"]:  # the one gate: alerts must be idempotent
+        log("FAIL: replaying the chains raised alerts again")
+        return 1
     return 0
 
 
