@@ -34,7 +34,9 @@ class Learner:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._recent: dict[int, None] = {}  # answers already learnt (the same bytes come back on every read)
         self.learnt = 0
+        self.skipped = 0
         self.dropped = 0
         self.errors = 0
 
@@ -87,6 +89,7 @@ class Learner:
         if not items:
             return 0
         hashed = []
+        digests: list[int] = []
         for kind, payload, patient in items:
             try:
                 if kind == "hl7":
@@ -96,6 +99,11 @@ class Learner:
                         hashed.append((patient, self.hasher.pseudonyms(d)))
                 else:
                     if isinstance(payload, (bytes, bytearray)):
+                        digest = hash(bytes(payload))
+                        if digest in self._recent:
+                            self.skipped += 1
+                            continue
+                        digests.append(digest)
                         payload = orjson.loads(payload)
                     for pid, resource in fhir_patients(payload):
                         d = from_fhir_patient(resource)
@@ -109,5 +117,8 @@ class Learner:
             # Put the hashes' sources back in front so a Redis outage loses nothing that was noted.
             self._queue.extendleft(reversed(items))
             raise
+        if len(self._recent) > 50_000:
+            self._recent.clear()
+        self._recent.update(dict.fromkeys(digests))
         self.learnt += len(hashed)
         return len(hashed)

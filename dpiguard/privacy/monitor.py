@@ -48,6 +48,7 @@ from dpiguard.times import parse_iso_ms
 
 log = logging.getLogger("dpiguard.privacy")
 ORDERS_TTL = 14 * 86400
+CACHE_SECONDS = 60.0  # patient profiles and stays read for the immediate detectors
 DAY_MARGIN = 2 * 3600  # a day is closed this long after its end (late records of other chains)
 
 
@@ -94,10 +95,32 @@ class ChainReader:
         return out
 
 
+ACCESS_EVENTS = ("access", "fhir_response")
+_MINUTES: dict[str, float] = {}
+
+
+def record_time(text) -> float | None:
+    """Epoch of an ``iso_ms`` time (``2026-11-20T14:30:05.123Z``), fast: the minute is parsed once."""
+    if not isinstance(text, str) or len(text) < 20:
+        return parse_iso_ms(text) if text else None
+    base = _MINUTES.get(text[:16])
+    if base is None:
+        base = parse_iso_ms(text[:16] + ":00.000Z")
+        if base is None:
+            return None
+        if len(_MINUTES) > 100_000:
+            _MINUTES.clear()
+        _MINUTES[text[:16]] = base
+    try:
+        return base + float(text[17:-1])
+    except ValueError:
+        return parse_iso_ms(text)
+
+
 def accesses_of(record: dict, seq: int) -> list[Access]:
     """The allowed accesses to patient data in one record (request decisions and FHIR answers)."""
     event = record.get("event")
-    if event not in ("access", "fhir_response") or record.get("outcome") != "allow" or not record.get("user"):
+    if event not in ACCESS_EVENTS or record.get("outcome") != "allow" or not record.get("user"):
         return []
     patients: set[str] = set()
     if isinstance(record.get("patient"), str):
@@ -106,7 +129,7 @@ def accesses_of(record: dict, seq: int) -> list[Access]:
         patients.update(p for p in record["patients"] if isinstance(p, str))
     if not patients:
         return []
-    t = parse_iso_ms(record.get("time"))
+    t = record_time(record.get("time"))
     if t is None:
         return []
     write = record.get("action") == "write"
@@ -154,6 +177,9 @@ class PrivacyMonitor:
         self.last_error: str | None = None
         self.watermark = 0.0
         self._max_time = 0.0
+        self._deferred_recently: set[tuple] = set()
+        self._patient_cache: dict[str, tuple] = {}
+        self._pair_cache: dict[tuple[str, str], tuple] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, interval: float = 1.0) -> "PrivacyMonitor":
@@ -220,7 +246,8 @@ class PrivacyMonitor:
             rows = reader.read(positions.get(chain.name, 0), self.batch)
             for seq, rec in rows:
                 batch.append((chain.name, seq, rec))
-            times = [parse_iso_ms(r.get("time")) or 0.0 for _, r in rows]
+            # the clock follows the accesses (a checkpoint or an admin record says nothing about them)
+            times = [record_time(r.get("time")) or 0.0 for _, r in rows if r.get("event") in ACCESS_EVENTS]
             if times:
                 last_time = max(last_time, max(times))
                 self._max_time = max(self._max_time, last_time)
@@ -256,21 +283,7 @@ class PrivacyMonitor:
         staff = self._staff(users)
         patients = sorted({a.patient for a in accesses})
         pairs = sorted({(a.user, a.patient) for a in accesses})
-        pipe = self.r.pipeline(transaction=False)
-        for p in patients:
-            pipe.hgetall(self.keys.pv_patient(p))
-            pipe.get(self.keys.pv_vip(p))
-            pipe.hgetall(self.keys.stays(p))
-        for u, p in pairs:
-            pipe.hget(self.keys.assignments(p), u)
-        res = pipe.execute()
-        pat: dict[str, Profile] = {}
-        stays: dict[str, list[dict]] = {}
-        for i, p in enumerate(patients):
-            pat[p] = parse_patient(res[3 * i], res[3 * i + 1])
-            stays[p] = _stays(res[3 * i + 2])
-        base = 3 * len(patients)
-        assignment = {pair: _assignment(res[base + i], pair[0]) for i, pair in enumerate(pairs)}
+        pat, stays, assignment = self._patients(patients, pairs)
         tokens = {t for a in accesses for t in (staff[a.user].pseudonyms.family & pat[a.patient].pseudonyms.family)}
         counts, known = self.store.name_counts(tokens) if tokens else ({}, 0)
         staff_patients = {login for p in patients for login in pat[p].links}
@@ -280,16 +293,21 @@ class PrivacyMonitor:
         day_hours: dict[tuple[str, str], set[str]] = {}
         day_users: dict[str, dict[str, str]] = {}
         orders: dict[str, dict[str, float]] = {}
+        hours: dict[int, tuple[str, str]] = {}
         for a in accesses:
             p = pat[a.patient]
             shared = frozenset(u for login in p.links if login != a.user
                                for u in staff_units.get(login, ())) & frozenset(a.units)
             facts = Facts(staff[a.user], p, counts, known, stays[a.patient], assignment[(a.user, a.patient)], shared)
             candidates.extend(evaluate(a, facts, rules, care_hours))
-            local = datetime.fromtimestamp(a.t, tz)
-            day = local.strftime("%Y-%m-%d")
+            hour_key = int(a.t // 900)  # time zone offsets are multiples of 15 minutes
+            local = hours.get(hour_key)
+            if local is None:
+                dt = datetime.fromtimestamp(hour_key * 900, tz)
+                local = hours[hour_key] = (dt.strftime("%Y-%m-%d"), f"{dt.hour:02d}")
+            day, hour = local
             day_patients.setdefault((a.user, day), set()).add(a.patient)
-            day_hours.setdefault((a.user, day), set()).add(f"{local.hour:02d}:{a.patient}")
+            day_hours.setdefault((a.user, day), set()).add(f"{hour}:{a.patient}")
             day_users.setdefault(day, {})[a.user] = a.roles[0] if a.roles else "-"
             if a.write:
                 o = orders.setdefault(a.patient, {})
@@ -310,7 +328,17 @@ class PrivacyMonitor:
         for patient, o in orders.items():
             pipe.zadd(self.keys.pv_orders(patient), o, gt=True)
             pipe.expire(self.keys.pv_orders(patient), ORDERS_TTL)
-        deferred = [c for c in candidates if c.deferred]
+        # one check per detector, user, subject and day: the first access of the day stands for the others
+        deferred, seen = [], set()
+        for c in candidates:
+            if c.deferred:
+                mark = (c.detector, c.access.user, c.key, int(c.access.t // DAY))
+                if mark not in seen and mark not in self._deferred_recently:
+                    seen.add(mark)
+                    deferred.append(c)
+        if len(self._deferred_recently) > 500_000:
+            self._deferred_recently.clear()
+        self._deferred_recently.update(seen)
         if deferred:
             pipe.zadd(self.keys.pv_pending, {_pending_member(c): c.due for c in deferred})
         pipe.execute()
@@ -318,6 +346,35 @@ class PrivacyMonitor:
         for c in candidates:
             if not c.deferred:
                 self._raise(c, rules)
+
+    def _patients(self, patients: list[str], pairs: list[tuple[str, str]]):
+        """Profiles, stays and the users' assignments, read in one round trip and kept CACHE_SECONDS (the
+        feeds change them rarely; the deferred checks always read them afresh)."""
+        now = time.monotonic()
+        cache, pair_cache = self._patient_cache, self._pair_cache
+        if len(cache) > 200_000:
+            cache.clear()
+        if len(pair_cache) > 500_000:
+            pair_cache.clear()
+        missing = [p for p in patients if (hit := cache.get(p)) is None or hit[2] < now]
+        missing_pairs = [x for x in pairs if (hit := pair_cache.get(x)) is None or hit[1] < now]
+        if missing or missing_pairs:
+            pipe = self.r.pipeline(transaction=False)
+            for p in missing:
+                pipe.hgetall(self.keys.pv_patient(p))
+                pipe.get(self.keys.pv_vip(p))
+                pipe.hgetall(self.keys.stays(p))
+            for u, p in missing_pairs:
+                pipe.hget(self.keys.assignments(p), u)
+            res = pipe.execute()
+            until = now + CACHE_SECONDS
+            for i, p in enumerate(missing):
+                cache[p] = (parse_patient(res[3 * i], res[3 * i + 1]), _stays(res[3 * i + 2]), until)
+            base = 3 * len(missing)
+            for i, pair in enumerate(missing_pairs):
+                pair_cache[pair] = (_assignment(res[base + i], pair[0]), until)
+        return ({p: cache[p][0] for p in patients}, {p: cache[p][1] for p in patients},
+                {x: pair_cache[x][0] for x in pairs})
 
     def _staff(self, users: list[str]) -> dict[str, Profile]:
         now = time.monotonic()
@@ -353,16 +410,19 @@ class PrivacyMonitor:
                 return done
             cands = [_candidate(m) for m in rows]
             pipe = self.r.pipeline(transaction=False)
+            whos = []
             for c in cands:
+                who = [f"u:{c.access.user}"] + [f"unit:{u}" for u in c.access.units]
+                whos.append(who)
                 pipe.hgetall(self.keys.stays(c.access.patient))
                 pipe.hget(self.keys.assignments(c.access.patient), c.access.user)
-                pipe.zrange(self.keys.pv_orders(c.access.patient), 0, -1, withscores=True)
+                pipe.zmscore(self.keys.pv_orders(c.access.patient), who)
             res = pipe.execute()
             for i, c in enumerate(cands):
                 rule = rules.on(c.detector)
                 if rule is None:
                     continue  # switched off since
-                orders = {as_text(k): float(v) for k, v in res[3 * i + 2]}
+                orders = {w: float(v) for w, v in zip(whos[i], res[3 * i + 2] or ()) if v is not None}
                 explained = care_event(c, _stays(res[3 * i]), _assignment(res[3 * i + 1], c.access.user), orders,
                                        care_hours)
                 if explained is None:
