@@ -170,6 +170,44 @@ def _iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
+def request_path_costs(cfg, client: redis.Redis, w: World, policies: PolicySet, samples: int = 2000) -> dict:
+    """What the request path pays: the learner's note (a queue append), the FHIR hook's test, and a cold
+    care-team decision (the Redis round trip) with and without decision-time privacy actions."""
+    from dataclasses import replace
+
+    from dpiguard.careteam.breakglass import BreakGlassStore
+    from dpiguard.careteam.objections import ObjectionStore
+    from dpiguard.decision.access import AccessDecider
+    from dpiguard.policy.privacy import PrivacyPolicy
+    from dpiguard.services import privacy_learner
+
+    learner = privacy_learner(cfg, client)  # not started: notes only
+    body = orjson.dumps(fhir_patient(w.patients[0], w, random.Random(1)))
+    t0 = time.perf_counter_ns()
+    for _ in range(samples * 10):
+        if b'"Patient"' in body:
+            learner.note_fhir(body)
+    note_ns = (time.perf_counter_ns() - t0) / (samples * 10)
+    decider = AccessDecider(careteam_store(cfg, client), ObjectionStore(client, cfg.redis.prefix),
+                            BreakGlassStore(client, cfg.redis.prefix))
+    strict = PrivacyPolicy.from_text("detectors:\n  vip:\n    action: require_break_glass\n"
+                                     "  self_access:\n    action: refuse\n", "privacy.yaml")
+    variants = {"alert_only": policies, "with_decision_time_actions": replace(policies, privacy=strict)}
+    rng = random.Random(5)
+    staff = [s for s in w.staff if s.units]
+    pairs = [(rng.choice(staff).login, rng.choice(w.patients)) for _ in range(samples)]
+    out = {"note_ns_per_answer": round(note_ns, 1)}
+    for name, pol in variants.items():
+        times = []
+        for login, patient in pairs:
+            t = time.perf_counter_ns()
+            decider.decide_with_units(login, patient, "biology", "read", True, w.start + 10 * DAY, pol)
+            times.append(time.perf_counter_ns() - t)
+        times.sort()
+        out[name] = {"p50_us": round(times[len(times) // 2] / 1000, 1), "p99_us": round(times[int(len(times) * .99)] / 1000, 1)}
+    return out
+
+
 def score(w: World, alerts: list[dict], staff: int, days: int) -> dict:
     pairs = {(c.user, p) for c in w.cases for p in c.patients}
     day_pairs = {(c.user, c.day) for c in w.cases if c.day}
@@ -199,14 +237,17 @@ def score(w: World, alerts: list[dict], staff: int, days: int) -> dict:
     for det in DETECTORS:
         cases = by_kind.get(det, [])
         if det in ("volume", "unusual_hours"):
-            found = sum(1 for c in cases if (c.user, c.day) in hits[det])
+            missed = [c for c in cases if (c.user, c.day) not in hits[det]]
         else:
-            found = sum(1 for c in cases if any((c.user, p) in hits[det] for p in c.patients))
+            missed = [c for c in cases if not any((c.user, p) in hits[det] for p in c.patients)]
+        found = len(cases) - len(missed)
         n = per[det]["alerts"]
         detectors[det] = {"label": LABELS[det], "injected_cases": len(cases), "detected": found,
                           "recall": round(found / len(cases), 3) if cases else None,
                           "alerts": n, "true_alerts": per[det]["true"], "false_alerts": n - per[det]["true"],
-                          "precision": round(per[det]["true"] / n, 3) if n else None}
+                          "precision": round(per[det]["true"] / n, 3) if n else None,
+                          "missed_examples": [{"user": c.user, "patients": c.patients[:3], "day": c.day, "how": c.path}
+                                              for c in missed[:5]]}
     return {"detectors": detectors, "false_alerts": false_alerts,
             "false_alerts_per_1000_staff_per_day": round(false_alerts / (staff / 1000) / days, 3),
             "alerts": len(alerts), "false_alert_examples": examples}
@@ -247,6 +288,8 @@ def run(profile: str, seed: int, out: Path) -> int:
                              "deferred_candidates": stats.pending, "days_closed": stats.days_closed,
                              "redis_used_memory_mib": round(client.info("memory")["used_memory"] / 2**20, 1)}
         log(f"monitor: {result['monitor']}")
+        result["request_path"] = request_path_costs(cfg, client, w, policies)
+        log(f"request path: {result['request_path']}")
         alerts = [r for r in read_records(audit_dir / "privacy") if r.get("event") == "privacy_alert"]
         result.update(score(w, alerts, scale.staff, scale.days))
         result["vip_every_access_extra_alerts_per_1000_staff_per_day"] = round(
@@ -322,6 +365,15 @@ def write_markdown(r: dict, path: Path) -> None:
               f"Replaying every chain from seq 0 with a second monitor (position lost): "
               f"{r['replay_from_start']['alerts']} new alerts, {r['replay_from_start']['duplicates_suppressed']} "
               "recognised as already raised (alert ids are idempotent).", "",
+              "## The request path", "",
+              f"The learner's note on a FHIR answer holding a Patient (substring test + queue append): "
+              f"{r['request_path']['note_ns_per_answer']} ns. A cold care-team decision "
+              f"(`AccessDecider.decide_with_units`, one pipelined Redis round trip; cached afterwards, the cache hit "
+              f"path is unchanged): p50 {r['request_path']['alert_only']['p50_us']} µs / p99 "
+              f"{r['request_path']['alert_only']['p99_us']} µs with the shipped alert-only privacy.yaml (no extra read), "
+              f"p50 {r['request_path']['with_decision_time_actions']['p50_us']} µs / p99 "
+              f"{r['request_path']['with_decision_time_actions']['p99_us']} µs with decision-time actions (three more "
+              "reads in the same round trip). The monitor itself runs in its own process or thread.", "",
               "## False alert examples", ""]
     for det, ex in r["false_alert_examples"].items():
         lines.append(f"- `{det}`: " + "; ".join(f"{e['user'].split('.')[0]} {orjson.dumps(e['evidence']).decode()}"

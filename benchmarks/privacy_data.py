@@ -550,12 +550,13 @@ def inject(w: World, rng: random.Random, per_kind: int) -> list[tuple[float, dic
 
     def snoop(kind: str, s: StaffMember, patients: list[str], t: float, path: str | None = None) -> None:
         """The snooper opens each patient through a path they really have behind dpiguard."""
-        done = []
+        done, ways = [], []
         for p in patients:
             if (s.login, p) in used:
                 continue
             used.add((s.login, p))
             way = path or rng.choices(("admin", "transversal", "break_glass", "own_unit"), (70, 10, 15, 5))[0]
+            ways.append(way)
             src = None
             cat = "administrative"
             if way == "transversal" and s.units and s.units[0] in ("URG", "LABO", "RADIO", "PHARMA"):
@@ -575,7 +576,7 @@ def inject(w: World, rng: random.Random, per_kind: int) -> list[tuple[float, dic
                 out.append(rec.access(s, p, t + i * 60, cat, False, src))
             done.append(p)
         if done:
-            w.cases.append(Case(kind, s.login, done, path=path or ""))
+            w.cases.append(Case(kind, s.login, done, path=",".join(sorted(set(ways)))))
 
     # 1. self access
     selves = [s for s in w.staff if s.patient]

@@ -277,3 +277,18 @@ def test_decision_time_actions_and_hot_reload_of_privacy_yaml(services):
     (directory / "privacy.yaml").write_text(edited.replace("action: refuse", "action: shout"))
     assert s.reloader.check() is False  # invalid edit: the previous set stays in service
     assert "privacy.yaml" in s.reloader.error and s.policies.privacy.decision_actions["self_access"] == "refuse"
+
+
+def test_a_candidate_waits_in_redis_until_its_window_is_really_over(r, tmp_path):
+    t0 = time.time() - 3600  # an hour ago: its care-event window runs for another 23 hours
+    write(tmp_path, "px1", [rec("acc.d", "P8", t0, roles=("reception",), units=()),
+                            rec("acc.d", "P9", t0, roles=("reception",), units=())])
+    m, log = monitor(r, tmp_path)
+    m.run(until_idle=True)
+    assert alerts_in(tmp_path) == [] and r.zcard(Keys().pv_pending) == 2  # nothing decided early
+    CareTeamStore(r).add_stay("P8", "URG", t0 + 2 * 3600)  # P8 arrives two hours after the desk read it
+    m2, log2 = monitor(r, tmp_path, name="privacy-2")  # another run, a day later
+    m2.step(until_idle=True, now=t0 + 25 * 3600)
+    log.close(), log2.close()
+    assert [(a["reason"], a["patient"]) for a in alerts_in(tmp_path)] == [("broad_rule", "P9")]
+    assert r.zcard(Keys().pv_pending) == 0

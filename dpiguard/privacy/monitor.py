@@ -18,9 +18,10 @@ its own chains, or a standby on the same chains):
 - what baselines need per day: sets (``SADD``: a replayed record adds nothing), closed once the day is
   over; writes seen per patient (``ZADD GT``).
 
-The watermark: per chain, the time of the last record read, or "now" when the chain has nothing more
-(a proxy idle or stopped); the monitor's clock is the minimum over chains. ``until_idle`` (a one-shot
-run over a finished trail, as in the benchmark) takes the end of the records as "now".
+The watermark: per chain, the time of the last access record read, or "now" (the wall clock) when the
+chain has nothing more (a proxy idle or stopped); the monitor's clock is the minimum over chains. So a
+one-shot run (``until_idle``) evaluates only the candidates whose window is really over; the others wait
+in Redis for the next run.
 """
 
 from __future__ import annotations
@@ -196,9 +197,12 @@ class PrivacyMonitor:
 
     def run(self, interval: float = 1.0, until_idle: bool = False) -> Stats:
         """Follow the chains until stopped (or, ``until_idle``, until everything is read and evaluated)."""
-        self.recover()
+        recovered = False
         while not self._stop.is_set():
             try:
+                if not recovered:
+                    self.recover()
+                    recovered = True
                 n = self.step(until_idle=until_idle)
                 self.last_error = None
             except redis.RedisError as exc:
@@ -262,8 +266,8 @@ class PrivacyMonitor:
             self._process(accesses, rules)
         if marks:
             self.watermark = max(self.watermark, min(marks))
-        elif until_idle:  # a finished trail: once everything is read, its end is "now" for good
-            self.watermark = max(self.watermark, last_time if batch else self._max_time + 366 * DAY)
+        elif until_idle and batch:  # one-shot run: the records read so far, then (caught up) "now"
+            self.watermark = max(self.watermark, last_time)
         else:
             self.watermark = max(self.watermark, wall)
         due = self._evaluate_due(rules)
