@@ -144,8 +144,13 @@ def names(cands):
 
 def test_rare_shared_name_alerts_now_a_common_one_waits_for_the_care_event_check():
     me, relative = Demographics(["Zorglub"]), Demographics(["ZORGLUB"])
-    rare = evaluate(access(), facts(me, relative, counts={t: 1 for t in H.family_tokens(["Zorglub"])}), RULES, 24)
-    assert ("family_name", None) in names(rare)
+    rare_counts = {t: 1 for t in H.family_tokens(["Zorglub"])}
+    rare = evaluate(access(), facts(me, relative, counts=rare_counts), RULES, 24)
+    assert ("family_name", None) in names(rare)  # a rare name, read with nothing but the role: a relative
+    treating = evaluate(access("unit:CARDIO stay:S1"), facts(me, relative, counts=rare_counts), RULES, 24)
+    assert "family_name" not in [c.detector for c in treating]  # a namesake in her own unit's care
+    lab = evaluate(access("transversal:LABO open_stay_anywhere"), facts(me, relative, counts=rare_counts), RULES, 24)
+    assert ("family_name", "context") in names(lab)
     common_counts = {t: 90 for t in H.family_tokens(["Zorglub"])}  # 0.9% of the patients
     common = evaluate(access(), facts(me, relative, counts=common_counts), RULES, 24)
     assert ("family_name", "context") in names(common)
@@ -157,7 +162,7 @@ def test_self_access_vip_and_staff_patients():
     assert names(evaluate(access(), facts(staff_links=frozenset({"P1"})), RULES, 24)) == [("self_access", None)]
     vip = evaluate(access(bg=True), facts(vip="vip"), RULES, 24)
     assert ("vip", None) in names(vip) and ("break_glass_unused", "after") in names(vip)
-    assert ("vip", "context") in names(evaluate(access(), facts(vip="vip"), RULES, 24))
+    assert ("vip", "strict") in names(evaluate(access(), facts(vip="vip"), RULES, 24))
     assert "vip" not in str(names(evaluate(access("unit:CARDIO stay:S1"), facts(vip="vip"), RULES, 24)))
     colleague = evaluate(access(), facts(links=frozenset({"dr.b"}), coworker=frozenset({"CARDIO"})), RULES, 24)
     assert ("coworker", None) in names(colleague)
@@ -178,6 +183,10 @@ def test_care_event_explains_broad_accesses_within_the_window():
     assert care_event(bg, [], None, {"u:inf.a": 1_000_000 + 60}, 24) == "order"
     later = [{"unit": "CARDIO", "start": 1_000_000 + 7200, "end": None}]
     assert care_event(bg, later, None, {}, 24) == "stay:CARDIO"
+    vip = Candidate("vip", access(), {}, "strict", 1_000_000 + 24 * 3600, "P1")  # stricter: the desk's work
+    elsewhere = [{"unit": "PNEUMO", "start": 1_000_000 + 3600, "end": None}]  # and colleagues' writes do not count
+    assert care_event(vip, elsewhere, None, {"unit:CARDIO": 1_000_000}, 24) is None
+    assert care_event(vip, [], None, {"u:inf.a": 1_000_000 + 60}, 24) == "order"
 
 
 def test_static_matches_are_what_the_decision_acts_on():

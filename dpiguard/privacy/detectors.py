@@ -126,9 +126,9 @@ def evaluate(a: Access, f: Facts, rules, care_hours: float) -> list[Candidate]:
         common = share > r.get("common_name_share")
         ev = {"explanation": expl, "name_share": round(share, 6), "common_name": common,
               "same_address": shared_address, "same_street": shared_street}
-        if not common or shared_address or shared_street or expl == "break_glass":
-            out.append(Candidate("family_name", a, ev, key=a.patient))
-        elif not explained_directly(a):
+        if shared_address or shared_street or expl in ("break_glass", "role_only") and not common:
+            out.append(Candidate("family_name", a, ev, key=a.patient))  # a relative, most likely
+        elif not explained_directly(a):  # a namesake, unless nothing explains the access
             out.append(Candidate("family_name", a, ev, "context", due, a.patient))
     r = rules.on("same_address")
     if r and shared_address:
@@ -149,8 +149,8 @@ def evaluate(a: Access, f: Facts, rules, care_hours: float) -> list[Candidate]:
             out.append(Candidate("vip", a, {"explanation": expl, "level": level}, key=f"{a.patient}|{a.request_id}"))
         elif expl == "break_glass":
             out.append(Candidate("vip", a, {"explanation": expl, "level": level}, key=a.patient))
-        elif not explained_directly(a):
-            out.append(Candidate("vip", a, {"explanation": expl, "level": level}, "context", due, a.patient))
+        elif not explained_directly(a):  # stricter: only the user's own care explains it
+            out.append(Candidate("vip", a, {"explanation": expl, "level": level}, "strict", due, a.patient))
     r = rules.on("late_access")
     if r:
         current, ended = relationship_end(a, f)
@@ -177,9 +177,12 @@ def care_event(c: Candidate, stays: Iterable[dict], assignment: dict | None, ord
     one of the user's units, an assignment of the user, something written for the patient by the user
     or one of their units; for data without care-team requirement (``role_only``), any stay of the
     patient starting, going on or ending then (admissions, discharges: the desk's work).
-    ``after`` candidates (emergency access): the same, after the access, written by the user only."""
+    ``strict`` candidates (confidential / VIP patients): the same, but only the user's own care counts
+    (their units' stays, their assignment, their own writes: no desk movement, no colleague's write).
+    ``after`` candidates (emergency access): as ``strict``, after the access only."""
     a = c.access
     after_only = c.deferred == "after"
+    strict = c.deferred in ("after", "strict")  # only the user's own care (not the desk's, not the unit's)
     lo = a.t if after_only else a.t - care_hours * HOUR
     hi = c.due if after_only else a.t + care_hours * HOUR
     units = set(a.units)
@@ -194,16 +197,16 @@ def care_event(c: Candidate, stays: Iterable[dict], assignment: dict | None, ord
                 # but it is a care relationship all the same
                 return f"stay:{s['unit']}"
             return f"stay:{s['unit']}"
-        if not after_only and a.explanation == "role_only":
+        if not strict and a.explanation == "role_only":
             return "movement"
     if assignment is not None:
         start, end = assignment.get("start"), assignment.get("end")
         if (start is None or start <= hi) and (end is None or end >= lo):
             return "assignment"
-    who = [f"u:{a.user}"] + ([] if after_only else [f"unit:{u}" for u in units])
+    who = [f"u:{a.user}"] + ([] if strict else [f"unit:{u}" for u in units])
     for w in who:
         t = orders.get(w)
-        if t is not None and t >= lo and (not after_only or t > a.t or w == f"u:{a.user}"):
+        if t is not None and t >= lo:
             return "order"
     return None
 

@@ -503,6 +503,8 @@ class PrivacyMonitor:
             own_counts = sorted(int(v.split("|")[0]) for v in past.values())
             own_known = len(own_counts) >= g["min_history_days"]
             role_median, role_hours = baselines[role]
+            # hours near the role's usual ones count as usual (a shift spills over the hour next to it)
+            role_near = [max(role_hours[(h + d) % 24] for d in (-1, 0, 1)) for h in range(24)]
             if vol and own_known:
                 own_median = own_counts[len(own_counts) // 2]
                 if count >= vol.get("min_patients") and count > vol.get("role_factor") * max(1, role_median) and \
@@ -511,14 +513,14 @@ class PrivacyMonitor:
                         "patients": count, "day": day, "own": own_median,
                         "role": role_median}, key=day), rules, bucket_key=day)
             if hrs and own_known:
-                days_with = [0] * 24
+                days_with = [0] * 24  # days on which the user worked at this hour or within 2 hours of it
                 for v in past.values():
                     mask = int(v.split("|")[1] or 0)
                     for h in range(24):
-                        if mask >> h & 1:
+                        if any(mask >> ((h + d) % 24) & 1 for d in (-2, -1, 0, 1, 2)):
                             days_with[h] += 1
                 unusual = [h for h in per_hour if days_with[h] / len(past) < hrs.get("own_share")
-                           and role_hours[h] < hrs.get("role_share")]
+                           and role_near[h] < hrs.get("role_share")]
                 patients = set().union(*(per_hour[h] for h in unusual)) if unusual else set()
                 if len(patients) >= hrs.get("min_patients"):
                     self._raise(Candidate("unusual_hours", _day_access(u, role, end), {
