@@ -292,3 +292,30 @@ def test_a_candidate_waits_in_redis_until_its_window_is_really_over(r, tmp_path)
     log.close(), log2.close()
     assert [(a["reason"], a["patient"]) for a in alerts_in(tmp_path)] == [("broad_rule", "P9")]
     assert r.zcard(Keys().pv_pending) == 0
+
+
+def test_the_standalone_monitor_follows_edits_of_privacy_yaml(tmp_path, redis_server, capsys):
+    import shutil
+
+    from dpiguard.cli.privacy import _reloading
+    from dpiguard.config import load_config
+    from dpiguard.demo.runner import write_demo_config
+    from dpiguard.services import load_policies
+    from tests.redis_server import free_port
+
+    directory = tmp_path / "policies"
+    shutil.copytree(ROOT / "policies", directory)
+    cfg = load_config(write_demo_config(tmp_path / "cfg", host="127.0.0.1", port=free_port(), upstream_port=free_port(),
+                                        redis_url=redis_server.url, policies_dir=directory))
+    current = _reloading(cfg, load_policies)
+    first = current()
+    assert first.privacy.on("vip").get("every_access") is False
+    text = (directory / "privacy.yaml").read_text()
+    (directory / "privacy.yaml").write_text(text.replace("every_access: false", "every_access: true"))
+    time.sleep(1.1)
+    assert current().privacy.on("vip").get("every_access") is True
+    (directory / "privacy.yaml").write_text(text.replace("every_access: false", "every_access: sometimes"))
+    time.sleep(1.1)
+    kept = current()
+    assert kept.privacy.on("vip").get("every_access") is True  # the invalid edit is refused
+    assert "privacy.yaml:" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def cmd_monitor(args) -> int:
     from dpiguard.services import load_policies, privacy_audit_log, privacy_monitor
 
     cfg = load(args, check_files=True)
-    policies = {"set": load_policies(cfg)}
+    policies = _reloading(cfg, load_policies)
     audit = privacy_audit_log(cfg)
     if args.metrics_port:
         from prometheus_client import start_http_server
@@ -48,8 +48,7 @@ def cmd_monitor(args) -> int:
         from dpiguard.metrics import REGISTRY
 
         start_http_server(args.metrics_port, addr="127.0.0.1", registry=REGISTRY)
-    monitor = privacy_monitor(cfg, _client(cfg), audit, lambda: policies["set"],
-                              Path(args.source) if args.source else None)
+    monitor = privacy_monitor(cfg, _client(cfg), audit, policies, Path(args.source) if args.source else None)
     if args.follow:
         print(f"dpiguard privacy: monitoring {monitor.source} (alerts in chain {audit.chain.name})", flush=True)
     try:
@@ -59,6 +58,33 @@ def cmd_monitor(args) -> int:
     print(f"dpiguard privacy: {stats.records} records, {stats.accesses} accesses, {stats.alerts} new alert(s), "
           f"{stats.duplicates} already raised, {stats.days_closed} day(s) closed", file=sys.stderr)
     return 0
+
+
+def _reloading(cfg, load_policies):
+    """The policy set for the monitor, re-read (at most every second) when the files of policies/ change;
+    an invalid edit keeps the previous set and is reported once (like the proxy's hot reload)."""
+    import time
+
+    from dpiguard.policy.reload import files_fingerprint
+
+    directory = cfg.path(cfg.policies.dir)
+    state = {"set": load_policies(cfg), "seen": files_fingerprint(directory), "checked": time.monotonic()}
+
+    def current():
+        now = time.monotonic()
+        if now - state["checked"] >= 1.0:
+            state["checked"] = now
+            seen = files_fingerprint(directory)
+            if seen != state["seen"]:
+                state["seen"] = seen
+                try:
+                    state["set"] = load_policies(cfg)
+                    print(f"dpiguard privacy: policy reloaded, version {state['set'].version}", file=sys.stderr)
+                except Exception as exc:  # noqa: BLE001 - keep the running set
+                    print(f"dpiguard privacy: policy edit refused, previous rules kept: {exc}", file=sys.stderr)
+        return state["set"]
+
+    return current
 
 
 # -- review queue ---------------------------------------------------------------------------------------
