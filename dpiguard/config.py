@@ -291,6 +291,17 @@ class MassAccess(_Section):
     refresh_seconds: PositiveNumber = 1.0
 
 
+class Privacy(_Section):
+    """Privacy monitoring (docs/privacy.md); the detectors themselves are tuned in policies/privacy.yaml."""
+
+    learn_demographics: Flag = True
+    retention_days: Annotated[Whole, _check(lambda v: 1 <= v <= 3650, "must be 1 to 3650 days")] = 365
+    staff_retention_days: Annotated[Whole, _check(lambda v: 1 <= v <= 3650, "must be 1 to 3650 days")] = 400
+    alert_retention_days: Annotated[Whole, _check(lambda v: 1 <= v <= 7300, "must be 1 to 7300 days")] = 400
+    monitor: Flag = False
+    monitor_interval: PositiveNumber = 1.0
+
+
 class Identity(_Section):
     strip_headers: TextList = Field(default_factory=list)
 
@@ -423,6 +434,7 @@ class Config(BaseModel):
     decision_cache: DecisionCacheSection = Field(default_factory=DecisionCacheSection)
     audit: Audit = Field(default_factory=Audit)
     mass_access: MassAccess = Field(default_factory=MassAccess)
+    privacy: Privacy = Field(default_factory=Privacy)
     identity: Identity = Field(default_factory=Identity)
     limits: Limits = Field(default_factory=Limits)
     fhir: FhirSection = Field(default_factory=FhirSection)

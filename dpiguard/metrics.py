@@ -52,6 +52,9 @@ BUS_EVENTS = Counter("dpiguard_bus_events",
 LOGINS = Counter("dpiguard_logins", "Login attempts by outcome (success, failure, locked, throttled, error)",
                  ["outcome"], registry=REGISTRY)
 
+PRIVACY_ALERTS = Counter("dpiguard_privacy_alerts", "Privacy alerts raised by the privacy monitor, by detector",
+                         ["detector"], registry=REGISTRY)
+
 _OUTCOMES = ("allow", "deny")
 _children_lock = threading.Lock()
 _request_children: dict[tuple[str, str], Any] = {}
@@ -84,6 +87,11 @@ def observe_decision(allowed: bool, reason: str, seconds: float, used_io: bool) 
     else:
         _local.observe(seconds)
         _fast_hit.inc()
+
+
+def privacy_alert(detector: str) -> None:
+    """One new privacy alert (the label is a detector name from a fixed list, never a user or patient)."""
+    PRIVACY_ALERTS.labels(detector).inc()
 
 
 def session_lookup(hit: bool) -> None:

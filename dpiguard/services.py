@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ from dpiguard.policy.fhir import FHIR_FILE
 from dpiguard.policy.files import PolicyError
 from dpiguard.policy.reload import PolicyReloader, files_fingerprint
 from dpiguard.policy.snapshot import PolicySet
+from dpiguard.privacy.learner import Learner
+from dpiguard.privacy.monitor import PrivacyMonitor
+from dpiguard.privacy.pseudonyms import Hasher
+from dpiguard.privacy.store import PrivacyStore
 from dpiguard.storage.bus import InvalidationBus
 from dpiguard.storage.clients import client_for, spec_of
 
@@ -117,13 +122,54 @@ def movement_store(cfg: Config, client: redis.Redis | None = None) -> MovementSt
     return MovementStore(client or redis_client(cfg), prefix=cfg.redis.prefix, dedup_ttl=cfg.adt.dedup_ttl)
 
 
-def adt_processor(cfg: Config, client: redis.Redis | None = None, audit: AuditLog | None = None) -> AdtProcessor:
+def adt_processor(cfg: Config, client: redis.Redis | None = None, audit: AuditLog | None = None,
+                  learner: Learner | None = None) -> AdtProcessor:
     """The HL7 ADT feed's processor: movements into Redis, one trace record per message. Without an
-    ``audit`` log it opens its own chain (``<instance>-adt``)."""
+    ``audit`` log it opens its own chain (``<instance>-adt``). ``learner``: hands each applied
+    message's demographics (PID) to the privacy learner."""
     if audit is None:
         audit = audit_from_config(cfg, f"{cfg.instance_id}-adt").open()  # signed like every chain
     settings = listener_settings(cfg)
-    return AdtProcessor(movement_store(cfg, client), audit, settings.parse, settings.application)
+    processor = AdtProcessor(movement_store(cfg, client), audit, settings.parse, settings.application)
+    if learner is not None:
+        processor.on_applied = learner.note_hl7
+    return processor
+
+
+# -- privacy monitoring (docs/privacy.md) -------------------------------------------------------------
+def pseudonym_hasher(cfg: Config) -> Hasher:
+    """Keyed hashes of demographics; the key is derived from the data key (``secrets.data_key_file``)."""
+    path = cfg.path(cfg.secrets.data_key_file)
+    try:
+        key = base64.b64decode(path.read_text().strip(), validate=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"key file {path}: cannot read the data key ({exc})") from exc
+    return Hasher.from_data_key(key)
+
+
+def privacy_store(cfg: Config, client: redis.Redis | None = None) -> PrivacyStore:
+    p = cfg.privacy
+    return PrivacyStore(client or redis_client(cfg), cfg.redis.prefix, retention_days=p.retention_days,
+                        staff_retention_days=p.staff_retention_days)
+
+
+def privacy_learner(cfg: Config, client: redis.Redis | None = None) -> Learner:
+    """Learns patient demographics (hashed) from the ADT feed and FHIR answers; start() it."""
+    return Learner(privacy_store(cfg, client), pseudonym_hasher(cfg))
+
+
+def privacy_monitor(cfg: Config, client: redis.Redis, audit: AuditLog, policies, source=None) -> PrivacyMonitor:
+    """The privacy monitor over ``source`` (default ``audit.path``), alerts into ``audit``; ``policies``:
+    a callable returning the policy set in service."""
+    return PrivacyMonitor(client, source or cfg.path(cfg.audit.path), audit, policies, prefix=cfg.redis.prefix,
+                          alert_retention_days=cfg.privacy.alert_retention_days,
+                          on_alert=lambda alert: metrics.privacy_alert(alert.detector),
+                          exclude=(audit.chain.name,))
+
+
+def privacy_audit_log(cfg: Config, name: str | None = None) -> AuditLog:
+    """The chain the privacy monitor writes its alerts to (``privacy-<host>`` by default), opened."""
+    return audit_from_config(cfg, name or f"privacy-{socket.gethostname()}", lock_timeout=5.0).open()
 
 
 def fhir_enforcer(cfg: Config) -> FhirEnforcer:
@@ -153,6 +199,8 @@ class Services:
     breakglass: BreakGlassService | None = None
     reloader: PolicyReloader | None = None  # hot reload of policies/ (None when policies.reload_interval is 0)
     mass_access: MassAccessMonitor | None = None
+    privacy_learner: Learner | None = None  # demographics from the ADT feed and FHIR answers (privacy.learn_demographics)
+    privacy_monitor: PrivacyMonitor | None = None  # privacy.monitor: the monitor as a thread of this process
     monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
     pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
@@ -166,6 +214,10 @@ class Services:
     def start(self, wait: float = 5.0) -> None:
         if self.mass_access is not None:
             self.mass_access.start()
+        if self.privacy_learner is not None:
+            self.privacy_learner.start()
+        if self.privacy_monitor is not None:
+            self.privacy_monitor.start(self.config.privacy.monitor_interval)
         self.bus.start()
         if self.monitor is not None:
             self.monitor.start()
@@ -184,11 +236,18 @@ class Services:
         self.bus.stop()
         if self.mass_access is not None:
             self.mass_access.stop()
+        if self.privacy_monitor is not None:
+            self.privacy_monitor.stop()
+            self.privacy_monitor.audit.close()
+        if self.privacy_learner is not None:
+            self.privacy_learner.stop()
         self.audit.close()
 
     def adt_processor(self) -> AdtProcessor | None:
         """The ADT feed to serve beside the proxy (``adt.enabled``): same Redis client and trace."""
-        return adt_processor(self.config, self.redis, self.audit) if self.config.adt.enabled else None
+        if not self.config.adt.enabled:
+            return None
+        return adt_processor(self.config, self.redis, self.audit, self.privacy_learner)
 
     def health(self) -> dict:
         redis_ok = True
@@ -275,6 +334,12 @@ def build_services(cfg: Config) -> Services:
                     idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,
                         breakglass=breakglass, mass_access=mass_access, banner=banner)
+    if cfg.privacy.learn_demographics:
+        services.privacy_learner = privacy_learner(cfg, client)
+        pipeline.fhir.on_patient_answer = services.privacy_learner.note_fhir
+    if cfg.privacy.monitor:
+        services.privacy_monitor = privacy_monitor(cfg, client, privacy_audit_log(cfg, f"{cfg.instance_id}-privacy"),
+                                                   lambda: pipeline.policies)
     services_ref["s"] = services
     services.pools = Pools(cfg.threads.model_dump())
     services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))

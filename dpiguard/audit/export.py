@@ -15,12 +15,12 @@ FHIR mapping of an access record (IHE ITI Basic Audit Log Patterns, RESTful oper
 - ``purposeOfEvent`` ``TREAT``, or ``ETREAT`` plus ``BTG`` (break the glass) for emergency access, with
   the reason given as text.
 Other events: logins/logouts → DCM 110114 User Authentication (110122 Login / 110123 Logout);
-lockouts and mass-access alerts → 110113 Security Alert; management → 110136/110137; everything else →
+lockouts, mass-access and privacy alerts → 110113 Security Alert; management → 110136/110137; everything else →
 110100 Application Activity. The record's ``request_id``, instance and chain seq are kept as
 ``entity`` detail and ``id`` so the FHIR form points back to the signed chain.
 
 Syslog: RFC 5424 messages, octet-counted framing over TCP (RFC 6587), facility authpriv, severity
-warning for refusals and info otherwise, MSGID = event, structured data ``[dpiguard@32473 …]`` and the
+warning for refusals and alerts (``outcome: alert``: mass access, privacy) and info otherwise, MSGID = event, structured data ``[dpiguard@32473 …]`` and the
 JSON record as message. ``--state FILE`` remembers the last seq sent per chain, so a periodic export
 sends each record once.
 """
@@ -94,7 +94,7 @@ def to_audit_event(r: dict[str, Any]) -> dict[str, Any]:
         ae["type"] = _coding(DCM, "110114", "User Authentication")
         ae["subtype"] = [_coding(DCM, "110122", "Login") if event == "login" else _coding(DCM, "110123", "Logout")]
         ae["action"] = "E"
-    elif event in ("lockout", "mass_access"):
+    elif event in ("lockout", "mass_access", "privacy_alert"):
         ae["type"] = _coding(DCM, "110113", "Security Alert")
         ae["action"] = "E"
     elif event == "admin":
@@ -169,7 +169,7 @@ def _header_token(value: Any, limit: int) -> str:
 
 def to_syslog(r: dict[str, Any], hostname: str | None = None) -> bytes:
     """One RFC 5424 message (without framing)."""
-    severity = 4 if r.get("outcome") in ("deny", "error") else 6
+    severity = 4 if r.get("outcome") in ("deny", "error", "alert") else 6
     pri = FACILITY_AUTHPRIV * 8 + severity
     params = " ".join(f'{k}="{_sd_escape(r[k])}"' for k in ("outcome", "reason", "user", "patient", "category",
                                                             "action", "request_id", "client", "seq", "instance")

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 import orjson
 
 from dpiguard.audit.chain import iter_chain, list_chains, list_segments
+from dpiguard.audit.explain import ExplanationRates
 from dpiguard.times import iso_ms
 
 #: Records about access to patient data: request decisions, and FHIR answers (whose patients are
@@ -243,12 +244,15 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
     reviews: dict[str, tuple[str, str]] = {}
     refusal_users: Counter = Counter()
     login_redirects = 0
+    privacy_alerts: Counter = Counter()
     first = last = None
     total = 0
+    explained = ExplanationRates()
     for r in records:
         if not flt.match(r):
             continue
         total += 1
+        explained.add(r)
         events[r.get("event")] += 1
         if r.get("event") == "break_glass" and r.get("break_glass_id"):
             grants[r["break_glass_id"]] = {
@@ -262,6 +266,8 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
         last = t if last is None or t > last else last
         if r.get("event") == "fhir_response" and r.get("outcome") == "allow" and r.get("user"):
             patients_per_user[r["user"]].update(record_patients(r))  # patients only the answer showed
+        if r.get("event") == "privacy_alert":
+            privacy_alerts[r.get("reason") or "?"] += 1
         if r.get("event") != "access":
             continue
         if r.get("break_glass_id"):
@@ -295,4 +301,6 @@ def summarize(records: Iterable[dict[str, Any]], flt: Filter, top: int = 10) -> 
         "break_glass": sorted(break_glass, key=lambda r: r.get("time") or ""),
         "break_glass_grants": sorted(grants.values(), key=lambda r: r.get("time") or ""),
         "login_redirects": login_redirects,
+        "explanation_rate": explained.result(),
+        "privacy_alerts": [{"detector": k, "count": v} for k, v in privacy_alerts.most_common()],
     }

@@ -30,6 +30,9 @@ HEADINGS = {
     "break_glass_reason": N_("Reason"), "request_id": N_("Reference"), "care_team": N_("Care-team link"),
     "break_glass": N_("Emergency access"), "justification": N_("Justification"), "requests": N_("Requests"),
     "status": N_("Review"), "review_comment": N_("Review comment"),
+    "accesses": N_("Allowed accesses"), "explained_rate": N_("Explained"), "care_rate": N_("By care"),
+    "care": N_("Care"), "transversal": N_("Transversal unit"), "role_only": N_("Role only"),
+    "detector": N_("Detector"), "count": N_("Alerts"),
 }
 STATUS_TEXT = {"pending": N_("to review"), "justified": N_("justified"), "abusive": N_("abusive")}
 PURPOSE_TEXT = {"care_team": N_("care team"), "emergency": N_("emergency access (bris de glace)"),
@@ -40,7 +43,8 @@ EVENT_TEXT = {"access": N_("decisions on requests"), "fhir_response": N_("FHIR a
               "login_success": N_("logins"), "login_failure": N_("failed logins"), "login_locked": N_("locked logins"),
               "logout": N_("logouts"), "break_glass": N_("emergency accesses opened"),
               "break_glass_request": N_("emergency accesses refused"), "mass_access": N_("mass-access alerts"),
-              "admin": N_("management commands"), "console": N_("console actions")}
+              "admin": N_("management commands"), "console": N_("console actions"),
+              "privacy_alert": N_("privacy alerts"), "privacy_review": N_("privacy alert reviews")}
 
 
 @pass_context

@@ -63,6 +63,9 @@ class AdtProcessor:
         self.application = application
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(3).upper()
+        # Called with (message text, patient) for each applied message (privacy learner: demographics of
+        # PID; a queue append, no I/O). Set by the composition root.
+        self.on_applied = None
 
     def _ack(self, header: Header, outcome: MovementResult) -> bytes:
         ack = adt.build_ack(header, outcome.ack, outcome.text, outcome.code, application=self.application,
@@ -79,6 +82,8 @@ class AdtProcessor:
             header = adt.read_header(text)
             mv = adt.parse_message(text, self.options)
             outcome = self.store.apply(mv)
+            if self.on_applied is not None and outcome.ack == "AA":
+                self.on_applied(text, mv.patient)
         except AdtError as exc:
             outcome = MovementResult(exc.ack, exc.message, exc.code)
         except redis.RedisError as exc:

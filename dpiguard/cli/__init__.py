@@ -9,6 +9,7 @@
     dpiguard breakglass review | objections add|remove|list|import                        (breakglass.py)
     dpiguard policy check|test|explain|diff                                               (policy.py)
     dpiguard audit verify|prune|unthrottle|query|who-accessed|summary|report|ship|collect|export  (audit.py)
+    dpiguard privacy monitor|alerts|mark|figures|staff ...|vip ...                         (privacy.py)
 
 The configuration file comes from ``--config`` or the ``DPIGUARD_CONFIG`` environment variable.
 Exit codes: 0 success, 1 operation refused or failed, 2 usage or configuration error.
@@ -21,11 +22,11 @@ import sys
 
 import redis
 
-from dpiguard.cli import adt, audit, breakglass, careteam, policy, run, users
+from dpiguard.cli import adt, audit, breakglass, careteam, policy, privacy, run, users
 from dpiguard.config import ConfigError
 from dpiguard.policy.files import PolicyError
 
-GROUPS = (run, users, careteam, adt, policy, breakglass, audit)
+GROUPS = (run, users, careteam, adt, policy, breakglass, audit, privacy)
 
 
 def build_parser() -> argparse.ArgumentParser:

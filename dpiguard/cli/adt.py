@@ -53,13 +53,14 @@ def cmd_adt(args) -> int:
 
 async def _listen(cfg) -> int:
     """``dpiguard adt listen``: the MLLP listener alone, until SIGINT/SIGTERM."""
-    from dpiguard.services import adt_processor
+    from dpiguard.services import adt_processor, privacy_learner
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    processor = adt_processor(cfg)
+    learner = privacy_learner(cfg).start() if cfg.privacy.learn_demographics else None
+    processor = adt_processor(cfg, learner=learner)
     server = await MllpServer(processor, listener_settings(cfg)).start()
     print(f"dpiguard adt: listening for HL7 MLLP on {cfg.adt.listen_host}:{server.port} (pid {os.getpid()})",
           flush=True)
@@ -68,6 +69,8 @@ async def _listen(cfg) -> int:
     finally:
         await server.stop()
         processor.audit.close()
+        if learner is not None:
+            learner.stop()
     return 0
 
 

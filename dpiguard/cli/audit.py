@@ -19,6 +19,7 @@ import orjson
 import redis
 
 from dpiguard.audit.chain import AuditSigner, AuditVerifier, iter_chain, list_chains, list_segments, public_key_path
+from dpiguard.audit.explain import EXPLANATION_COLUMNS
 from dpiguard.audit.export import TLS_PORT, SyslogError, send_syslog, tls_context, to_audit_event
 from dpiguard.audit.query import (
     QUERY_COLUMNS,
@@ -220,7 +221,12 @@ def cmd_summary(args) -> int:
                 + render(summary["top_users_by_distinct_patients"], ("user", "patients"), fmt)
                 + "\n# break-glass accesses\n"
                 + render(summary["break_glass"], ("time", "user", "patient", "category", "break_glass_reason",
-                                                  "outcome", "request_id"), fmt))
+                                                  "outcome", "request_id"), fmt)
+                + "\n# explanation rate by unit (share of accesses explained by a care relationship)\n"
+                + render(summary["explanation_rate"]["by_unit"], EXPLANATION_COLUMNS, fmt)
+                + "\n# explanation rate by role\n"
+                + render(summary["explanation_rate"]["by_role"], EXPLANATION_COLUMNS, fmt)
+                + "\n# privacy alerts\n" + render(summary["privacy_alerts"], ("detector", "count"), fmt))
     emit(text, args.out)
     return 0
 

@@ -5,7 +5,13 @@ Decision order (pipeline step 5, for every request naming a patient):
 1. **patient objection** to this user, or to one of the user's active units → refused
    ``patient_objection`` (care team or not), unless ``override_patient_objection`` is true in
    ``policies/breakglass.yaml`` and an active emergency access covers the request;
-2. categories that do not require the care team → allowed;
+2. a **privacy detector** of ``policies/privacy.yaml`` with a decision-time action matches this user
+   and patient (self, same family name or address, patient on the staff, VIP; facts read in the same
+   round trip, only when such an action is set): ``refuse`` → ``privacy_refused``;
+   ``require_break_glass`` → allowed only under an active emergency access (care team or not), else
+   ``privacy_break_glass_required``;
+2b. categories that do not require the care team → allowed (the care-team source is still recorded
+   when there is one);
 3. **care-team membership** (assignment, or a stay in one of the user's units) → allowed;
 4. an active **emergency access** (break-glass grant) for this patient covering the category and
    action → allowed, flagged;
@@ -29,6 +35,8 @@ from dpiguard.careteam.store import CareTeamStore
 from dpiguard.ids import check_id
 from dpiguard.policy.breakglass import BreakGlassPolicy
 from dpiguard.policy.snapshot import PolicySet
+from dpiguard.privacy.detectors import static_matches
+from dpiguard.privacy.store import parse_patient, parse_staff
 from dpiguard.storage.clients import as_text
 
 
@@ -69,10 +77,20 @@ class AccessDecider:
         pipe.hget(ct.keys.assignments(patient), login)
         pipe.hgetall(self.objections.keys.objections(patient))
         pipe.hget(self.grants.keys.grants_of(login), patient)
-        user_units, stays, assignment, objections, grant_raw = pipe.execute()
+        actions = policies.privacy.decision_actions  # privacy detectors acting now: their facts, same round trip
+        if actions:
+            pipe.hgetall(ct.keys.pv_staff(login))
+            pipe.hgetall(ct.keys.pv_patient(patient))
+            pipe.get(ct.keys.pv_vip(patient))
+        replies = pipe.execute()
+        user_units, stays, assignment, objections, grant_raw = replies[:5]
+        privacy = None
+        if actions:
+            matches = static_matches(login, patient, parse_staff(replies[5]), parse_patient(replies[6], replies[7]))
+            privacy = {d: actions[d] for d in matches if d in actions}
         decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
                                             stays, assignment, objections, grant_raw, policies.grace_seconds,
-                                            policies.breakglass, policies.careteam.units)
+                                            policies.breakglass, policies.careteam.units, privacy)
         units = sorted(as_text(u).upper() for u, raw in user_units.items()
                        if parse_unit_window(raw, as_text(u)).contains(now))
         return decision, valid_until, units
@@ -80,8 +98,11 @@ class AccessDecider:
 
 def decide_from(login, patient, category, action, care_team_required, now, user_units, stays, assignment,
                 objections, grant_raw, grace, policy: BreakGlassPolicy,
-                transversal=None) -> tuple[AccessDecision, float | None]:
-    """Pure decision from the raw Redis replies (see the module docstring)."""
+                transversal=None, privacy: dict[str, str] | None = None) -> tuple[AccessDecision, float | None]:
+    """Pure decision from the raw Redis replies (see the module docstring).
+
+    ``privacy``: privacy detectors that match this user and patient and act at decision time
+    (detector → ``refuse`` / ``require_break_glass``, from ``policies/privacy.yaml``)."""
     boundaries: list[float] = []
     active_units = []
     for unit, raw in user_units.items():
@@ -109,11 +130,21 @@ def decide_from(login, patient, category, action, care_team_required, now, user_
         if covering is not None and policy.override_patient_objection:
             return result(AccessDecision(True, f"break_glass:{covering.id}", "allowed", covering, objection.field))
         return result(AccessDecision(False, f"objection:{objection.field}", "patient_objection"))
-    if not care_team_required:
-        return result(AccessDecision(True, None, "allowed"))
+    if privacy:
+        refused = sorted(d for d, act in privacy.items() if act == "refuse")
+        if refused:
+            return result(AccessDecision(False, f"privacy:{refused[0]}", "privacy_refused"))
+        if covering is not None:
+            return result(AccessDecision(True, f"break_glass:{covering.id}", "allowed", covering))
+        first = sorted(privacy)[0]
+        return result(AccessDecision(False, f"privacy:{first}", "privacy_break_glass_required"))
     membership = compute_membership(user_units, stays, assignment, now, grace, category, transversal)
     if membership.valid_until is not None:
         boundaries.append(membership.valid_until)
+    if not care_team_required:
+        # Allowed by the role alone; the care relationship, when there is one, is still recorded: it is
+        # what explains the access to the privacy monitor and in the explanation rate (docs/privacy.md).
+        return result(AccessDecision(True, membership.source if membership.member else None, "allowed"))
     if membership.member:
         return result(AccessDecision(True, membership.source, "allowed"))
     if covering is not None:

@@ -64,7 +64,8 @@ class BreakGlassService:
         """Should a refusal offer emergency access to this user?"""
         if not patient or not p.reachable(category, action) or not p.roles_allowed(roles):
             return False
-        return reason == "not_in_care_team" or (reason == "patient_objection" and p.override_patient_objection)
+        return reason in ("not_in_care_team", "privacy_break_glass_required") or (
+            reason == "patient_objection" and p.override_patient_objection)
 
     def request(self, p: BreakGlassPolicy, *, user: str, roles: Iterable[str], patient: Any, reason: Any, text: Any,
                 totp: Any, client_ip: str, request_id: str, now: float | None = None,

@@ -102,6 +102,8 @@ class FhirEnforcer:
         # mitmproxy has already replaced the client's Host header by the upstream's when our hooks run,
         # so links back to dpiguard use the configured public origin (fhir.public_origin).
         self.public_origin = public_origin.rstrip("/")
+        # Called with the raw body of answers holding a Patient resource (privacy learner: a queue append).
+        self.on_patient_answer = None
 
     # -- 1. request headers --------------------------------------------------------------------------
     def decide(self, pipe: Pipeline, policies: PolicySet, req: Incoming, path: str, query: dict, raw_query: str,
@@ -469,6 +471,8 @@ class FhirEnforcer:
         if "json" not in content_type.lower():
             raise ValueError(f"FHIR answer is not JSON ({content_type[:64]})")
         parsed = orjson.loads(body)
+        if self.on_patient_answer is not None and b'"Patient"' in body:
+            self.on_patient_answer(body)
         if ctx.request.interaction == "capabilities":
             if not isinstance(parsed, dict) or parsed.get("resourceType") not in ("CapabilityStatement",
                                                                                    "OperationOutcome"):

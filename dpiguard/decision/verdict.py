@@ -17,6 +17,8 @@ from dpiguard.policy.snapshot import PolicySet
 REFUSAL_MESSAGES = {
     "not_in_care_team": "you are not in this patient's care team",
     "patient_objection": "the patient has objected to your access to their record",
+    "privacy_refused": "access to this record is not allowed from your account (privacy rule)",
+    "privacy_break_glass_required": "this record needs an emergency-access justification, even for its care team",
 }
 
 

@@ -9,7 +9,8 @@ used), and keeps them together:
 * ``breakglass`` emergency access (breakglass.yaml: :mod:`dpiguard.policy.breakglass`);
 * ``careteam``   transversal units and the grace period (careteam.yaml: :mod:`dpiguard.policy.careteam`),
                  the grace already resolved against ``careteam.grace_seconds`` of the configuration;
-* ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file.
+* ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file;
+* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it.
 
 A running proxy loads only a sealed set (``sealed=True``: the files are exactly those of
 ``seal.json``, see :mod:`dpiguard.policy.seal`). The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
@@ -29,6 +30,7 @@ from dpiguard.policy.breakglass import BreakGlassPolicy
 from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
+from dpiguard.policy.privacy import PRIVACY_FILE, PrivacyPolicy
 from dpiguard.policy.routes import RouteTable
 from dpiguard.policy.seal import check_seal
 from dpiguard.policy.table import Category, Policy, read_policy_files
@@ -42,6 +44,7 @@ class PolicySet:
     breakglass: BreakGlassPolicy
     careteam: CareTeamPolicy
     fhir: FhirPolicy | None
+    privacy: PrivacyPolicy = PrivacyPolicy()
     contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)  # the bytes read
 
     @classmethod
@@ -81,8 +84,12 @@ class PolicySet:
         fhir = (FhirPolicy.from_text(fhir_text, str(directory / FHIR_FILE), table.roles, table.categories,
                                      hashlib.sha256(contents[FHIR_FILE]).hexdigest()[:16])
                 if fhir_text is not None else None)
+        pv_text = text(PRIVACY_FILE)
+        privacy = PrivacyPolicy.from_text(pv_text, str(directory / PRIVACY_FILE)) if pv_text is not None \
+            else PrivacyPolicy()
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir, contents=dict(contents))
+                   careteam=careteam, fhir=fhir, privacy=privacy,
+                   contents=dict(contents))
 
     def check_seal(self) -> None:
         """PolicyError unless the bytes this set was built from are those of the folder's seal."""

@@ -140,6 +140,76 @@ class Keys:
     def mass_blocked(self) -> str:
         return f"{self.prefix}:mass-blocked"
 
+    # -- privacy monitoring (privacy/) --------------------------------------------------------------
+    def pv_patient(self, patient: str) -> str:
+        """Minimised demographics of a patient (keyed hashes only) and what flags them (VIP...)."""
+        return f"{self.prefix}:pv:patient:{{{patient}}}"
+
+    def pv_staff(self, login: str) -> str:
+        """Minimised demographics of a staff member (keyed hashes) and the patient ids that are them."""
+        return f"{self.prefix}:pv:staff:{{{login}}}"
+
+    def pv_vip(self, patient: str) -> str:
+        """Confidential / VIP flag set by the RSSI's list (``dpiguard privacy vip``), no expiry."""
+        return f"{self.prefix}:pv:vip:{{{patient}}}"
+
+    def pv_ident(self, token: str) -> str:
+        """Who carries this identity hash (``p:PATIENT`` / ``s:LOGIN``): links staff to patients."""
+        return f"{self.prefix}:pv:ident:{token}"
+
+    @property
+    def pv_name_counts(self) -> str:
+        """Family-name hash → number of patients carrying it (how common a name is)."""
+        return f"{self.prefix}:pv:names"
+
+    @property
+    def pv_patient_count(self) -> str:
+        return f"{self.prefix}:pv:patients"
+
+    @property
+    def pv_positions(self) -> str:
+        """Audit chain → seq of the last record the privacy monitor has fully processed."""
+        return f"{self.prefix}:pv:pos"
+
+    @property
+    def pv_pending(self) -> str:
+        """Candidates waiting for their care-event window to pass (member = candidate, score = due)."""
+        return f"{self.prefix}:pv:pending"
+
+    def pv_alert(self, alert_id: str) -> str:
+        return f"{self.prefix}:pv:alert:{{{alert_id}}}"
+
+    @property
+    def pv_queue(self) -> str:
+        """Review queue: alert id → time of the access that raised it."""
+        return f"{self.prefix}:pv:queue"
+
+    def pv_orders(self, patient: str) -> str:
+        """Writes seen for a patient: ``u:LOGIN`` / ``unit:UNIT`` → time of the latest one."""
+        return f"{self.prefix}:pv:orders:{{{patient}}}"
+
+    def pv_day_patients(self, login: str, day: str) -> str:
+        return f"{self.prefix}:pv:dp:{{{login}}}:{day}"
+
+    def pv_day_hours(self, login: str, day: str) -> str:
+        return f"{self.prefix}:pv:dh:{{{login}}}:{day}"
+
+    def pv_day_users(self, day: str) -> str:
+        return f"{self.prefix}:pv:du:{day}"
+
+    def pv_history(self, login: str) -> str:
+        """Day → ``PATIENTS|HOURS`` (distinct patients, bit mask of local hours with access)."""
+        return f"{self.prefix}:pv:hist:{{{login}}}"
+
+    def pv_role_history(self, role: str) -> str:
+        """Day → orjson statistics of the role that day (distinct patients per user, hours)."""
+        return f"{self.prefix}:pv:rolehist:{role}"
+
+    @property
+    def pv_days(self) -> str:
+        """Days with accesses whose baselines are not closed yet."""
+        return f"{self.prefix}:pv:days"
+
     # -- policy version (policy/reload.py) ---------------------------------------------------------
     @property
     def policy_version(self) -> str:
