@@ -51,6 +51,7 @@ from dpiguard.policy.fhir import FHIR_FILE
 from dpiguard.policy.files import PolicyError
 from dpiguard.policy.reload import PolicyReloader, files_fingerprint
 from dpiguard.policy.snapshot import PolicySet
+from dpiguard.privacy.alerts import AlertQueue
 from dpiguard.privacy.learner import Learner
 from dpiguard.privacy.monitor import PrivacyMonitor
 from dpiguard.privacy.pseudonyms import Hasher
@@ -329,7 +330,8 @@ def build_services(cfg: Config) -> Services:
             roles=settings.console_roles, audit_source=cfg.path(cfg.console.audit_source or cfg.audit.path),
             users=users, authenticator=auth, sessions=sessions, grants=grants, careteam=careteam,
             unthrottle=lambda user: unthrottle(client, prefix, user),
-            throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows)
+            throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows,
+            privacy_alerts=AlertQueue(client, prefix, cfg.privacy.alert_retention_days))
     banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
                     idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,

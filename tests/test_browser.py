@@ -308,6 +308,7 @@ CONSOLE_PAGES = [
     ("console-patient", "/_dpiguard/console/patient?patient=P0002", "dpo.marchand"),
     ("console-breakglass", "/_dpiguard/console/breakglass?all=1", "rssi.garnier"),
     ("console-alerts", "/_dpiguard/console/alerts", "dpo.marchand"),
+    ("console-privacy", "/_dpiguard/console/privacy", "dpo.marchand"),
     ("console-stats", "/_dpiguard/console/stats", "rssi.garnier"),
     ("console-helpdesk", "/_dpiguard/console/helpdesk?login=inf.durand", "support.blanc"),
 ]
@@ -315,6 +316,12 @@ CONSOLE_PAGES = [
 
 def test_console_pages(browser, url, logins, stack):
     stack.client(stack.proxies[0], "inf.denis").get("/api/patients/P0002/biology")  # a refusal to explain
+    from dpiguard.privacy.alerts import Alert, AlertQueue
+    from dpiguard.services import redis_client
+
+    AlertQueue(redis_client(stack.config), stack.config.redis.prefix).create(Alert(  # a privacy alert to review
+        "b1b2c3d4e5f6a7b8c9d0", "same_address", "inf.denis", "P0002", time.time() - 120,
+        {"street": "rue des Lilas"}, {"request_id": "0123456789abcdef", "roles": ["nurse"], "units": ["CARDIO"]}))
     for name, target, user in CONSOLE_PAGES:
         check_page(browser, url, logins, name, target, user=user)
     page = new_page(browser, state=session_state(browser, url, logins, "rssi.garnier"))

@@ -200,3 +200,42 @@ def test_mixed_accounts_are_refused_at_login(stack, proxy):
                                                              "totp": pyotp.TOTP(secret).now()})
     assert r.status_code == 403 and r.json()["error"] == "mixed_account"
     assert records(stack, event="login_failure", user="mixed.user", reason="mixed_account")
+
+
+def test_privacy_alerts_review_queue(stack, proxy):
+    """The detectors' alerts (dpiguard.privacy) in the console: listed for the DPO and the RSSI, reviewed
+    with a comment and the CSRF token, the review in the trace like the CLI's; not for care accounts."""
+    import time
+
+    from dpiguard.privacy.alerts import Alert, AlertQueue
+
+    queue = AlertQueue(redis_client(stack.config), stack.config.redis.prefix)
+    alert = Alert("a1b2c3d4e5f6a7b8c9d0", "family_name", "inf.durand", "P0002", time.time() - 60,
+                  {"family_name": "Durand"}, {"request_id": "0123456789abcdef", "roles": ["nurse"], "units": ["CARDIO"]})
+    assert queue.create(alert)
+    nurse = console(stack, proxy, "inf.durand")
+    assert nurse.get("/_dpiguard/console/privacy").status_code == 403
+    c = console(stack, proxy, "dpo.marchand")
+    home = c.get("/_dpiguard/console")
+    assert "Alertes de confidentialité à revoir : 1." in html.unescape(home.text)
+    page = c.get("/_dpiguard/console/privacy")
+    text = html.unescape(page.text)
+    assert page.status_code == 200 and alert.id in text and "Même nom de famille que le patient" in text
+    csrf = csrf_of(page.text)
+    assert c.post("/_dpiguard/console/privacy", data={"csrf": "x", "id": alert.id, "action": "abusive",
+                                                      "comment": "x"}).status_code == 403
+    assert c.post("/_dpiguard/console/privacy", data={"csrf": csrf, "id": alert.id, "action": "abusive"}).status_code == 400
+    assert c.post("/_dpiguard/console/privacy", data={"csrf": csrf, "id": "nosuchalert", "action": "abusive",
+                                                      "comment": "vu"}).status_code == 400
+    assert c.post("/_dpiguard/console/privacy", data={"csrf": csrf, "id": alert.id, "action": "delete",
+                                                      "comment": "vu"}).status_code == 400
+    assert c.get("/_dpiguard/console/privacy", params={"status": "bogus"}).status_code == 400
+    r = c.post("/_dpiguard/console/privacy", data={"csrf": csrf, "id": alert.id, "action": "abusive",
+                                                   "comment": "Consultation sans lien de soins, vue avec le cadre"})
+    assert r.status_code == 200 and "abusif" in html.unescape(r.text)
+    assert queue.get(alert.id).status == "abusive" and queue.get(alert.id).reviewer == "dpo.marchand"
+    assert alert.id not in c.get("/_dpiguard/console/privacy").text  # only those to review by default
+    assert alert.id in c.get("/_dpiguard/console/privacy", params={"status": "abusive"}).text
+    (rec,) = records(stack, event="privacy_review", alert_id=alert.id)
+    assert rec["reason"] == "abusive" and rec["operator"] == "dpo.marchand" and rec["user"] == "inf.durand"
+    assert console(stack, proxy, "rssi.garnier").get("/_dpiguard/console/privacy").status_code == 200

@@ -10,7 +10,8 @@ an account mixing both kinds is refused at login). What each role may do is a li
   emergency accesses labelled as what they were; ``names``: staff names in it (the DPO's, CJEU C-579/21);
 - ``breakglass``: the emergency-access review queue (justification, requests made under it), mark
   justified or abusive with a comment, revoke;
-- ``alerts``: mass-access alerts and throttled users; ``stats``: refusals without the login redirects;
+- ``alerts``: mass-access alerts and throttled users; the privacy alerts of :mod:`dpiguard.privacy`
+  (review queue: mark justified or abusive with a comment, per-detector figures); ``stats``: refusals without the login redirects;
 - ``explain``: "why was this refused?": the trace record of a request decided again by the policy
   simulator (``policy/sim.py``) with the policy in service and the care team in Redis;
 - ``helpdesk``: unlock an account, reset its TOTP factor (new QR code), end its sessions, lift a
@@ -52,6 +53,7 @@ from dpiguard.edge.pages import ACTION_TEXT, N_, REASON_TEXT, reason_text, safe_
 from dpiguard.edge.portal import Reply
 from dpiguard.ids import ID_RE
 from dpiguard.policy.sim import decide_request, explain_lines, live_careteam
+from dpiguard.privacy.rules import LABELS, REVIEW_STATUSES, STATUS_LABELS
 from dpiguard.times import iso_ms, parse_iso_ms, parse_time
 
 PREFIX = "/_dpiguard/console"
@@ -64,11 +66,12 @@ PAGES = {
     "patient": ("timeline", N_("Who opened a record")),
     "breakglass": ("breakglass", N_("Emergency accesses to review")),
     "alerts": ("alerts", N_("Mass-access alerts")),
+    "privacy": ("alerts", N_("Privacy alerts")),
     "stats": ("stats", N_("Refusal statistics")),
     "explain": ("explain", N_("Why was this refused?")),
     "helpdesk": ("helpdesk", N_("Helpdesk")),
 }
-NAV = ("traces", "patient", "breakglass", "alerts", "stats", "explain", "helpdesk")
+NAV = ("traces", "patient", "breakglass", "alerts", "privacy", "stats", "explain", "helpdesk")
 
 
 class ConsoleError(ValueError):
@@ -78,7 +81,7 @@ class ConsoleError(ValueError):
 class Console:
     def __init__(self, *, roles: Mapping[str, tuple[str, ...]], audit_source: Path, users, authenticator, sessions,
                  grants, careteam, unthrottle: Callable[[str], bool], throttled: Callable[[], dict[str, float]],
-                 max_rows: int = 500):
+                 max_rows: int = 500, privacy_alerts=None):
         self.roles = {r: frozenset(c) for r, c in roles.items()}
         self.audit_source = Path(audit_source)
         self.users = users
@@ -89,6 +92,7 @@ class Console:
         self.unthrottle = unthrottle
         self.throttled = throttled
         self.max_rows = max_rows
+        self.privacy_alerts = privacy_alerts  # privacy.alerts.AlertQueue (Redis), or None
 
     def capabilities(self, roles) -> frozenset[str] | None:
         """The capabilities of an account whose roles are all administrative; None for any other."""
@@ -134,8 +138,10 @@ class Console:
     def page_home(self, c: "Ctx"):
         pending = len(self.grants.review_queue(pending_only=True)) if "breakglass" in c.caps else None
         throttled = len(self.throttled()) if {"alerts", "helpdesk"} & c.caps else None
+        privacy_new = (len(self.privacy_alerts.list(status="new", limit=10000))
+                       if "alerts" in c.caps and self.privacy_alerts is not None else None)
         c.trace("allow", "ok")
-        return c.render("console_home.html", pending=pending, throttled=throttled)
+        return c.render("console_home.html", pending=pending, throttled=throttled, privacy_new=privacy_new)
 
     def _filter(self, c: "Ctx", default_days: float | None = None) -> Filter:
         p = c.params
@@ -270,6 +276,51 @@ class Console:
         c.trace("allow", "ok")
         return c.render("console_alerts.html", alerts=alerts, throttled=throttled,
                         helpdesk="helpdesk" in c.caps)
+
+    def page_privacy(self, c: "Ctx"):
+        """The privacy alerts of the detectors (docs/privacy.md): filter, review with a comment, figures."""
+        if self.privacy_alerts is None:
+            raise ConsoleError(c.l10n.gettext("Privacy alerts are not available on this instance."))
+        done = ""
+        if c.form:
+            alert_id = c.form.get("id", "")
+            status = c.form.get("action", "")
+            if not (0 < len(alert_id) <= 64 and alert_id.isalnum()):
+                raise ConsoleError(c.l10n.gettext("Not a valid value for %(field)s: %(value)s", field="id",
+                                                  value=alert_id[:32]))
+            if status not in REVIEW_STATUSES:
+                raise ConsoleError(c.l10n.gettext("Unknown action."))
+            comment = c.form.get("comment", "").strip()
+            if not comment:
+                raise ConsoleError(c.l10n.gettext("A review needs a comment."))
+            try:
+                alert = self.privacy_alerts.mark(alert_id, status, comment, c.session.user)
+            except KeyError:
+                raise ConsoleError(c.l10n.gettext("No privacy alert %(id)s.", id=alert_id)) from None
+            except ValueError as exc:
+                raise ConsoleError(str(exc)) from None
+            # The same record as `dpiguard privacy alerts mark` (the console's session and request id too).
+            c.portal.event(c.req, "privacy_review", alert.user, "allow", status, comment[:500], alert_id=alert_id,
+                           detector=alert.detector, patient=alert.patient, operator=c.session.user)
+            done = c.l10n.gettext("Privacy alert %(id)s marked %(status)s.", id=alert_id,
+                                  status=STATUS_LABELS.get(status, status))
+        status = c.params.get("status", "new")
+        if status not in ("new", "all") + REVIEW_STATUSES:
+            raise ConsoleError(c.l10n.gettext("Not a valid value for %(field)s: %(value)s", field="status",
+                                              value=status[:32]))
+        detector = c.params.get("detector") or None
+        if detector is not None and detector not in LABELS:
+            raise ConsoleError(c.l10n.gettext("Not a valid value for %(field)s: %(value)s", field="detector",
+                                              value=detector[:32]))
+        user = (c.params.get("user") or "").lower() or None
+        alerts = self.privacy_alerts.list(status=None if status == "all" else status, detector=detector, user=user,
+                                          limit=self.max_rows)
+        figures = self.privacy_alerts.figures(self.privacy_alerts.list(limit=100000))
+        if not c.form:
+            c.trace("allow", "ok", status)
+        return c.render("console_privacy.html", alerts=alerts, figures=figures, done=done, status=status,
+                        detector=detector or "", user=user or "", detectors=sorted(LABELS.items(), key=lambda i: i[1]),
+                        statuses=STATUS_LABELS, timeline="timeline" in c.caps)
 
     def page_stats(self, c: "Ctx"):
         flt = self._filter(c, default_days=7)
