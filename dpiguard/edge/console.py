@@ -318,7 +318,7 @@ class Console:
         figures = self.privacy_alerts.figures(self.privacy_alerts.list(limit=100000))
         if not c.form:
             c.trace("allow", "ok", status)
-        return c.render("console_privacy.html", alerts=alerts, figures=figures, done=done, status=status,
+        return c.render("console_privacy.html", alerts=alerts, figures=figures, done=done, review_status=status,
                         detector=detector or "", user=user or "", detectors=sorted(LABELS.items(), key=lambda i: i[1]),
                         statuses=STATUS_LABELS, timeline="timeline" in c.caps)
 

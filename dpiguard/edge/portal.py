@@ -25,6 +25,7 @@ are in the person's language (French by default, :mod:`dpiguard.i18n`); machine 
 from __future__ import annotations
 
 import hmac
+import logging
 import secrets
 import threading
 import time
@@ -57,6 +58,7 @@ from dpiguard.policy.snapshot import PolicySet
 __all__ = ["PREFIX", "MAX_BODY", "Portal", "PortalSettings", "Reply", "SECURITY_HEADERS", "safe_next"]
 
 MAX_BODY = 16 * 1024
+log = logging.getLogger("dpiguard")
 REASON_SYSTEM = "urn:dpiguard:reason"
 
 SECURITY_HEADERS = (
@@ -233,6 +235,7 @@ class Portal:
             return self._json(503, {"error": "audit_unavailable", "message": "the access trace could not be written",
                                     "request_id": req.request_id})
         except Exception as exc:  # fail closed, and say so
+            log.exception("dpiguard: error in a dpiguard page (%s %s)", req.method, req.target.partition("?")[0][:128])
             try:
                 self._event(req, "portal_error", None, "deny", "internal_error", f"{type(exc).__name__}: {exc}"[:300])
             except AuditError:
