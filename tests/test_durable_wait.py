@@ -131,3 +131,21 @@ def test_not_durable_in_time_is_a_refusal_and_a_failed_batch_too(tmp_path):
         assert asyncio.run(main()) == (False, False, True)
     finally:
         log.close()
+
+
+def test_a_batch_written_between_the_two_looks_is_durable(tmp_path):
+    """The batch reaches the disk after durable_now looked and before durable_wait does: durable."""
+    class WrittenMeanwhile(Future):
+        looks = 0
+
+        def done(self):
+            self.looks += 1
+            return self.looks > 1 and super().done()
+
+    log = AuditLog(tmp_path, "px1").open()
+    try:
+        future = WrittenMeanwhile()
+        future.set_result(1)
+        assert asyncio.run(durable(future, log, "refuse", REQ)) is True
+    finally:
+        log.close()

@@ -193,7 +193,9 @@ async def durable(future: Future | None, audit: AuditLog, on_failure: str, req: 
     if ok is not None:
         return ok
     try:
-        await durable_wait(future, audit.write_timeout)
+        waiting = durable_wait(future, audit.write_timeout)
+        if waiting is not None:  # None: on disk since durable_now looked
+            await waiting
         return True
     except Exception as exc:
         return _not_durable(exc, on_failure, req, user)
