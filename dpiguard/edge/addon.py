@@ -138,9 +138,10 @@ class DpiGuard:
             self.services.stop()
 
     # -- hooks -----------------------------------------------------------------------------------------
-    # The hooks are plain functions: mitmproxy awaits what a hook returns only when it is awaitable, so
-    # the common request (an in-process decision, nothing else to do) creates no coroutine of dpiguard's;
-    # a hook returns a coroutine only when it must wait (Redis, a record not on disk yet, a body).
+    # The hooks are plain functions: mitmproxy awaits what a hook returns only when it is awaitable, so a
+    # hook returns a coroutine only when it must wait (Redis, a record not on disk yet, a body); the
+    # others (responseheaders, the response of a non-FHIR answer, error, a decided request whose record
+    # is already on disk) create none.
     def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         try:
             rest = self._requestheaders(flow)
