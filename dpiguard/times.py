@@ -65,11 +65,21 @@ def parse_time(value: str, tz: tzinfo = timezone.utc, *, now: float | None = Non
     return dt.timestamp()
 
 
+_last_second: tuple[int, str] = (-1, "")  # (epoch second, its formatted text): one strftime per second
+
+
 def iso_ms(epoch: float | None = None) -> str:
     """The ``time`` of a trace record: UTC, milliseconds, ``Z`` (``2026-03-01T14:30:00.123Z``)."""
+    global _last_second
     t = time.time() if epoch is None else epoch
     seconds = int(t)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((t - seconds) * 1000):03d}Z"
+    last = _last_second  # one tuple read: safe without a lock between threads
+    if last[0] == seconds:
+        text = last[1]
+    else:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{int((t - seconds) * 1000):03d}Z"
 
 
 def parse_iso_ms(text: str | None) -> float | None:

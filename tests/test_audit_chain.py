@@ -343,3 +343,18 @@ def test_cli_verify_names_the_place(tmp_path, key, capsys):
     assert data["ok"] is False and data["chains"][0]["location"]["line"] == 2
     os.environ.pop("DPIGUARD_CONFIG", None)
     assert main(["audit", "verify", "--dir", str(tmp_path / "audit")]) == 2
+
+
+def test_record_time_text_is_exact_with_its_per_second_reuse():
+    """iso_ms reuses the text of the current second: every instant still formats as strftime does."""
+    import random
+    import time
+
+    from dpiguard.times import iso_ms
+
+    rng = random.Random(4)
+    base = 1_767_225_599.0  # a second before 2026-01-01T00:00:00Z: the reuse must follow second changes
+    for t in [base + i / 7 for i in range(30)] + [rng.uniform(0, 4e9) for _ in range(2000)]:
+        seconds = int(t)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((t - seconds) * 1000):03d}Z"
+        assert iso_ms(t) == expected

@@ -11,6 +11,11 @@ from dpiguard.decision.cache import DecisionCache
 NOW = 1_700_000_000.0
 
 
+
+def patient_keys(keys) -> set:
+    """The patient index holds one key itself, or a set of two keys or more."""
+    return {keys} if type(keys) is tuple else keys
+
 def key(user="alice", patient="P1", category="clinical", action="read"):
     return (user, patient, category, action)
 
@@ -119,7 +124,7 @@ def test_bounded_eviction_keeps_indexes_consistent():
     assert [cache.get(key(f"u{i}", f"P{i % 2}"), NOW) for i in (2, 3, 4)] == [2, 3, 4]
     assert cache.stats()["evictions"] == 2
     assert cache._by_user.keys() == {"u2", "u3", "u4"}
-    assert {p: len(keys) for p, keys in cache._by_patient.items()} == {"P0": 2, "P1": 1}
+    assert {p: len(patient_keys(keys)) for p, keys in cache._by_patient.items()} == {"P0": 2, "P1": 1}
     assert cache.invalidate_patient("P0") == 2
     assert cache.invalidate_user("u3") == 1
     assert len(cache) == 0 and not cache._by_user and not cache._by_patient
@@ -181,5 +186,26 @@ def test_thread_safety_smoke():
     # indexes exactly describe the entries
     entries = set(cache._entries)
     assert entries == {k for keys in cache._by_user.values() for k in keys}
-    assert entries == {k for keys in cache._by_patient.values() for k in keys}
+    assert entries == {k for keys in cache._by_patient.values() for k in patient_keys(keys)}
+    assert all(type(keys) is tuple or len(keys) > 1 for keys in cache._by_patient.values())
     assert len(entries) <= 500
+
+
+def test_patient_index_one_key_then_a_set_then_one_key_again():
+    """The compact patient index (the key itself for one entry) drops exactly what it should at each step."""
+    cache = DecisionCache(max_entries=100)
+    gen = cache.generation()
+    cache.put(key("u1", "P0"), "a", NOW + 30, gen, now=NOW)
+    assert cache._by_patient["P0"] == key("u1", "P0")
+    cache.put(key("u2", "P0"), "b", NOW + 30, gen, now=NOW)
+    cache.put(key("u3", "P0"), "c", NOW + 30, gen, now=NOW)
+    assert patient_keys(cache._by_patient["P0"]) == {key("u1", "P0"), key("u2", "P0"), key("u3", "P0")}
+    assert cache.invalidate_user("u1") == 1
+    assert cache.invalidate_user("u2") == 1
+    assert cache._by_patient["P0"] == key("u3", "P0")  # back to the key itself
+    assert cache.get(key("u3", "P0"), NOW) == "c"
+    assert cache.invalidate_patient("P0") == 1
+    assert cache.get(key("u3", "P0"), NOW) is None and not cache._by_patient and not cache._by_user
+    cache.put(key("u4", "P1"), "d", NOW + 30, cache.generation(), now=NOW)
+    assert cache.get(key("u4", "P1"), NOW + 31) is None  # expired: removed with its index
+    assert not cache._by_patient and not cache._by_user and len(cache) == 0

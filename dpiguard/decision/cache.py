@@ -20,6 +20,7 @@ while ``now < expires_at``. Entries also never outlive ``ttl`` seconds. When :at
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -41,7 +42,7 @@ class DecisionCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, tuple[Any, float]] = OrderedDict()
         self._by_user: dict[str, set] = {}
-        self._by_patient: dict[str, set] = {}
+        self._by_patient: dict[str, "set | tuple"] = {}  # patient → its key, or a set of its keys
         self._generation = 0
         self._enabled = True
         self._hits = 0
@@ -76,6 +77,9 @@ class DecisionCache:
         value was stored."""
         if value is None:
             raise ValueError("None cannot be cached (it means 'miss')")
+        # One string object per distinct user, patient, category and action, however many entries and
+        # requests name them (each request parses its own copy from the URL).
+        key = tuple(sys.intern(part) if type(part) is str else part for part in key)
         user, patient = key[0], key[1]
         cap = (time.time() if now is None else now) + self.ttl
         expires = cap if expires_at is None else min(float(expires_at), cap)
@@ -92,7 +96,7 @@ class DecisionCache:
                     self._evictions += 1
                 self._by_user.setdefault(user, set()).add(key)
                 if patient is not None:
-                    self._by_patient.setdefault(patient, set()).add(key)
+                    self._index_patient(patient, key)
             self._entries[key] = (value, expires)
             return True
 
@@ -113,6 +117,8 @@ class DecisionCache:
         with self._lock:
             self._bump()
             keys = self._by_patient.pop(patient, ())
+            if type(keys) is tuple and keys:  # one entry: the key itself (see _index_patient)
+                keys = (keys,)
             for key in keys:
                 del self._entries[key]
                 self._unindex_user(key)
@@ -192,12 +198,30 @@ class DecisionCache:
             if not keys:
                 del self._by_user[key[0]]
 
+    def _index_patient(self, patient: str, key: tuple) -> None:
+        """Most patients have one or two cached decisions: the index holds the key itself for one
+        (a set costs over 200 bytes), and a set from the second on."""
+        keys = self._by_patient.get(patient)
+        if keys is None:
+            self._by_patient[patient] = key
+        elif type(keys) is tuple:
+            self._by_patient[patient] = {keys, key}
+        else:
+            keys.add(key)
+
     def _unindex_patient(self, key: Hashable) -> None:
         patient = key[1]
         if patient is None:
             return
         keys = self._by_patient.get(patient)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
+        if keys is None:
+            return
+        if type(keys) is tuple:
+            if keys == key:
                 del self._by_patient[patient]
+            return
+        keys.discard(key)
+        if len(keys) == 1:
+            self._by_patient[patient] = next(iter(keys))
+        elif not keys:
+            del self._by_patient[patient]

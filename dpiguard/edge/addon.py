@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
@@ -33,6 +33,7 @@ from dpiguard.edge.flows import (
     REQUEST_ID_KEY,
     UnparsedRequestTracer,
     durable,
+    durable_now,
     forward,
     framing_error,
     incoming,
@@ -122,6 +123,10 @@ class DpiGuard:
             if server_log.getEffectiveLevel() > logging.INFO:  # its unparsable-request lines are INFO
                 server_log.setLevel(logging.INFO)
         self.services.start()
+        try:  # records queued by this loop wake the audit writer once per loop round (group commit)
+            self.services.audit.wake_later(asyncio.get_running_loop().call_soon)
+        except RuntimeError:  # not on an event loop (tests calling the hook directly)
+            pass
         version = self.services.policies.version
         self.services.audit.write({"event": "startup", "outcome": "allow", "reason": "ok", "policy_version": version})
         log.info("dpiguard ready: policy %s, instance %s", version, self.services.config.instance_id)
@@ -132,33 +137,49 @@ class DpiGuard:
         if self.services is not None:
             self.services.stop()
 
-    # -- hooks -------------------------------------------------------------------------------------
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    # -- hooks -----------------------------------------------------------------------------------------
+    # The hooks are plain functions: mitmproxy awaits what a hook returns only when it is awaitable, so a
+    # hook returns a coroutine only when it must wait (Redis, a record not on disk yet, a body); the
+    # others (responseheaders, the response of a non-FHIR answer, error, a decided request whose record
+    # is already on disk) create none.
+    def requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         try:
-            await self._requestheaders(flow)
+            rest = self._requestheaders(flow)
         except Exception as exc:  # fail closed
-            log.exception("dpiguard: error while deciding")
-            metrics.observe_decision(False, "internal_error", 0.0, True)
-            respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
-            trace_internal_error(self.services and self.services.audit, flow, exc)
+            self._internal_error(flow, exc)
+            return None
+        return None if rest is None else self._guarded(flow, rest)
 
-    async def error(self, flow: http.HTTPFlow) -> None:
+    async def _guarded(self, flow: http.HTTPFlow, rest: Awaitable[None]) -> None:
+        try:
+            await rest
+        except Exception as exc:  # fail closed
+            self._internal_error(flow, exc)
+
+    def _internal_error(self, flow: http.HTTPFlow, exc: Exception) -> None:
+        log.error("dpiguard: error while deciding", exc_info=exc)
+        metrics.observe_decision(False, "internal_error", 0.0, True)
+        respond(flow, Reply(503, b'{"error":"internal_error"}', "application/json"))
+        trace_internal_error(self.services and self.services.audit, flow, exc)
+
+    def error(self, flow: http.HTTPFlow) -> None:
         """mitmproxy refused the request itself (invalid framing or headers, CONNECT...), or it failed
         on the way: one trace record, with the request id."""
         trace_http_error(self.services and self.services.audit, flow, flow.error.msg if flow.error else "error")
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         pending = flow.metadata.get(FHIR_KEY)
         if pending is not None and pending[1].pending:
-            await fhir_hooks.request_body(self.services, flow, pending)
-            return
+            return fhir_hooks.request_body(self.services, flow, pending)
         kept = flow.metadata.pop(resume.KEEP_KEY, None)
         if kept is not None:  # a form sent with an ended session: kept for its author (edge/resume.py)
-            await resume.keep(self.services, flow, kept)
-            return
+            return resume.keep(self.services, flow, kept)
         req = flow.metadata.get(PORTAL_KEY)
         if req is None:
-            return
+            return None
+        return self._portal(flow, req)
+
+    async def _portal(self, flow: http.HTTPFlow, req) -> None:
         try:
             s = self.services
             token, _ = s.pipeline.session_token(req)
@@ -172,60 +193,73 @@ class DpiGuard:
             trace_internal_error(self.services.audit, flow, exc)
         respond(flow, reply)
 
-    async def _requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        """Decide the request; returns None when done, or the coroutine that finishes it."""
         s = self.services
         if s is None:
             respond(flow, Reply(503, b'{"error":"not_configured"}', "application/json"))
-            return
+            return None
         req = incoming(flow)
         flow.metadata[REQUEST_ID_KEY] = req.request_id
         if self.unsafe:
-            await self._refuse(req, flow, Verdict(False, "internal_error", 503, self.unsafe))
-            return
+            return self._refuse(req, flow, Verdict(False, "internal_error", 503, self.unsafe))
         broken = framing_error(flow, req)
         if broken is not None:  # mitmproxy answers it (400) and closes; traced, never decided
             trace_http_error(s.audit, flow, broken)
-            return
+            return None
         if not origin_form(flow, *self._targets()):
-            await self._refuse(req, flow, Verdict(False, "absolute_target_refused", 400,
-                                                  "an absolute request target must name this service"))
-            return
+            return self._refuse(req, flow, Verdict(False, "absolute_target_refused", 400,
+                                                   "an absolute request target must name this service"))
         if req.target.startswith(PREFIX):
             oversized = _over_limits(s.pipeline, req)  # dpiguard's own pages get the same size limits
             if oversized is not None:
-                oversized.audit = s.pipeline.trace(req, oversized, s.pipeline.policies)
-                if not await self._durable(oversized, req):
-                    oversized = audit_unavailable()
-                respond(flow, s.portal.refusal(req, oversized))
-                return
+                return self._portal_refusal(req, flow, oversized)
             op = ops.handle(req, s.monitor, s.metrics_networks)  # health/live, health/ready, metrics
             if op is not None:
                 respond(flow, Reply(*op))
-                return
-        plaintext_refused = s.pipeline.require_tls and not req.tls  # no password over plain HTTP either
-        if req.target.startswith(PREFIX) and not plaintext_refused:
-            if not self._portal_body_ok(flow):
-                verdict = Verdict(False, "body_too_large", 413, "dpiguard's pages take a body of at most "
-                                  f"{MAX_BODY} bytes, with a Content-Length")
-                verdict.audit = s.pipeline.trace(req, verdict, s.pipeline.policies)
-                if not await self._durable(verdict, req):
-                    verdict = audit_unavailable()
-                respond(flow, s.portal.refusal(req, verdict))
-                return
-            flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
-            flow.request.stream = False
-            return
-        started, used_io = time.perf_counter(), False
+                return None
+            if not (s.pipeline.require_tls and not req.tls):  # no password over plain HTTP either
+                if not self._portal_body_ok(flow):
+                    return self._portal_refusal(req, flow, Verdict(
+                        False, "body_too_large", 413,
+                        f"dpiguard's pages take a body of at most {MAX_BODY} bytes, with a Content-Length"))
+                flow.metadata[PORTAL_KEY] = req  # answered in the `request` hook, once the body is in
+                flow.request.stream = False
+                return None
+        started = time.perf_counter()
         try:
             verdict = s.pipeline.decide(req, io=False)
         except NeedIO:
-            used_io = True
-            verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
+            return self._decide_io(flow, req, started)
+        return self._decided(flow, req, verdict, started, False)
+
+    async def _decide_io(self, flow: http.HTTPFlow, req, started: float) -> None:
+        s = self.services
+        verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
+        rest = self._decided(flow, req, verdict, started, True)
+        if rest is not None:
+            await rest
+
+    def _decided(self, flow: http.HTTPFlow, req, verdict: Verdict, started: float,
+                 used_io: bool) -> Awaitable[None] | None:
+        s = self.services
         metrics.observe_decision(verdict.allowed, verdict.reason, time.perf_counter() - started, used_io)
         flow.metadata[DECIDED_KEY] = True
         # No answer and no forwarding before the decision's record is on disk (group commit).
+        ok = durable_now(verdict.audit, s.audit, s.config.audit.on_failure, req, verdict.user)
+        if ok is None:
+            return self._conclude_when_durable(flow, req, verdict)
+        self._conclude(flow, req, verdict if ok else audit_unavailable())
+        return None
+
+    async def _conclude_when_durable(self, flow: http.HTTPFlow, req, verdict: Verdict) -> None:
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()
+        self._conclude(flow, req, verdict)
+
+    def _conclude(self, flow: http.HTTPFlow, req, verdict: Verdict) -> None:
+        """Apply a decision whose record is on disk: answer the refusal, or forward."""
+        s = self.services
         if not verdict.allowed:
             if resume.wants_keep(s, req, verdict, flow):
                 flow.metadata[resume.KEEP_KEY] = req  # answered in `request`, once the body is in
@@ -247,6 +281,14 @@ class DpiGuard:
         s = self.services
         verdict.audit = s.pipeline.trace(req, verdict, s.pipeline.policies)
         flow.metadata[DECIDED_KEY] = True
+        if not await self._durable(verdict, req):
+            verdict = audit_unavailable()
+        respond(flow, s.portal.refusal(req, verdict))
+
+    async def _portal_refusal(self, req, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        """A refusal of a request to dpiguard's own pages (size limits), answered as a page of theirs."""
+        s = self.services
+        verdict.audit = s.pipeline.trace(req, verdict, s.pipeline.policies)
         if not await self._durable(verdict, req):
             verdict = audit_unavailable()
         respond(flow, s.portal.refusal(req, verdict))
@@ -279,7 +321,7 @@ class DpiGuard:
         s = self.services
         return await durable(verdict.audit, s.audit, s.config.audit.on_failure, req, verdict.user)
 
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
         if FHIR_KEY in flow.metadata and flow.response is not None:
             flow.response.stream = False  # FHIR answers are checked whole before they leave
         request_id = flow.metadata.get(REQUEST_ID_KEY)
@@ -288,11 +330,12 @@ class DpiGuard:
         if self.services is not None:
             self.services.banner.on_headers(flow)
 
-    async def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if FHIR_KEY in flow.metadata:
-            await fhir_hooks.response(self.services, flow, flow.metadata[FHIR_KEY])
-        elif self.services is not None:
+            return fhir_hooks.response(self.services, flow, flow.metadata[FHIR_KEY])
+        if self.services is not None:
             self.services.banner.on_response(flow)
+        return None
 
     def _touch(self, session) -> None:
         try:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -16,7 +15,7 @@ import orjson
 from mitmproxy import http
 
 from dpiguard.decision.verdict import NeedIO, audit_unavailable
-from dpiguard.edge.flows import FHIR_JSON, durable, forward, respond, respond_fhir, trace_internal_error
+from dpiguard.edge.flows import FHIR_JSON, durable, durable_wait, forward, respond, respond_fhir, trace_internal_error
 from dpiguard.edge.pools import run_in
 from dpiguard.edge.portal import Reply
 from dpiguard.fhir.response import BundleRewriter, not_found_outcome, operation_outcome
@@ -74,7 +73,9 @@ async def response(s: Any, flow: http.HTTPFlow, pending) -> None:
             status, out, record = await run_in(s, "fhir", enforcer.process_response, s.pipeline, req, verdict,
                                                           code, ctype, body, io=True)
         # The answer leaves only once its record is on disk (group commit), without blocking the loop.
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(s.audit.submit(record))), s.audit.write_timeout)
+        waiting = durable_wait(s.audit.submit(record), s.audit.write_timeout)  # None: on disk already
+        if waiting is not None:
+            await waiting
     except Exception as exc:  # fail closed: the original body never leaves
         log.exception("dpiguard: error while checking a FHIR response")
         respond_fhir(flow, 503, operation_outcome("internal_error", 503, "dpiguard could not check this answer",

@@ -123,22 +123,103 @@ def respond_fhir(flow: http.HTTPFlow, status: int, outcome: dict) -> None:
     respond(flow, Reply(status, orjson.dumps(outcome), FHIR_JSON))
 
 
+class _BatchWait(asyncio.Future):
+    """The event loop's side of one group-commit batch: every request whose record is in the batch
+    awaits this one future, settled by one loop wake-up when the batch is on disk (or failed, or past
+    ``write_timeout``). A request task being cancelled must not cancel its batch-mates' wait: ``cancel``
+    refuses, so the cancelled task alone gets CancelledError once the batch is settled."""
+
+    def cancel(self, msg=None) -> bool:
+        return False
+
+
+_batches: dict[Future, _BatchWait] = {}  # batch future → its waiter on the loop (loop thread only)
+
+
+def _settle(batch: Future, waiter: _BatchWait, timer: asyncio.TimerHandle) -> None:
+    if _batches.get(batch) is waiter:
+        del _batches[batch]
+    timer.cancel()
+    if waiter.done():
+        return
+    exc = batch.exception()
+    if exc is None:
+        waiter.set_result(True)
+    else:
+        waiter.set_exception(exc)
+
+
+def _expire(batch: Future, waiter: _BatchWait) -> None:
+    if _batches.get(batch) is waiter:
+        del _batches[batch]
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("audit record not durable in time"))
+
+
+def durable_wait(future: Future, timeout: float) -> asyncio.Future | None:
+    """None if the record behind ``future`` is already on disk; else a future of the running loop that
+    completes when it is (shared by every record of the batch: one wake-up of the loop per batch), or
+    fails (the batch failed: AuditError; not on disk within ``timeout``: TimeoutError)."""
+    if future.done():
+        exc = future.exception()
+        if exc is not None:
+            raise exc
+        return None
+    waiter = _batches.get(future)
+    loop = asyncio.get_running_loop()
+    if waiter is not None and waiter.get_loop() is loop:
+        return waiter
+    if waiter is not None:  # another loop waits on this batch (tests): a wait of this loop's own
+        return asyncio.ensure_future(asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout))
+    waiter = _BatchWait(loop=loop)
+    _batches[future] = waiter
+    timer = loop.call_later(timeout, _expire, future, waiter)
+
+    def done(_f: Future) -> None:  # writer thread: one call into the loop per batch
+        try:
+            loop.call_soon_threadsafe(_settle, future, waiter, timer)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    future.add_done_callback(done)
+    return waiter
+
+
 async def durable(future: Future | None, audit: AuditLog, on_failure: str, req: Incoming,
                   user: str | None = None) -> bool:
     """True once the record behind ``future`` is on disk; False if it cannot be made durable in
     ``audit.write_timeout`` (then the caller refuses), unless ``on_failure`` is ``serve``."""
-    if future is None:  # no record could even be queued: the decision is already a refusal
-        return True
+    ok = durable_now(future, audit, on_failure, req, user)
+    if ok is not None:
+        return ok
     try:
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), audit.write_timeout)
+        waiting = durable_wait(future, audit.write_timeout)
+        if waiting is not None:  # None: on disk since durable_now looked
+            await waiting
         return True
     except Exception as exc:
-        if on_failure == "serve":
-            log.error("dpiguard: AUDIT RECORD LOST for request %s (%s %s by %s): %s; serving anyway "
-                      "(audit.on_failure=serve)", req.request_id, req.method, req.target[:200], user, exc)
-            return True
-        log.error("dpiguard: audit record of request %s not durable (%s); refusing", req.request_id, exc)
-        return False
+        return _not_durable(exc, on_failure, req, user)
+
+
+def durable_now(future: Future | None, audit: AuditLog, on_failure: str, req: Incoming,
+                user: str | None = None) -> bool | None:
+    """:func:`durable` without waiting: True or False when already known (no record, or the record's
+    batch is already on disk or failed), None when the caller must await :func:`durable`."""
+    if future is None:  # no record could even be queued: the decision is already a refusal
+        return True
+    if not future.done():
+        return None
+    exc = future.exception()
+    return True if exc is None else _not_durable(exc, on_failure, req, user)
+
+
+def _not_durable(exc: BaseException, on_failure: str, req: Incoming, user: str | None) -> bool:
+    if on_failure == "serve":
+        log.error("dpiguard: AUDIT RECORD LOST for request %s (%s %s by %s): %s; serving anyway "
+                  "(audit.on_failure=serve)", req.request_id, req.method, req.target[:200], user, exc)
+        return True
+    log.error("dpiguard: audit record of request %s not durable (%s); refusing", req.request_id, exc)
+    return False
 
 
 def framing_error(flow: http.HTTPFlow, req: Incoming) -> str | None:
