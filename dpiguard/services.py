@@ -331,7 +331,8 @@ def build_services(cfg: Config) -> Services:
             users=users, authenticator=auth, sessions=sessions, grants=grants, careteam=careteam,
             unthrottle=lambda user: unthrottle(client, prefix, user),
             throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows,
-            privacy_alerts=AlertQueue(client, prefix, cfg.privacy.alert_retention_days))
+            privacy_alerts=AlertQueue(client, prefix, cfg.privacy.alert_retention_days),
+            on_revoke=lambda user, patient: (cache.invalidate_user(user), cache.invalidate_patient(patient)))
     banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
                     idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,

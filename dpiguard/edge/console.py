@@ -81,7 +81,8 @@ class ConsoleError(ValueError):
 class Console:
     def __init__(self, *, roles: Mapping[str, tuple[str, ...]], audit_source: Path, users, authenticator, sessions,
                  grants, careteam, unthrottle: Callable[[str], bool], throttled: Callable[[], dict[str, float]],
-                 max_rows: int = 500, privacy_alerts=None):
+                 max_rows: int = 500, privacy_alerts=None,
+                 on_revoke: Callable[[str, str], Any] | None = None):
         self.roles = {r: frozenset(c) for r, c in roles.items()}
         self.audit_source = Path(audit_source)
         self.users = users
@@ -93,6 +94,9 @@ class Console:
         self.throttled = throttled
         self.max_rows = max_rows
         self.privacy_alerts = privacy_alerts  # privacy.alerts.AlertQueue (Redis), or None
+        # (user, patient) of a revoked grant: this instance's cached decisions go at once; the others
+        # hear it from the invalidation bus
+        self.on_revoke = on_revoke
 
     def capabilities(self, roles) -> frozenset[str] | None:
         """The capabilities of an account whose roles are all administrative; None for any other."""
@@ -231,6 +235,8 @@ class Console:
             action = c.form.get("action")
             if action == "revoke":
                 self.grants.revoke(grant_id, by=c.session.user)
+                if self.on_revoke is not None:
+                    self.on_revoke(grant.user, grant.patient)
                 c.trace("allow", "ok", grant_id, action="break_glass_revoke", break_glass_id=grant_id,
                         target_user=grant.user, patient=grant.patient)
                 done = c.l10n.gettext("Emergency access %(id)s revoked on every instance.", id=grant_id)
