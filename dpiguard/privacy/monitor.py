@@ -532,7 +532,9 @@ class PrivacyMonitor:
             mask = sum(1 << h for h in per_hour)
             pipe.hset(self.keys.pv_history(u), day, f"{count}|{mask}")
             pipe.expire(self.keys.pv_history(u), int((g["history_days"] + 7) * DAY))
-            pipe.delete(self.keys.pv_day_patients(u, day), self.keys.pv_day_hours(u, day))
+            # one key per command: a Redis Cluster pipeline cannot delete keys of several slots at once
+            pipe.delete(self.keys.pv_day_patients(u, day))
+            pipe.delete(self.keys.pv_day_hours(u, day))
         for role in roles:
             pipe.hset(self.keys.pv_role_history(role), day, orjson.dumps(role_today[role]))
             pipe.expire(self.keys.pv_role_history(role), int((g["history_days"] + 7) * DAY))
