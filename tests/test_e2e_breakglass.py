@@ -266,6 +266,7 @@ def test_objection_refuses_even_the_unit_nurse_and_override_setting_is_respected
         assert wait_status(cc, path, 403).json()["break_glass"] == "/_dpiguard/api/breakglass"
         rec = records(stack, event="access", user=user, reason="patient_objection")[-1]
         assert rec["care_team"] == "objection:unit:CARDIO"
+        assert rec["idp"] == "local" and rec["rpps"] is None  # a session of dpiguard's own directory
         # Through a (override off), emergency access is refused.
         r = request_bg(stack, ca, "P0011", user, totp="000000")  # refused before the code is even checked
         assert r.status_code == 403 and r.json()["error"] == "patient_objection"

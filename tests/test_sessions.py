@@ -120,6 +120,16 @@ def test_get_from_redis_on_another_instance(store, other):
     assert other.local_size() == 1
 
 
+def test_identity_source_and_rpps_kept_across_instances(store, other):
+    sid, _ = store.create("psc.durand", ("doctor",), now=T0, source="psc", rpps="10001234567")
+    got = other.get(sid, now=T0 + 1)
+    assert (got.source, got.rpps) == ("psc", "10001234567")
+    sid2, _ = store.create("alice", ("nurse",), now=T0)
+    assert (other.get(sid2, now=T0 + 1).source, other.get(sid2, now=T0 + 1).rpps) == ("local", "")
+    with pytest.raises(ValueError):
+        store.create("mallory", ("nurse",), now=T0, source="forged")
+
+
 def test_idle_expiry(store):
     sid, _ = store.create("alice", ("nurse",), now=T0)
     assert store.get(sid, now=T0 + 99) is not None

@@ -4,7 +4,8 @@ Redis (see docs/architecture.md):
 
 * ``P:session:{SIDHASH}`` (hash, TTL = min(idle timeout, remaining absolute lifetime)): ``user``,
   ``roles`` (comma list), ``created``, ``last_seen``, ``abs_expiry``, ``csrf``, ``name`` (display
-  name), ``login_step`` and ``login_code_reused`` (below). SIDHASH is the sha256
+  name), ``src`` (identity source when not ``local``: ``ldap``, ``oidc``, ``psc``), ``rpps`` (RPPS/ADELI
+  number when known), ``login_step`` and ``login_code_reused`` (below). SIDHASH is the sha256
   hex of the session id: the id itself (the cookie) is never stored.
 * ``P:user-sessions:{LOGIN}`` (set): the session id hashes of a user, for revocation.
 * ``P:session-owner:{SIDHASH}`` (string, TTL = absolute lifetime + ``resume_seconds``): the user of a
@@ -96,6 +97,9 @@ def presented_token(headers, cookie_name: str) -> tuple[str | None, str | None]:
     return (value, "cookie") if value else (None, None)
 
 
+IDENTITY_SOURCES = ("local", "ldap", "oidc", "psc")  # dpiguard's directory, LDAP/AD, OpenID Connect, Pro Santé Connect
+
+
 @dataclass
 class Session:
     sid_hash: str
@@ -108,6 +112,8 @@ class Session:
     touched_at: float = 0.0  # last_seen value last written to Redis (drives needs_touch)
     login_step: int | None = None  # TOTP time step of the code that opened the session
     display_name: str = ""  # shown on dpiguard's pages ("logged in as"), without a Redis read
+    source: str = "local"  # where the identity came from: one of IDENTITY_SOURCES (written in each trace record)
+    rpps: str = ""  # the professional's RPPS/ADELI number when the identity source gives it
 
 
 class _LocalCache:
@@ -207,9 +213,14 @@ class SessionStore:
         return max(1, math.ceil(min(self.idle_timeout, abs_expiry - last_seen) * 1000))
 
     def create(self, user: str, roles, now: float | None = None,
-               login_step: int | None = None, display_name: str = "") -> tuple[str, Session]:
+               login_step: int | None = None, display_name: str = "",
+               source: str = "local", rpps: str = "") -> tuple[str, Session]:
         """New session for ``user``. Returns the opaque id (the cookie value) and the session.
-        ``login_step``: the TOTP step of the login code (see the module docstring)."""
+        ``login_step``: the TOTP step of the login code (see the module docstring). ``source``: where the
+        identity came from (one of ``IDENTITY_SOURCES``); ``rpps``: the RPPS/ADELI number when known."""
+        if source not in IDENTITY_SOURCES:
+            raise ValueError(f"unknown identity source {source!r}")
+        rpps = str(rpps or "")[:32]
         now = time.time() if now is None else now
         sid = secrets.token_urlsafe(SID_BYTES)
         roles = tuple(roles)
@@ -224,6 +235,8 @@ class SessionStore:
             touched_at=now,
             login_step=login_step,
             display_name=display_name,
+            source=source,
+            rpps=rpps,
         )
         key = self.keys.session(session.sid_hash)
         with self._lock:
@@ -243,6 +256,8 @@ class SessionStore:
                 "csrf": session.csrf,
                 **({"login_step": str(login_step)} if login_step is not None else {}),
                 **({"name": display_name} if display_name else {}),
+                **({"src": source} if source != "local" else {}),
+                **({"rpps": rpps} if rpps else {}),
             },
         )
         pipe.pexpire(key, self._ttl_ms(now, session.abs_expiry))
@@ -322,6 +337,8 @@ class SessionStore:
                 touched_at=last_seen,
                 login_step=int(f["login_step"]) if f.get("login_step") else None,
                 display_name=f.get("name", ""),
+                source=f.get("src", "local"),
+                rpps=f.get("rpps", ""),
             )
         except (KeyError, ValueError):
             return None  # incomplete or corrupt record: no session

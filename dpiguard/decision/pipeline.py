@@ -302,6 +302,8 @@ class Pipeline:
             "outcome": "allow" if v.allowed else "deny",
             "reason": v.reason,
             "user": v.user,
+            "idp": v.session.source if v.session is not None else None,
+            "rpps": (v.session.rpps or None) if v.session is not None else None,
             "roles": list(v.roles),
             "units": list(v.units) if v.units is not None else None,
             "patient": v.patient,
