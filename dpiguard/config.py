@@ -401,13 +401,55 @@ class Console(_Section):
     audit_source: OptionalText = None  # a central store (`audit collect`) instead of audit.path
 
 
+def _ldap_url(url: str) -> str:
+    parts = _split_url(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname:
+        raise ValueError(f"must be an ldaps:// or ldap:// URL with a host, got {url!r}")
+    if parts.path not in ("", "/") or parts.query:
+        raise ValueError("must be scheme://host[:port] only (the search base is directory.base_dn)")
+    return url
+
+
+def _ldap_filter_template(value: str) -> str:
+    if value.count("{login}") != 1 or not (value.startswith("(") and value.endswith(")")):
+        raise ValueError("must be one LDAP filter in parentheses with {login} once, e.g. (sAMAccountName={login})")
+    return value
+
+
+class Directory(_Section):
+    """LDAP / Active Directory as the user directory (docs/authentication.md, "LDAP / Active Directory")."""
+
+    enabled: Flag = False
+    url: Annotated[Text, AfterValidator(_ldap_url)] = "ldaps://ad.example.org"
+    # ldap:// is accepted only with start_tls (the password never crosses the network in clear).
+    start_tls: Flag = False
+    ca_file: OptionalText = None  # CA of the directory's certificate (required: verified, never skipped)
+    bind_dn: OptionalText = None  # the service account that searches users
+    bind_password_file: OptionalText = None
+    base_dn: OptionalText = None
+    user_filter: Annotated[Text, AfterValidator(_ldap_filter_template)] = "(sAMAccountName={login})"
+    name_attribute: Text = "displayName"
+    group_attribute: Text = "memberOf"
+    unit_attribute: OptionalText = None  # an attribute whose values are care units (e.g. departmentNumber)
+    # Active Directory: userAccountControl bit 2 (ACCOUNTDISABLE) means disabled.
+    ad_user_account_control: Flag = True
+    # Any directory: an account matching this filter is disabled, e.g. (pwdAccountLockedTime=*).
+    disabled_filter: OptionalText = None
+    timeout: Annotated[PositiveNumber, _check(lambda v: v <= 30, "must be at most 30 seconds")] = 5.0
+    # Users with live sessions are looked up again this often; disabled or removed: sessions end.
+    recheck_seconds: Annotated[PositiveWhole, _check(lambda v: v <= 3600, "must be at most 3600 seconds")] = 300
+    # Directory unreachable at the re-check: live sessions are kept this long, then ended (0: at once).
+    down_grace_seconds: Annotated[Whole, _check(lambda v: 0 <= v <= 86400, "must be 0 to 86400 seconds")] = 900
+
+
 def _default_instance_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
 #: Files that must exist (when ``check_files``) if they are set, and files that must exist, full stop.
 _OPTIONAL_FILES = ("tls.cert_file", "tls.key_file", "upstream.ca_file", "redis.password_file",
-                   "redis.sentinel_password_file", "redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file")
+                   "redis.sentinel_password_file", "redis.tls_ca_file", "redis.tls_cert_file", "redis.tls_key_file",
+                   "directory.ca_file", "directory.bind_password_file")
 _KEY_FILES = ("secrets.data_key_file", "secrets.assertion_private_key_file", "audit.signing_key_file")
 
 
@@ -442,6 +484,7 @@ class Config(BaseModel):
     threads: Threads = Field(default_factory=Threads)
     ui: UI = Field(default_factory=UI)
     console: Console = Field(default_factory=Console)
+    directory: Directory = Field(default_factory=Directory)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -508,9 +551,23 @@ class Config(BaseModel):
         if bool(self.tls.cert_file) != bool(self.tls.key_file):
             key = "tls.key_file" if self.tls.cert_file else "tls.cert_file"
             raise ConfigError(key, "tls.cert_file and tls.key_file go together")
+        self._check_directory()
         if context.get("check_files"):
             self._check_files()
         return self
+
+    def _check_directory(self) -> None:
+        d = self.directory
+        if not d.enabled:
+            return
+        if d.url.startswith("ldap://") and not d.start_tls:
+            raise ConfigError("directory.start_tls", "ldap:// without StartTLS would send passwords in clear: "
+                                                     "use ldaps:// or set start_tls: true")
+        if d.url.startswith("ldaps://") and d.start_tls:
+            raise ConfigError("directory.start_tls", "StartTLS is for ldap:// URLs; ldaps:// is TLS already")
+        for key in ("ca_file", "bind_dn", "bind_password_file", "base_dn"):
+            if not getattr(d, key):
+                raise ConfigError(f"directory.{key}", "is required when directory.enabled is true")
 
     def _check_files(self) -> None:
         for dotted in _OPTIONAL_FILES:

@@ -21,6 +21,7 @@ import redis
 from dpiguard import metrics
 from dpiguard.audit.chain import AuditLog
 from dpiguard.audit.chain import from_config as audit_from_config
+from dpiguard.auth.directory import DirectoryFirstFactor, DirectoryRecheck, DirectorySettings, LdapDirectory
 from dpiguard.auth.login import Authenticator
 from dpiguard.auth.resume import ResumeStore
 from dpiguard.auth.sessions import SessionStore
@@ -115,8 +116,44 @@ def portal_settings(cfg: Config) -> PortalSettings:
                           if cfg.console.enabled else {})
 
 
-def authenticator(cfg: Config, client: redis.Redis, users: UserDirectory) -> Authenticator:
-    return Authenticator(client, users, cfg.login, prefix=cfg.redis.prefix)
+def authenticator(cfg: Config, client: redis.Redis, users: UserDirectory,
+                  external: dict | None = None) -> Authenticator:
+    """``external``: source → first factor of directory users (``ldap``: :func:`ldap_first_factor`)."""
+    return Authenticator(client, users, cfg.login, prefix=cfg.redis.prefix, external=external)
+
+
+# -- LDAP / Active Directory (docs/authentication.md) -------------------------------------------------
+def ldap_directory(cfg: Config) -> LdapDirectory:
+    """The directory client of the ``directory`` section (its password read from bind_password_file)."""
+    d = cfg.directory
+    path = cfg.path(d.bind_password_file)
+    try:
+        password = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"directory.bind_password_file {path}: cannot read it ({exc})") from None
+    if not password:
+        raise ValueError(f"directory.bind_password_file {path}: empty (an empty password would be an "
+                         "unauthenticated bind)")
+    return LdapDirectory(DirectorySettings(
+        url=d.url, ca_file=str(cfg.path(d.ca_file)), bind_dn=d.bind_dn, bind_password=password, base_dn=d.base_dn,
+        start_tls=d.start_tls, user_filter=d.user_filter, name_attribute=d.name_attribute,
+        group_attribute=d.group_attribute, unit_attribute=d.unit_attribute,
+        ad_user_account_control=d.ad_user_account_control, disabled_filter=d.disabled_filter, timeout=d.timeout))
+
+
+def directory_units_sync(users: UserDirectory, careteam: CareTeamStore):
+    """``on_login`` of the directory's first factor: the units the directory gives a user become unit
+    memberships (open-ended); the ones it gave at the previous login and no longer gives end. Other
+    memberships (``careteam member add``, imports) are left as they are."""
+    def sync(login: str, units: tuple[str, ...]) -> None:
+        before = set(users.directory_units(login))
+        current = set(careteam.user_units(login))
+        for unit in sorted(before - set(units)):
+            careteam.remove_unit_member(login, unit)
+        for unit in sorted(set(units) - current):
+            careteam.add_unit_member(login, unit)
+        users.set_directory_units(login, sorted(units))
+    return sync
 
 
 def movement_store(cfg: Config, client: redis.Redis | None = None) -> MovementStore:
@@ -206,6 +243,7 @@ class Services:
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
     pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
     banner: Banner | None = None  # no-store on forwarded answers, the session bar on the DPI's pages
+    directory_recheck: DirectoryRecheck | None = None  # directory.enabled: re-check of users with live sessions
 
     @property
     def policies(self) -> PolicySet:
@@ -226,8 +264,12 @@ class Services:
             log.warning("dpiguard: invalidation bus not connected yet; caches stay off until it is")
         if self.reloader is not None:
             self.reloader.start()
+        if self.directory_recheck is not None:
+            self.directory_recheck.start()
 
     def stop(self) -> None:
+        if self.directory_recheck is not None:
+            self.directory_recheck.stop()
         if self.pools is not None:
             self.pools.shutdown()
         if self.reloader is not None:
@@ -294,7 +336,13 @@ def build_services(cfg: Config) -> Services:
     audit = audit_from_config(cfg).open()
     signer = AssertionSigner.from_pem_file(cfg.path(cfg.secrets.assertion_private_key_file), audience=cfg.audience,
                                            ttl=cfg.secrets.assertion_ttl)
-    auth = authenticator(cfg, client, users)
+    pipeline_ref: dict[str, Pipeline] = {}
+    ldap_factor = None
+    if cfg.directory.enabled:
+        ldap_factor = DirectoryFirstFactor(ldap_directory(cfg),
+                                           mapping=lambda: pipeline_ref["p"].policies.directory_groups,
+                                           on_login=directory_units_sync(users, careteam))
+    auth = authenticator(cfg, client, users, {"ldap": ldap_factor} if ldap_factor else None)
     spec = spec_of(cfg)
     bus = InvalidationBus(spec, prefix=cfg.redis.prefix, on_event_hook=metrics.bus_event)
     grants, objections = BreakGlassStore(client, cfg.redis.prefix), ObjectionStore(client, cfg.redis.prefix)
@@ -314,6 +362,7 @@ def build_services(cfg: Config) -> Services:
         extra_identity_headers=tuple(cfg.identity.strip_headers), require_tls=cfg.tls_enabled,
         fhir=fhir_enforcer(cfg), mass_access=mass_access,
     )
+    pipeline_ref["p"] = pipeline
     services_ref: dict[str, Services] = {}
     settings = portal_settings(cfg)
     resume = ResumeStore(client, users.box, cfg.redis.prefix, ttl=cfg.sessions.resume_seconds,
@@ -343,6 +392,15 @@ def build_services(cfg: Config) -> Services:
     if cfg.privacy.monitor:
         services.privacy_monitor = privacy_monitor(cfg, client, privacy_audit_log(cfg, f"{cfg.instance_id}-privacy"),
                                                    lambda: pipeline.policies)
+    if ldap_factor is not None:
+        def trace(record: dict) -> None:
+            audit.write({"request_id": None, "client": None, "method": None, "path": None, **record})
+
+        services.directory_recheck = DirectoryRecheck(
+            spec.client(cfg.redis.socket_timeout), cfg.redis.prefix, ldap_factor,
+            users=lambda: users.external_logins("ldap"), revoke=sessions.revoke_user, trace=trace,
+            interval=cfg.directory.recheck_seconds, down_grace=cfg.directory.down_grace_seconds,
+            instance_id=cfg.instance_id)
     services_ref["s"] = services
     services.pools = Pools(cfg.threads.model_dump())
     services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))

@@ -247,7 +247,8 @@ def start_ldap(folder: Path | None = None) -> LdapServer:
                    check=True, capture_output=True, timeout=60)
     server = LdapServer(work, _free_port(), _free_port(), ca_file, other_ca)
     server.args = [SLAPD, "-d", "0", "-F", str(work / "slapd.d"),
-                   "-h", f"ldap://127.0.0.1:{server.port}/ ldaps://127.0.0.1:{server.ldaps_port}/ {server.ldapi}"]
+                   "-h", f"ldap://127.0.0.1:{server.port}/ ldaps://127.0.0.1:{server.ldaps_port}/ "
+                   f"ldap://127.0.0.2:{server.port}/ {server.ldapi}"]  # 127.0.0.2: not in the certificate
     server.start()
     server.add_ldif(directory_ldif())
     return server

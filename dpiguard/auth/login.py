@@ -17,6 +17,14 @@ Order of checks in :meth:`Authenticator.login`:
    says how many attempts are left (``attempts_left``) and, on the failure that locks, ``locked``
    at once with the wait (dpi-rules.md rule 4: 3 failed attempts lock the account 5 minutes).
 
+Users of an external directory (a record with ``external=ldap``, dpiguard/auth/directory.py): the
+first factor is the directory's bind instead of the argon2 hash, with the same steps 1, 2 and 4 (the
+address slowdown, the account lock and the failure counting apply exactly as to a local password);
+the TOTP code stays dpiguard's. The roles are those the directory's groups give through
+``policies/directory.yaml`` at this login. Two more outward reasons, both traced: ``directory_unavailable``
+(the directory did not answer: nothing is counted, the TOTP code is not used up) and ``no_role`` (both
+factors were right but the groups give no role: no access).
+
 A success resets the account counter (not the address counter: one valid account must not let a
 client wipe its failures). Redis errors propagate: the caller fails closed.
 """
@@ -48,6 +56,8 @@ INVALID_CREDENTIALS = "invalid_credentials"
 LOCKED = "locked"
 THROTTLED = "throttled"
 CODE_USED = "totp_reused"  # step-up only: a correct code that already served (not a failure)
+DIRECTORY_UNAVAILABLE = "directory_unavailable"  # external directory down or unusable (not a failure)
+NO_ROLE = "no_role"  # both factors right, but the directory's groups give no role
 
 # Audit details (never shown to the client).
 DETAIL_UNKNOWN_USER = "unknown_user"
@@ -93,6 +103,7 @@ class LoginResult:
     detail: str = ""  # precise cause, for the audit log only
     attempts_left: int | None = None  # failed attempts still possible before the account locks
     totp_step: int | None = None  # time step of the accepted code (the session keeps it: step-up)
+    source: str = "local"  # where the identity came from (Session.source): local or ldap
 
 
 UNKNOWN_ADDRESS = "unknown"
@@ -123,8 +134,12 @@ def _seconds_left(pttl_ms: int, default: int) -> int:
 class Authenticator:
     """Decides a login attempt. Safe to share between threads (state lives in Redis)."""
 
-    def __init__(self, redis_client, users: UserDirectory, policy: Login, prefix: str = "dpiguard"):
+    def __init__(self, redis_client, users: UserDirectory, policy: Login, prefix: str = "dpiguard",
+                 external: dict | None = None):
         self.redis = redis_client
+        # source ("ldap") -> first factor with verify(login, password) and logged_in(login, answer)
+        # (dpiguard.auth.directory.DirectoryFirstFactor); a source without one refuses its users.
+        self.external = dict(external or {})
         self.users = users
         self.policy = policy
         self.prefix = prefix
@@ -154,6 +169,8 @@ class Authenticator:
             return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
 
         user = self.users.get(login)
+        if user is not None and user.external:
+            return self._external_login(user, password, totp_code, ip, now)
         password_ok = self.users.verify_password(login, password)
         # Always check the code too; record its step only when the password was right, so a password
         # typo does not burn the user's current code.
@@ -172,6 +189,33 @@ class Authenticator:
         else:
             detail = totp_outcome  # bad_totp or totp_reused
         return self._failed(login, ip, detail)
+
+    def _external_login(self, user: User, password: str, totp_code: str, ip: str, now: float | None) -> LoginResult:
+        """Both factors of a directory user: the directory's bind, then dpiguard's TOTP code."""
+        login = user.login
+        factor = self.external.get(user.external)
+        if factor is None:  # the directory is not configured (directory.enabled false): fail closed
+            self.users.check_totp_step(login, totp_code, now=now, consume=False)
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=f"{user.external}_not_configured")
+        answer = factor.verify(login, password if isinstance(password, str) else "")
+        if answer.outcome == DIRECTORY_UNAVAILABLE:
+            self.users.check_totp_step(login, totp_code, now=now, consume=False)
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=answer.detail or DIRECTORY_UNAVAILABLE)
+        password_ok = answer.outcome in (OK, NO_ROLE)
+        totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
+        if user.disabled:
+            return self._failed(login, ip, DETAIL_DISABLED)
+        if not password_ok:
+            return self._failed(login, ip, answer.outcome)  # bad_password, unknown_user, directory_disabled
+        if totp_outcome != TOTP_OK:
+            return self._failed(login, ip, totp_outcome)
+        self.redis.delete(self.keys.login_failures(login))
+        if answer.outcome == NO_ROLE:
+            return LoginResult(False, None, NO_ROLE, detail=answer.detail or NO_ROLE)
+        factor.logged_in(login, answer)
+        who = User(login=login, display_name=answer.display_name or user.display_name, roles=tuple(answer.roles),
+                   disabled=False, created=user.created, external=user.external)
+        return LoginResult(True, who, OK, detail=OK, totp_step=step, source=user.external)
 
     def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None,
                        login_step: int | None = None, claim_login_code=None) -> LoginResult:

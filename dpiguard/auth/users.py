@@ -4,7 +4,10 @@ Key layout (see docs/architecture.md):
 
 * ``P:user:{LOGIN}`` (hash): ``login``, ``display_name``, ``roles`` (comma list), ``pw_hash`` (argon2id),
   ``totp_enc`` (AES-256-GCM, base64, the login as associated data), ``totp_last_step``, ``disabled``
-  (``0``/``1``), ``created`` (epoch seconds).
+  (``0``/``1``), ``created`` (epoch seconds); ``external`` (``ldap``) for a user of an external
+  directory: such a record has no ``pw_hash`` (the directory checks the password, a local password can
+  never be set or used), its roles come from the directory at each login, ``dir_units`` lists the care
+  units the directory gave it at its last login (dpiguard/auth/directory.py).
 * ``P:users`` (set): every login.
 
 Every administrative mutation publishes ``user:LOGIN`` on ``P:events`` after the write, so that every
@@ -52,6 +55,9 @@ TOTP_VALID_WINDOW = 1  # steps accepted either side of the current one
 TOTP_OK = "ok"
 TOTP_BAD = "bad_totp"
 TOTP_REUSED = "totp_reused"
+
+#: Directories that may check a user's password instead of dpiguard (``external`` field).
+EXTERNAL_SOURCES = ("ldap",)
 
 _NO_STEP = -1  # totp_last_step of an account that never logged in (or whose TOTP was reset)
 
@@ -169,6 +175,7 @@ class User:
     roles: tuple[str, ...]
     disabled: bool
     created: int
+    external: str = ""  # "" for a local account, else the directory that checks its password ("ldap")
 
 
 # Create the user hash only if it does not exist. ARGV: field, value, field, value, ...
@@ -239,6 +246,7 @@ class UserDirectory:
             roles=roles,
             disabled=f.get("disabled") != "0",  # anything but an explicit "0" counts as disabled
             created=int(f.get("created") or 0),
+            external=f.get("external") or "",
         )
 
     def get(self, login: str) -> User | None:
@@ -289,6 +297,55 @@ class UserDirectory:
         self._publish(login)
         return user, self.provisioning_uri(login, secret)
 
+    def add_external(self, login: str, source: str, display_name: str = "") -> tuple[User, str]:
+        """Create the record of a user whose first factor is an external directory (``source``:
+        ``ldap``): the TOTP secret only, no password and no roles (the directory gives them at each
+        login). Returns the user and the otpauth:// URI to enrol the authenticator app."""
+        if source not in EXTERNAL_SOURCES:
+            raise ValueError(f"unknown external directory {source!r} (known: {', '.join(EXTERNAL_SOURCES)})")
+        login = normalize_login(login)
+        if not is_valid_login(login):
+            raise ValueError(f"invalid login {login!r} (expected {LOGIN_RE.pattern})")
+        display_name = _check_display_name(display_name)
+        secret = pyotp.random_base32()
+        user = User(login=login, display_name=display_name, roles=(), disabled=False, created=int(time.time()),
+                    external=source)
+        fields = {
+            "login": login,
+            "display_name": display_name,
+            "roles": "",
+            "totp_enc": self.box.encrypt(secret, aad=login),
+            "totp_last_step": str(_NO_STEP),
+            "disabled": "0",
+            "created": str(user.created),
+            "external": source,
+        }
+        argv = [item for pair in fields.items() for item in pair]
+        if not self._create(keys=[self.keys.user(login)], args=argv):
+            raise ValueError(f"user {login!r} already exists")
+        self.redis.sadd(self.keys.users, login)
+        self._publish(login)
+        return user, self.provisioning_uri(login, secret)
+
+    def external_logins(self, source: str) -> list[str]:
+        """The logins whose first factor is the directory ``source``."""
+        return [u.login for u in self.list() if u.external == source]
+
+    def directory_units(self, login: str) -> list[str]:
+        """The units the directory gave ``login`` at its last login (see the module docstring)."""
+        raw = as_text(self.redis.hget(self.keys.user(normalize_login(login)), "dir_units")) or ""
+        return [u for u in raw.split(",") if u]
+
+    def set_directory_units(self, login: str, units) -> None:
+        """Bookkeeping of a login (not published: the care-team writes publish their own events)."""
+        self._update(keys=[self.keys.user(normalize_login(login))], args=["dir_units", ",".join(units)])
+
+    def _refuse_external(self, login: str, what: str) -> None:
+        user = self.get(login)
+        if user is not None and user.external:
+            raise ValueError(f"user {user.login!r} is a {user.external} directory account: {what} "
+                             "in the directory, not in dpiguard")
+
     def _update_fields(self, login: str, fields: dict[str, str]) -> str:
         """Write fields of an existing user, publish, return the normalized login. KeyError if unknown."""
         login = normalize_login(login)
@@ -307,12 +364,14 @@ class UserDirectory:
         self._update_fields(login, {"disabled": "0"})
 
     def set_roles(self, login: str, roles) -> None:
+        self._refuse_external(login, "its roles come from its groups (policies/directory.yaml)")
         self._update_fields(login, {"roles": ",".join(_check_roles(roles))})
 
     def set_display_name(self, login: str, display_name: str) -> None:
         self._update_fields(login, {"display_name": _check_display_name(display_name)})
 
     def set_password(self, login: str, password: str) -> None:
+        self._refuse_external(login, "its password is set")
         check_password_policy(password)
         self._update_fields(login, {"pw_hash": self.hasher.hash(password)})
 
@@ -332,8 +391,9 @@ class UserDirectory:
         login = normalize_login(login)
         stored = None
         if is_valid_login(login) and isinstance(password, str):
-            pw_hash, disabled = self.redis.hmget(self.keys.user(login), ["pw_hash", "disabled"])
-            if pw_hash is not None and as_text(disabled) == "0":
+            pw_hash, disabled, external = self.redis.hmget(self.keys.user(login), ["pw_hash", "disabled", "external"])
+            # A directory account never has a usable local password, even if one were written by hand.
+            if pw_hash is not None and as_text(disabled) == "0" and not external:
                 stored = as_text(pw_hash)
         candidate = password if isinstance(password, str) else ""
         try:

@@ -46,6 +46,24 @@ def cmd_config_check(args) -> int:
           f"{len(p.roles)} roles, {len(p.categories)} categories, "
           f"{len(p.careteam.units)} transversal units; emergency access {'on' if p.breakglass.enabled else 'off'}"
           + (f"; FHIR under {p.fhir.base_path}, {len(p.fhir.types)} resource types" if p.fhir else ""))
+    if cfg.directory.enabled:
+        return _check_directory(cfg, p)
+    return 0
+
+
+def _check_directory(cfg, policies) -> int:
+    """The LDAP / AD directory: reachable, TLS verified, service bind accepted, base readable."""
+    from dpiguard.auth.directory import DirectoryUnavailable
+    from dpiguard.services import ldap_directory
+
+    try:
+        report = ldap_directory(cfg).check()
+    except (DirectoryUnavailable, ValueError) as exc:
+        print(f"dpiguard: directory ({cfg.directory.url}): {exc}", file=sys.stderr)
+        return 1
+    groups = policies.directory_groups
+    print(report + ("; policies/directory.yaml maps " + str(len(groups.groups)) + " groups" if groups else
+                    "; WARNING: no policies/directory.yaml: no directory user has a role, none can log in"))
     return 0
 
 

@@ -51,10 +51,22 @@ def cmd_users(args) -> int:
     from dpiguard.services import authenticator, redis_client, session_store, user_directory
 
     cfg = load(args, check_files=False)
-    if args.users_cmd in ("add", "set-roles"):
+    if args.users_cmd == "add" and args.external:
+        if args.role or args.password_stdin:
+            raise ValueError("--external: no --role and no password (the directory checks the password and its "
+                             "groups give the roles, policies/directory.yaml)")
+    elif args.users_cmd in ("add", "set-roles"):
+        if not args.role:
+            raise ValueError("give at least one --role")
         _check_roles(cfg, args.role)  # before asking for anything
     users = user_directory(cfg)
-    if args.users_cmd == "add":
+    if args.users_cmd == "add" and args.external:
+        user, uri = users.add_external(args.login, args.external, display_name=args.name or "")
+        audit_admin(cfg, "user_add", user=user.login, external=user.external)
+        print(f"user {user.login} created: first factor = the {user.external} directory (no local password), "
+              "roles from its groups at each login; second factor = the TOTP below")
+        _show_enrollment(user.login, uri, args.qr_png)
+    elif args.users_cmd == "add":
         password = _read_password(args)
         user, uri = users.add(args.login, password, args.role, display_name=args.name or "")
         audit_admin(cfg, "user_add", user=user.login, roles=list(user.roles))
@@ -64,11 +76,12 @@ def cmd_users(args) -> int:
         rows = users.list()
         if args.json:
             print(orjson.dumps([{"login": u.login, "name": u.display_name, "roles": list(u.roles),
-                                 "disabled": u.disabled} for u in rows]).decode())
+                                 "disabled": u.disabled, "external": u.external or None} for u in rows]).decode())
         else:
             print(f"{'LOGIN':24} {'ROLES':24} {'STATUS':9} NAME")
             for u in rows:
-                print(f"{u.login:24} {','.join(u.roles):24} {'disabled' if u.disabled else 'active':9} {u.display_name}")
+                roles = f"({u.external} groups)" if u.external else ",".join(u.roles)
+                print(f"{u.login:24} {roles:24} {'disabled' if u.disabled else 'active':9} {u.display_name}")
     elif args.users_cmd in ("disable", "enable"):
         getattr(users, args.users_cmd)(args.login)
         revoked = 0
@@ -112,7 +125,10 @@ def register(sub) -> None:
     users = sub.add_parser("users", help="user directory").add_subparsers(dest="users_cmd", required=True)
     sp = with_config(users.add_parser("add", help="create a user and enroll TOTP"))
     sp.add_argument("login")
-    sp.add_argument("--role", action="append", required=True, help="repeat for several roles")
+    sp.add_argument("--role", action="append", help="repeat for several roles (required without --external)")
+    sp.add_argument("--external", choices=["ldap"],
+                    help="the user's password is checked by this directory (no local password, roles from its "
+                         "groups); dpiguard keeps only the TOTP secret")
     sp.add_argument("--name", help="display name")
     sp.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     sp.add_argument("--qr-png", help="also write the enrollment QR code to this PNG file")

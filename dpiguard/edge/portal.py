@@ -101,6 +101,13 @@ class PortalSettings:
     console_roles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
+def _login_status(result: LoginResult) -> int:
+    """The HTTP status of a refused login: 429 with a wait, 503 directory down, 403 no role, else 401."""
+    if result.retry_after:
+        return 429
+    return {"directory_unavailable": 503, "no_role": 403}.get(result.reason, 401)
+
+
 def wants_html(headers: Mapping[str, str], method: str) -> bool:
     """A browser navigation (a page or a form), not a script: it gets pages, not JSON."""
     if "text/html" not in headers.get("accept", ""):
@@ -312,7 +319,7 @@ class Portal:
         result = self._login(req, form.get("username", ""), form.get("password", ""), form.get("totp", ""))
         if not result.ok:
             error, warning = self._login_error(l10n, result)
-            return self.login_form(req, "", error, 429 if result.retry_after else 401, form.get("next", "/"),
+            return self.login_form(req, "", error, _login_status(result), form.get("next", "/"),
                                    warning=warning, resume=form.get("resume", ""))
         blocked = self._account_kind_refusal(req, result)
         if blocked is not None:
@@ -349,7 +356,7 @@ class Portal:
                 data["attempts_left"] = result.attempts_left
             if result.retry_after:
                 data["retry_after"] = result.retry_after
-            return self._json(429 if result.retry_after else 401, data, headers)
+            return self._json(_login_status(result), data, headers)
         blocked = self._account_kind_refusal(req, result, api=True)
         if blocked is not None:
             return blocked
@@ -405,7 +412,7 @@ class Portal:
         if old:
             self.sessions.destroy(old)  # the id is rotated at login
         return self.sessions.create(result.user.login, result.user.roles, login_step=result.totp_step,
-                                    display_name=result.user.display_name)
+                                    display_name=result.user.display_name, source=getattr(result, "source", "local"))
 
     def _login_error(self, l10n: Localizer, result: LoginResult) -> tuple[str, str]:
         """(what went wrong, a warning) for a failed login, in the person's language."""
@@ -419,6 +426,15 @@ class Portal:
             return (l10n.gettext("Too many failed attempts: the account is locked until %(time)s (%(wait)s).",
                                  time=unlock, wait=l10n.duration(result.retry_after)),
                     l10n.gettext("If you need access before then, call the helpdesk: %(helpdesk)s",
+                                 helpdesk=self.pages.helpdesk(l10n)))
+        if result.reason == "directory_unavailable":
+            return (l10n.gettext("The hospital's user directory cannot be reached, so your password cannot be "
+                                 "checked now. Try again in a few minutes."),
+                    l10n.gettext("If it lasts, call the helpdesk: %(helpdesk)s", helpdesk=self.pages.helpdesk(l10n)))
+        if result.reason == "no_role":
+            return (l10n.gettext("Your account is known, but none of its directory groups gives access to the "
+                                 "patient record."),
+                    l10n.gettext("Ask your supervisor or the helpdesk to check your groups: %(helpdesk)s",
                                  helpdesk=self.pages.helpdesk(l10n)))
         error = l10n.gettext("Login failed: user name, password or authenticator code is incorrect.")
         left = result.attempts_left

@@ -10,7 +10,9 @@ used), and keeps them together:
 * ``careteam``   transversal units and the grace period (careteam.yaml: :mod:`dpiguard.policy.careteam`),
                  the grace already resolved against ``careteam.grace_seconds`` of the configuration;
 * ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file;
-* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it.
+* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it;
+* ``directory_groups`` LDAP / AD groups → roles and units (directory.yaml: :mod:`dpiguard.policy.directory`), or
+                 None without the file (then no directory user has a role).
 
 A running proxy loads only a sealed set (``sealed=True``: the files are exactly those of
 ``seal.json``, see :mod:`dpiguard.policy.seal`). The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
@@ -28,6 +30,7 @@ from typing import Iterable, Mapping
 from dpiguard.policy.breakglass import FILE_NAME as BREAKGLASS_FILE
 from dpiguard.policy.breakglass import BreakGlassPolicy
 from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
+from dpiguard.policy.directory import DIRECTORY_FILE, DirectoryMapping
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
 from dpiguard.policy.privacy import PRIVACY_FILE, PrivacyPolicy
@@ -45,6 +48,7 @@ class PolicySet:
     careteam: CareTeamPolicy
     fhir: FhirPolicy | None
     privacy: PrivacyPolicy = PrivacyPolicy()
+    directory_groups: DirectoryMapping | None = None  # directory.yaml (None: no file)
     contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)  # the bytes read
 
     @classmethod
@@ -87,8 +91,11 @@ class PolicySet:
         pv_text = text(PRIVACY_FILE)
         privacy = PrivacyPolicy.from_text(pv_text, str(directory / PRIVACY_FILE)) if pv_text is not None \
             else PrivacyPolicy()
+        dir_text = text(DIRECTORY_FILE)
+        mapping = (DirectoryMapping.from_text(dir_text, str(directory / DIRECTORY_FILE), table.roles)
+                   if dir_text is not None else None)
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir, privacy=privacy,
+                   careteam=careteam, fhir=fhir, privacy=privacy, directory_groups=mapping,
                    contents=dict(contents))
 
     def check_seal(self) -> None:

@@ -229,3 +229,14 @@ class Keys:
     @property
     def audit_chains(self) -> str:
         return f"{self.prefix}:audit:chains"
+
+    # -- LDAP / Active Directory re-check (auth/directory.py) -------------------------------------
+    @property
+    def ldap_recheck_lock(self) -> str:
+        """Held ``recheck_seconds`` by the instance that re-checks the directory's users this period."""
+        return f"{self.prefix}:ldap:recheck"
+
+    @property
+    def ldap_down_since(self) -> str:
+        """Epoch seconds of the first failed re-check while the directory is unreachable."""
+        return f"{self.prefix}:ldap:down-since"
