@@ -155,7 +155,7 @@ def directory_ldif() -> str:
             + _person("sans.role", "Sam Sansrole")
             + _person("inf.off", "Odile Off", uac=514)
             + _group("GG-DPI-Infirmiers", ["inf.ldap", "inf.off"])
-            + _group("GG-DPI-Medecins", ["med.ldap"])
+            + _group("GG-DPI-Medecins", ["med.ldap", "svc.dpiguard"])  # never empty (groupOfNames)
             + _group("GG-Cardio", ["inf.ldap"])
             + _group("GG-Cantine", ["sans.role", "inf.ldap"]))
 

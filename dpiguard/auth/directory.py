@@ -122,8 +122,6 @@ class LdapDirectory:
         self.settings = settings
         s = settings
         self._tls = _VerifiedTls(validate=ssl.CERT_REQUIRED, ca_certs_file=s.ca_file)
-        self._server = ldap3.Server(s.url, use_ssl=s.url.lower().startswith("ldaps://"), tls=self._tls,
-                                    connect_timeout=s.timeout, get_info=ldap3.NONE)
         self._attributes = [a for a in (s.name_attribute, s.group_attribute, s.unit_attribute,
                                         "userAccountControl" if s.ad_user_account_control else None) if a]
 
@@ -132,7 +130,12 @@ class LdapDirectory:
         """A connection bound as ``user``: (connection, bound). DirectoryUnavailable on transport errors."""
         if not password:
             raise ValueError("refusing an LDAP bind without a password (it would be an unauthenticated bind)")
-        conn = ldap3.Connection(self._server, user=user, password=password, authentication=ldap3.SIMPLE,
+        s = self.settings
+        # A new Server each time: ldap3's Server remembers addresses that failed and refuses them for
+        # minutes ("invalid server address"), which would outlast a directory restart.
+        server = ldap3.Server(s.url, use_ssl=s.url.lower().startswith("ldaps://"), tls=self._tls,
+                              connect_timeout=s.timeout, get_info=ldap3.NONE)
+        conn = ldap3.Connection(server, user=user, password=password, authentication=ldap3.SIMPLE,
                                 auto_bind=ldap3.AUTO_BIND_NONE, receive_timeout=math.ceil(self.settings.timeout),  # ldap3 packs it as an integer
 
                                 read_only=True, raise_exceptions=False, auto_referrals=False)
