@@ -115,7 +115,7 @@ def test_ldap_login_end_to_end_roles_units_and_idp_in_the_trace(stack, proxy):
     assert seen["x-dpiguard-user"] == "inf.ldap" and seen["x-dpiguard-roles"] == "nurse"
     assert wait_for(lambda: [rec for rec in records(stack, user="inf.ldap") if rec.get("idp") == "ldap"
                              and rec.get("path") == "/api/patients/P0001/biology"])
-    assert records(stack, event="login_success", user="inf.ldap")
+    assert [rec["idp"] for rec in records(stack, event="login_success", user="inf.ldap")] == ["ldap"]
 
 
 def test_wrong_ldap_password_refused_and_traced(stack, proxy):
@@ -142,6 +142,27 @@ def test_no_mapped_group_no_access_with_a_clear_french_message(stack, proxy):
     assert r.status_code == 403 and r.json()["error"] == "no_role"
     assert "groupes" in r.json()["message"]
     assert wait_for(lambda: records(stack, event="login_failure", user="sans.role", reason="no_role"))
+
+
+def test_mapping_file_edit_is_hot_reloaded(stack, proxy):
+    policies = stack.config.path(stack.config.policies.dir)
+    original = (policies / "directory.yaml").read_text()
+
+    def version():
+        return httpx.get(f"{proxy.url}/_dpiguard/health", timeout=5).json()["policy_version"]
+
+    before = version()
+    (policies / "directory.yaml").write_text(original + f'  "cn=GG-Cantine,ou=groups,{BASE}":\n'
+                                                         "    roles: [secretary]\n")
+    seal(policies)
+    try:
+        assert wait_for(lambda: version() != before, timeout=20)  # policies.reload_interval: 1 s
+        _, r = login(proxy, stack, "sans.role")
+        assert r.status_code == 200 and r.json()["roles"] == ["secretary"], r.text
+    finally:
+        (policies / "directory.yaml").write_text(original)
+        seal(policies)
+    assert wait_for(lambda: version() == before, timeout=20)
 
 
 def test_group_change_gives_the_new_role_at_the_next_login(stack, proxy, ldap):

@@ -401,7 +401,7 @@ class Portal:
                       else "failure")
         login = (result.user.login if result.user else username.strip().lower()[:64]) or None
         if result.ok:
-            self._event(req, "login_success", login, "allow", "ok")
+            self._event(req, "login_success", login, "allow", "ok", idp=getattr(result, "source", "local"))
         else:
             event = {"locked": "login_locked", "throttled": "login_throttled"}.get(result.reason, "login_failure")
             self._event(req, event, login, "deny", result.reason, getattr(result, "detail", None))
