@@ -369,3 +369,40 @@ def test_recheck_directory_down_keeps_sessions_for_the_grace_then_ends_them(auth
     sid, _ = sessions.create("med.ldap", ["doctor"], source="ldap")
     assert recheck.run_once(now + 700) == {"med.ldap": "kept"}
     assert r.get("dpiguard:ldap:down-since") is None
+
+
+# -- dpiguard demo --ldap ------------------------------------------------------------------------------
+def test_demo_directory_works_with_the_example_mapping(tmp_path):
+    from dpiguard.demo import ldapdir
+    from dpiguard.policy.snapshot import PolicySet
+
+    from .ldap_server import require_slapd
+    from .stack import ROOT
+
+    require_slapd()
+    server = ldapdir.start_demo_directory("Demo-Pass-2026!", "svc-secret-4242")
+    try:
+        (tmp_path / "pw").write_text("svc-secret-4242\n")
+        c = ldapdir.demo_directory_config(server, tmp_path / "pw")
+        directory = d.LdapDirectory(d.DirectorySettings(
+            url=c["url"], start_tls=c["start_tls"], ca_file=c["ca_file"], bind_dn=c["bind_dn"],
+            bind_password="svc-secret-4242", base_dn=c["base_dn"], user_filter=c["user_filter"]))
+        mapping = PolicySet.load(ROOT / "policies", sealed=True).directory_groups
+        outcome, entry = directory.authenticate("ldap.infirmiere", "Demo-Pass-2026!")
+        assert outcome == d.OK and mapping.resolve(entry.groups) == (("nurse",), ("CARDIO",))
+        outcome, entry = directory.authenticate("ldap.medecin", "Demo-Pass-2026!")
+        assert mapping.resolve(entry.groups) == (("doctor",), ("CARDIO",))
+        outcome, entry = directory.authenticate("ldap.sansrole", "Demo-Pass-2026!")
+        assert outcome == d.OK and mapping.resolve(entry.groups) == ((), ())
+        assert directory.authenticate("ldap.desactive", "Demo-Pass-2026!")[0] == d.DISABLED
+    finally:
+        server.close()
+
+
+def test_demo_ldap_without_slapd_says_how_to_install(monkeypatch, capsys, tmp_path):
+    from dpiguard.demo import ldapdir
+    from dpiguard.demo.runner import run_demo
+
+    monkeypatch.setattr(ldapdir, "missing_tools", lambda: ["slapd"])
+    assert run_demo(workdir=tmp_path, ldap=True) == 2
+    assert "apt-get install -y slapd ldap-utils" in capsys.readouterr().err

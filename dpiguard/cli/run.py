@@ -34,7 +34,7 @@ def cmd_demo(args) -> int:
         return 2
     from dpiguard.demo.runner import run_demo
 
-    return run_demo(host=args.host, port=args.port, workdir=Path(args.dir), seed_value=args.seed)
+    return run_demo(host=args.host, port=args.port, workdir=Path(args.dir), seed_value=args.seed, ldap=args.ldap)
 
 
 def cmd_config_check(args) -> int:
@@ -110,6 +110,8 @@ def register(sub) -> None:
     sp.add_argument("--port", type=int, default=8080, help="proxy port (the demo DPI listens on port+1)")
     sp.add_argument("--dir", default=".dpiguard-demo", help="working folder for keys, data and traces")
     sp.add_argument("--seed", type=int, default=2026)
+    sp.add_argument("--ldap", action="store_true",
+                    help="also start an OpenLDAP directory (slapd) whose users log in with their directory password")
     sp.set_defaults(func=cmd_demo)
 
     cfg = sub.add_parser("config", help="configuration tools").add_subparsers(dest="config_cmd", required=True)

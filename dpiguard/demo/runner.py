@@ -9,6 +9,7 @@ The demo data is re-seeded at every start, so TOTP secrets change at every start
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +115,19 @@ def seed(cfg: Config, dataset: Dataset, *, password: str = DEMO_PASSWORD, flush:
 
 
 def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".dpiguard-demo"),
-             seed_value: int = 2026) -> int:
+             seed_value: int = 2026, ldap: bool = False) -> int:
     from dpiguard.demo.app import create_app, start_in_thread
     from dpiguard.edge.runner import ensure_port_free, run_proxy
     from dpiguard.services import build_services
+
+    if ldap:
+        from dpiguard.demo.ldapdir import INSTALL_HINT, missing_tools
+
+        missing = missing_tools()
+        if missing:
+            print(f"dpiguard demo --ldap: the demo directory needs OpenLDAP's slapd ({', '.join(missing)} not "
+                  f"installed): {INSTALL_HINT}", file=sys.stderr)
+            return 2
 
     for p in (port, port + 1):  # the proxy and the demo DPI
         ensure_port_free(host, p, f"the demo needs ports {port} and {port + 1}: run it on others with "
@@ -126,8 +136,13 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".d
     server = start_redis(workdir / "redis")
     redis_url = f"{server.connection_url}/0"
     upstream = None
+    directory = None
     try:
-        config_path = write_demo_config(workdir, host=host, port=port, upstream_port=port + 1, redis_url=redis_url)
+        extra = None
+        if ldap:
+            directory, extra = _start_demo_directory(workdir)
+        config_path = write_demo_config(workdir, host=host, port=port, upstream_port=port + 1, redis_url=redis_url,
+                                        extra=extra)
         cfg = load_config(config_path)
         dataset = build_dataset(seed_value)
         verifier = AssertionVerifier.from_pem_file(workdir / "secrets" / "assertion-ed25519.pub.pem", cfg.audience)
@@ -137,12 +152,50 @@ def run_demo(host: str = "127.0.0.1", port: int = 8080, workdir: Path = Path(".d
         (workdir / "demo-accounts.json").write_bytes(orjson.dumps(
             [a.__dict__ for a in accounts], option=orjson.OPT_INDENT_2))
         _print_banner(host, port, workdir, config_path, accounts, redis_url)
+        if directory is not None:
+            _seed_directory_accounts(cfg, workdir, directory)
         services = build_services(cfg)
         return run_proxy(cfg, services, services.adt_processor())
     finally:
         if upstream is not None:
             upstream.shutdown()
+        if directory is not None:
+            directory.close()
         server.stop()  # also reaps a server that already exited (Ctrl+C reaches it too)
+
+
+def _start_demo_directory(workdir: Path):
+    """``demo --ldap``: a slapd with the demo directory, and the ``directory`` section for it."""
+    import secrets as random_secrets
+
+    from dpiguard.demo.ldapdir import demo_directory_config, start_demo_directory
+
+    (workdir / "secrets").mkdir(parents=True, exist_ok=True, mode=0o700)
+    service_password = random_secrets.token_urlsafe(18)
+    password_file = workdir / "secrets" / "ldap-service.pw"
+    password_file.write_text(service_password + "\n")
+    password_file.chmod(0o600)
+    server = start_demo_directory(DEMO_PASSWORD, service_password)
+    return server, {"directory": demo_directory_config(server, password_file)}
+
+
+def _seed_directory_accounts(cfg: Config, workdir: Path, server) -> None:
+    """The dpiguard records (TOTP only) of the demo directory's people; printed and written to a file."""
+    from dpiguard.demo.ldapdir import DEMO_PEOPLE_ENTRIES
+    from dpiguard.services import user_directory
+
+    users = user_directory(cfg)
+    rows = []
+    for login, name, groups, disabled in DEMO_PEOPLE_ENTRIES:
+        _, uri = users.add_external(login, "ldap", display_name=name)
+        rows.append({"login": login, "name": name, "groups": list(groups), "disabled_in_directory": disabled,
+                     "totp_uri": uri})
+    (workdir / "demo-ldap-accounts.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    print(f" LDAP directory {server.url} (StartTLS; slapd data in {server.work})")
+    print(f"   accounts    {workdir / 'demo-ldap-accounts.json'} (password {DEMO_PASSWORD}, TOTP in the file)")
+    for row in rows:
+        print(f"     {row['login']:18} {row['name']}")
+    print("   roles and units come from policies/directory.yaml at each login", flush=True)
 
 
 def start_redis(data_dir: Path):
