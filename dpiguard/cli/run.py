@@ -46,6 +46,30 @@ def cmd_config_check(args) -> int:
           f"{len(p.roles)} roles, {len(p.categories)} categories, "
           f"{len(p.careteam.units)} transversal units; emergency access {'on' if p.breakglass.enabled else 'off'}"
           + (f"; FHIR under {p.fhir.base_path}, {len(p.fhir.types)} resource types" if p.fhir else ""))
+    if cfg.oidc.enabled:
+        return _check_oidc(cfg, p)
+    return 0
+
+
+def _check_oidc(cfg, policies) -> int:
+    """The IdP's discovery document and keys are fetched and checked, and what is wrong is said."""
+    from dpiguard.auth.oidc import OidcError
+    from dpiguard.services import relying_party
+
+    try:
+        rp = relying_party(cfg, None)
+        doc = rp.discovery()
+        keys = rp.jwks_size()
+    except (OidcError, OSError, ValueError) as exc:
+        print(f"dpiguard: oidc: {exc}", file=sys.stderr)
+        return 1
+    print(f"OpenID Connect ({cfg.oidc.profile}) OK: {cfg.oidc.issuer}, {keys} signing key(s), "
+          f"{len(policies.oidc.rules)} role rule(s) in oidc.yaml"
+          + ("" if doc.get("end_session_endpoint") else "; the IdP has no end_session_endpoint (no logout at the IdP)")
+          + ("" if doc.get("backchannel_logout_supported") else "; the IdP does not announce back-channel logout"))
+    if not policies.oidc.rules:
+        print("dpiguard: oidc: warning: policies/oidc.yaml gives no role: nobody can log in through the IdP",
+              file=sys.stderr)
     return 0
 
 

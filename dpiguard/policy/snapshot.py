@@ -10,7 +10,9 @@ used), and keeps them together:
 * ``careteam``   transversal units and the grace period (careteam.yaml: :mod:`dpiguard.policy.careteam`),
                  the grace already resolved against ``careteam.grace_seconds`` of the configuration;
 * ``fhir``       the FHIR mapping (fhir.yaml: :mod:`dpiguard.policy.fhir`), or None without the file;
-* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it.
+* ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it;
+* ``oidc``       OpenID Connect / Pro Santé Connect claims → roles (oidc.yaml: :mod:`dpiguard.policy.oidc`),
+                 no rule (nobody gets a role through the IdP) without it.
 
 A running proxy loads only a sealed set (``sealed=True``: the files are exactly those of
 ``seal.json``, see :mod:`dpiguard.policy.seal`). The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
@@ -30,6 +32,7 @@ from dpiguard.policy.breakglass import BreakGlassPolicy
 from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
+from dpiguard.policy.oidc import OIDC_FILE, OidcMapping
 from dpiguard.policy.privacy import PRIVACY_FILE, PrivacyPolicy
 from dpiguard.policy.routes import RouteTable
 from dpiguard.policy.seal import check_seal
@@ -45,6 +48,7 @@ class PolicySet:
     careteam: CareTeamPolicy
     fhir: FhirPolicy | None
     privacy: PrivacyPolicy = PrivacyPolicy()
+    oidc: OidcMapping = OidcMapping()
     contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)  # the bytes read
 
     @classmethod
@@ -87,8 +91,11 @@ class PolicySet:
         pv_text = text(PRIVACY_FILE)
         privacy = PrivacyPolicy.from_text(pv_text, str(directory / PRIVACY_FILE)) if pv_text is not None \
             else PrivacyPolicy()
+        oidc_text = text(OIDC_FILE)
+        oidc = OidcMapping.from_text(oidc_text, str(directory / OIDC_FILE), table.roles) if oidc_text is not None \
+            else OidcMapping()
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir, privacy=privacy,
+                   careteam=careteam, fhir=fhir, privacy=privacy, oidc=oidc,
                    contents=dict(contents))
 
     def check_seal(self) -> None:

@@ -36,7 +36,7 @@ ROUTES_FILE = "routes.yaml"
 POLICY_FILES = (CATEGORIES_FILE, MODEL_FILE, POLICY_FILE, ROUTES_FILE)
 #: Other RSSI files of the same folder, loaded by their own modules (FHIR, emergency access, transversal
 #: units, privacy detectors). They are part of the policy version and of hot reload; each is optional.
-COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml", "privacy.yaml")
+COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml", "privacy.yaml", "oidc.yaml")
 VERSIONED_FILES = POLICY_FILES + COMPANION_FILES
 
 
