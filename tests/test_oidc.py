@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
@@ -382,6 +383,32 @@ def test_rp_initiated_logout_ends_the_idp_session_too(env):
         if r.status_code == 200:
             break
     assert "/interaction/" in r.text and "login" in r.text
+
+
+# -- the mapping file is hot-reloaded ---------------------------------------------------------------
+
+def test_mapping_file_edit_is_taken_live_and_a_broken_one_is_refused(env):
+    policies = Path(env["stack"].config.policies.dir)
+    gen = env["gen"]
+    c, r, _ = idp_login(gen, "carl.gen")
+    assert r.status_code == 403  # group "autre": no rule yet
+    (policies / "oidc.yaml").write_text(OIDC_YAML + "  - claim: groups\n    value: autre\n    roles: [pharmacist]\n")
+    seal(policies)
+    deadline = time.monotonic() + 15
+    while True:
+        c, r, _ = idp_login(gen, "carl.gen")
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, "the edited mapping was not taken"
+        time.sleep(0.5)
+    assert whoami(c, gen).json()["roles"] == ["pharmacist"]
+    (policies / "oidc.yaml").write_text(OIDC_YAML + "  - claim: groups\n    value: autre\n    roles: [surgeon]\n")
+    seal(policies)  # sealed but invalid (unknown role): refused, the previous set stays in service
+    time.sleep(3)
+    c, r, _ = idp_login(gen, "carl.gen")
+    assert r.status_code == 200
+    (policies / "oidc.yaml").write_text(OIDC_YAML)
+    seal(policies)
 
 
 # -- key rotation (last: restarts the provider) ------------------------------------------------------
