@@ -94,7 +94,12 @@ def env(tmp_path_factory):
                 "response_types": ["code"], "token_endpoint_auth_method": "client_secret_basic",
                 "scope": "openid profile groups scope_all"}
 
-    provider = OidcProvider(work / "idp", [client("dpiguard", gen_port), client("dpiguard-psc", psc_port)],
+    pkjwt = jwk.RSAKey.generate_key(2048, {"kid": "rp-key"}, private=True)
+    (work / "rp-key.pem").write_bytes(pkjwt.as_pem(private=True))
+    direct = {**client("dpiguard-pkjwt", 1), "token_endpoint_auth_method": "private_key_jwt",
+              "token_endpoint_auth_signing_alg": "RS256", "jwks": {"keys": [pkjwt.as_dict(private=False)]}}
+    del direct["client_secret"], direct["backchannel_logout_uri"], direct["backchannel_logout_session_required"]
+    provider = OidcProvider(work / "idp", [client("dpiguard", gen_port), client("dpiguard-psc", psc_port), direct],
                             ACCOUNTS, port=provider_port).start()
     stack = build_stack(work, config_extra={
         "policies": {"dir": str(policies)},
@@ -109,7 +114,8 @@ def env(tmp_path_factory):
         "DPIGUARD_OIDC__SCOPES": "openid,scope_all",
         "DPIGUARD_OIDC__REDIRECT_URI": f"http://127.0.0.1:{psc_port}/_dpiguard/oidc/callback",
         "DPIGUARD_OIDC__POST_LOGOUT_REDIRECT_URI": f"http://127.0.0.1:{psc_port}/_dpiguard/login?reason=logged_out"})
-    yield {"stack": stack, "provider": provider, "gen": gen, "psc": psc, "issuer": issuer}
+    yield {"stack": stack, "provider": provider, "gen": gen, "psc": psc, "issuer": issuer,
+           "rp_key": work / "rp-key.pem"}
     stack.close()
     provider.stop()
 
@@ -344,6 +350,53 @@ def test_backchannel_logout_token_checks_and_replay(env):
     assert post(_sign(new_key(key["kid"]), {**base, "jti": "j4"})).status_code == 400
     assert post(_sign(key, {**base, "jti": "j5", "aud": "other"})).status_code == 400
     assert records(env, event="oidc_logout", reason="replayed_token")
+
+
+def test_private_key_jwt_and_pkce_against_the_provider(env):
+    """The relying party alone, with private_key_jwt (a signed client assertion instead of a secret)."""
+    from dpiguard.services import redis_client
+
+    settings = OidcSettings(issuer=env["issuer"], client_id="dpiguard-pkjwt",
+                            redirect_uri="http://127.0.0.1:1/_dpiguard/oidc/callback", token_auth="private_key_jwt",
+                            private_key_pem=env["rp_key"].read_bytes(), scopes=("openid", "profile", "groups"))
+    rp = RelyingParty(settings, redis_client(env["stack"].config), "dpiguard-test")
+    url, binding = rp.begin("/")
+    c = httpx.Client(timeout=10)
+    r = c.get(url)
+    for _ in range(12):
+        if r.status_code in (302, 303):
+            location = urljoin(str(r.url), r.headers["location"])
+            if location.startswith(settings.redirect_uri):
+                break
+            r = c.get(location)
+        else:
+            r = c.post(urljoin(str(r.url), re.search(r'action="([^"]+)"', r.text).group(1)), data={"login": "alice.gen"})
+    q = parse_qs(urlsplit(location).query)
+    flow = rp.take_flow(q["state"][0], binding)
+    identity = rp.finish(flow, q["code"][0])
+    assert identity.login == "alice.gen" and identity.second_factor and identity.amr == ("pwd", "mfa")
+    with pytest.raises(OidcError):  # the state served once
+        rp.take_flow(q["state"][0], binding)
+    with pytest.raises(OidcError) as exc:  # the code too (the provider refuses it)
+        rp.finish(flow, q["code"][0])
+    assert exc.value.code == "token_refused"
+
+
+def test_unknown_kid_refetches_the_jwks_at_most_once_per_interval(env):
+    from dpiguard.services import redis_client
+
+    fetched = []
+    http = httpx.Client(timeout=5, event_hooks={"request": [lambda req: fetched.append(req.url.path)]})
+    settings = OidcSettings(issuer=env["issuer"], client_id="dpiguard", redirect_uri="http://127.0.0.1:1/cb",
+                            jwks_refresh_seconds=3600)
+    rp = RelyingParty(settings, redis_client(env["stack"].config), "dpiguard-test", http=http)
+    key = env["provider"].keys[0]
+    rp.verify_id_token(_sign(key, _claims(env)), "n-1")
+    stranger = new_key("unknown-kid")
+    for _ in range(5):
+        with pytest.raises(OidcError):
+            rp.verify_id_token(_sign(stranger, _claims(env)), "n-1")
+    assert fetched.count("/jwks") == 1  # the first fetch; then unknown kids wait for the interval
 
 
 # -- logout ----------------------------------------------------------------------------------------

@@ -185,6 +185,16 @@ def psc_rpps(claims: Mapping[str, Any]) -> str:
     return value[:32]
 
 
+def _private_key(pem: bytes):
+    """The client's private key for private_key_jwt (RSA or EC, PEM)."""
+    for kind in ("RSA", "EC"):
+        try:
+            return jwk.import_key(pem, kind)
+        except (JoseError, ValueError, TypeError):
+            continue
+    raise OidcError("config_error", "oidc.private_key_file: not an RSA or EC private key in PEM")
+
+
 # -- the relying party ---------------------------------------------------------------------------------
 class RelyingParty:
     """One OpenID Connect client. Thread-safe; state of flows and sessions is in Redis."""
@@ -271,6 +281,11 @@ class RelyingParty:
         with self._lock:
             self._jwks, self._jwks_at = keyset, now
         return keyset
+
+    def check_client_key(self) -> None:
+        """OidcError unless the private_key_jwt key can sign (``config check``)."""
+        if self.s.token_auth == "private_key_jwt":
+            _private_key(self.s.private_key_pem)
 
     def jwks_size(self) -> int:
         """How many keys the IdP's JWKS holds (fetched now; ``config check``)."""
@@ -386,7 +401,7 @@ class RelyingParty:
         if s.token_auth == "client_secret_post":
             return {"client_id": s.client_id, "client_secret": s.client_secret}, None
         if s.token_auth == "private_key_jwt":
-            key = jwk.import_key(s.private_key_pem)
+            key = _private_key(s.private_key_pem)
             alg = "ES256" if key.key_type == "EC" else "RS256"
             now = int(self.clock())
             assertion = jwt.encode({"alg": alg, **({"kid": key.kid} if key.kid else {})},

@@ -58,6 +58,7 @@ def _check_oidc(cfg, policies) -> int:
 
     try:
         rp = relying_party(cfg, None)
+        rp.check_client_key()
         doc = rp.discovery()
         keys = rp.jwks_size()
     except (OidcError, OSError, ValueError) as exc:
