@@ -270,6 +270,17 @@ def test_state_from_another_browser_is_refused(env):
     assert r.status_code == 400
 
 
+def test_an_answer_naming_another_issuer_is_refused(env):
+    gen = env["gen"]
+    c = httpx.Client(timeout=10)
+    r = c.get(gen.url + "/_dpiguard/oidc/login")
+    state = parse_qs(urlsplit(r.headers["location"]).query)["state"][0]
+    r = c.get(gen.url + "/_dpiguard/oidc/callback", params={"state": state, "code": "abc",
+                                                            "iss": "http://127.0.0.1:1"})
+    assert r.status_code == 401
+    assert records(env, event="login_failure", reason="invalid_token")
+
+
 # -- the verifier against the provider's real keys ------------------------------------------------------
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from dpiguard.auth.sessions import cookie_value, presented_token
 from dpiguard.auth.users import UserDirectory
 from dpiguard.decision.verdict import Incoming
 from dpiguard.edge.pages import safe_next
+from dpiguard.edge.portal import Reply
 
 log = logging.getLogger("dpiguard")
 BINDING_COOKIE = "dpiguard_oidc"
@@ -120,8 +121,6 @@ class OidcPages:
         except OidcError as exc:
             status, text = self._error_text(portal.l10n(req), exc)
             return self._refuse(portal, req, status, exc.code, text, detail=str(exc))
-        from dpiguard.edge.portal import Reply
-
         cookie = self._cookie(portal, BINDING_COOKIE, binding, PATH, self.rp.s.flow_seconds)
         return Reply(303, b"", "text/plain", [("Location", url), ("Set-Cookie", cookie)])
 
@@ -131,6 +130,8 @@ class OidcPages:
         binding = cookie_value(req.headers.get("cookie", ""), BINDING_COOKIE)
         try:
             flow = self.rp.take_flow(params.get("state", ""), binding)
+            if "iss" in params and params["iss"] != self.rp.s.issuer:  # RFC 9207: an answer of another IdP
+                raise OidcError("invalid_token", f"authorization response from issuer {params['iss'][:200]!r}")
             if "error" in params:
                 raise OidcError("idp_refused", f"{params['error'][:64]}: {params.get('error_description', '')[:200]}")
             identity = self.rp.finish(flow, params.get("code", ""))
@@ -154,16 +155,16 @@ class OidcPages:
                 "This account mixes care roles and administrative roles (DPO, security officer, helpdesk). Such "
                 "accounts are refused: ask the security officer to split it."), identity.login, ",".join(roles),
                 identity.rpps)
-        if identity.second_factor:
-            return self._open(portal, req, identity, roles, flow.next, None,
-                              f"acr={identity.acr} amr={','.join(identity.amr)}")
-        # The IdP did not vouch for a second factor: dpiguard's TOTP of the account with the same login.
-        locked = portal.authenticator.locked_for(identity.login)
+        locked = portal.authenticator.locked_for(identity.login)  # dpiguard's lock holds whatever the source
         if locked:
             return self._refuse(portal, req, 429, LOCKED, l10n.gettext(
                 "Too many failed attempts: the account is locked until %(time)s (%(wait)s).",
                 time=l10n.clock(time.time() + locked), wait=l10n.duration(locked)), identity.login, "",
                 identity.rpps)
+        if identity.second_factor:
+            return self._open(portal, req, identity, roles, flow.next, None,
+                              f"acr={identity.acr} amr={','.join(identity.amr)}")
+        # The IdP did not vouch for a second factor: dpiguard's TOTP of the account with the same login.
         if not self.users.has_totp(identity.login):
             return self._refuse(portal, req, 403, "no_second_factor", l10n.gettext(
                 "%(idp)s identified you without a second factor, and you have no dpiguard authenticator code to "
@@ -254,8 +255,6 @@ class OidcPages:
 
     # -- back-channel logout -------------------------------------------------------------------------
     def backchannel_logout(self, portal, req: Incoming, body: bytes):
-        from dpiguard.edge.portal import Reply
-
         ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
         form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=5).items()}
         token = form.get("logout_token", "")
