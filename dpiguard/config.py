@@ -247,6 +247,69 @@ class Login(_Section):
     issuer: Text = "dpiguard"
 
 
+def _https_or_loopback(url: str | None) -> str | None:
+    """An https:// URL, or http:// on a loopback host only (tests, a local IdP)."""
+    if url is None:
+        return url
+    parts = _split_url(url)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if not parts.hostname or not (parts.scheme == "https" or (parts.scheme == "http" and loopback)):
+        raise ValueError(f"must be an https:// URL (http:// only on 127.0.0.1/localhost), got {url!r}")
+    if parts.fragment:
+        raise ValueError("must not have a #fragment")
+    return url
+
+
+def _jws_algorithms(algs: list[str]) -> list[str]:
+    allowed = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+    if not algs:
+        raise ValueError("must name at least one signature algorithm")
+    for alg in algs:
+        if alg not in allowed:
+            raise ValueError(f"{alg!r} is not accepted (only asymmetric signatures: {', '.join(allowed)}; "
+                             "never 'none' nor HS256/384/512)")
+    return algs
+
+
+class Oidc(_Section):
+    """OpenID Connect login, generic or with the Pro Santé Connect profile (docs/authentication.md).
+
+    Off by default. Roles come from ``policies/oidc.yaml`` (no file: nobody gets a role)."""
+
+    enabled: Flag = False
+    profile: Annotated[Text, _check(lambda v: v in ("generic", "psc"), "must be 'generic' or 'psc', not {value!r}")] = "generic"
+    issuer: Annotated[OptionalText, AfterValidator(_https_or_loopback)] = None  # discovery: ISSUER/.well-known/openid-configuration
+    client_id: OptionalText = None
+    client_secret_file: OptionalText = None  # a file holding the secret (client_secret_basic / _post)
+    token_auth: Annotated[Text, _check(lambda v: v in ("client_secret_basic", "client_secret_post", "private_key_jwt"),
+                                       "must be client_secret_basic, client_secret_post or private_key_jwt")] = "client_secret_basic"
+    private_key_file: OptionalText = None  # PEM private key for private_key_jwt
+    redirect_uri: Annotated[OptionalText, AfterValidator(_https_or_loopback)] = None  # https://proxy/_dpiguard/oidc/callback
+    post_logout_redirect_uri: Annotated[OptionalText, AfterValidator(_https_or_loopback)] = None
+    scopes: TextList = Field(default_factory=lambda: ["openid", "profile"])
+    login_claim: Text = "preferred_username"  # the dpiguard login (TOTP account, trace records)
+    name_claim: Text = "name"
+    userinfo: Flag = True  # also read the userinfo endpoint (Pro Santé Connect puts SubjectRefPro there)
+    required_acr: OptionalText = None  # psc: eidas1 when not set
+    mfa_acr: TextList = Field(default_factory=list)  # acr values that vouch for a second factor (psc: eidas1)
+    mfa_amr: TextList = Field(default_factory=lambda: ["mfa", "otp", "hwk", "sc", "swk"])
+    algorithms: Annotated[TextList, AfterValidator(_jws_algorithms)] = Field(default_factory=lambda: ["RS256", "PS256", "ES256"])
+    clock_skew: Annotated[Whole, _check(lambda v: 0 <= v <= 300, "must be 0 to 300 seconds")] = 60
+    http_timeout: Annotated[PositiveNumber, _check(lambda v: v <= 30, "must be at most 30 seconds")] = 5.0
+    flow_seconds: Annotated[PositiveWhole, _check(lambda v: v <= 1800, "must be at most 1800 seconds")] = 300
+    jwks_refresh_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 or more")] = 30  # at most one re-fetch on an unknown kid per this
+    jwks_max_age: PositiveWhole = 3600
+    button_label: OptionalText = None  # e.g. "Se connecter avec le compte de l'hôpital"
+
+    @property
+    def acr_required(self) -> str | None:
+        return self.required_acr or ("eidas1" if self.profile == "psc" else None)
+
+    @property
+    def acr_vouching(self) -> list[str]:
+        return list(self.mfa_acr) or (["eidas1"] if self.profile == "psc" else [])
+
+
 class CareTeam(_Section):
     grace_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 or more")] = 86400
 
@@ -471,6 +534,7 @@ class Config(BaseModel):
     secrets: Secrets = Field(default_factory=Secrets)
     sessions: Sessions = Field(default_factory=Sessions)
     login: Login = Field(default_factory=Login)
+    oidc: Oidc = Field(default_factory=Oidc)
     careteam: CareTeam = Field(default_factory=CareTeam)
     adt: Adt = Field(default_factory=Adt)
     decision_cache: DecisionCacheSection = Field(default_factory=DecisionCacheSection)
@@ -552,6 +616,17 @@ class Config(BaseModel):
             key = "tls.key_file" if self.tls.cert_file else "tls.cert_file"
             raise ConfigError(key, "tls.cert_file and tls.key_file go together")
         self._check_directory()
+        o = self.oidc
+        if o.enabled:
+            for key in ("issuer", "client_id", "redirect_uri"):
+                if not getattr(o, key):
+                    raise ConfigError(f"oidc.{key}", "is required when oidc.enabled is true")
+            if o.token_auth == "private_key_jwt" and not o.private_key_file:
+                raise ConfigError("oidc.private_key_file", "is required with token_auth: private_key_jwt")
+            if o.token_auth != "private_key_jwt" and not o.client_secret_file:
+                raise ConfigError("oidc.client_secret_file", f"is required with token_auth: {o.token_auth}")
+            if "openid" not in o.scopes:
+                raise ConfigError("oidc.scopes", "must contain 'openid'")
         if context.get("check_files"):
             self._check_files()
         return self
@@ -574,6 +649,11 @@ class Config(BaseModel):
             value = self._value(dotted)
             if value and not self.path(value).is_file():
                 raise ConfigError(dotted, f"file not found: {self.path(value)}")
+        if self.oidc.enabled:
+            for key in ("client_secret_file", "private_key_file"):
+                value = getattr(self.oidc, key)
+                if value and not self.path(value).is_file():
+                    raise ConfigError(f"oidc.{key}", f"file not found: {self.path(value)}")
         if not self.path(self.policies.dir).is_dir():
             raise ConfigError("policies.dir", f"folder not found: {self.path(self.policies.dir)}")
         for dotted in _KEY_FILES:

@@ -23,6 +23,7 @@ from dpiguard.audit.chain import AuditLog
 from dpiguard.audit.chain import from_config as audit_from_config
 from dpiguard.auth.directory import DirectoryFirstFactor, DirectoryRecheck, DirectorySettings, LdapDirectory
 from dpiguard.auth.login import Authenticator
+from dpiguard.auth.oidc import OidcSettings, RelyingParty
 from dpiguard.auth.resume import ResumeStore
 from dpiguard.auth.sessions import SessionStore
 from dpiguard.auth.users import SecretBox, UserDirectory
@@ -42,6 +43,7 @@ from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
 from dpiguard.edge.banner import Banner
 from dpiguard.edge.console import Console
+from dpiguard.edge.oidc import OidcPages
 from dpiguard.edge.ops import Monitor, allowed_networks, public_text
 from dpiguard.edge.pages import PageSettings
 from dpiguard.edge.pools import Pools
@@ -103,6 +105,24 @@ def session_store(cfg: Config, client: redis.Redis | None = None) -> SessionStor
         absolute_lifetime=cfg.sessions.absolute_lifetime, touch_interval=cfg.sessions.touch_interval,
         resume_seconds=cfg.sessions.resume_seconds,
     )
+
+
+def oidc_settings(cfg: Config) -> OidcSettings:
+    """The relying party's settings from the ``oidc`` section (secrets read from their files)."""
+    o = cfg.oidc
+    secret = cfg.path(o.client_secret_file).read_text().strip() if o.client_secret_file else ""
+    key = cfg.path(o.private_key_file).read_bytes() if o.private_key_file else b""
+    return OidcSettings(
+        issuer=o.issuer or "", client_id=o.client_id or "", redirect_uri=o.redirect_uri or "", client_secret=secret,
+        token_auth=o.token_auth, private_key_pem=key, post_logout_redirect_uri=o.post_logout_redirect_uri,
+        scopes=tuple(o.scopes), profile=o.profile, login_claim=o.login_claim, name_claim=o.name_claim,
+        userinfo=o.userinfo, required_acr=o.acr_required, mfa_acr=tuple(o.acr_vouching), mfa_amr=tuple(o.mfa_amr),
+        algorithms=tuple(o.algorithms), clock_skew=o.clock_skew, http_timeout=o.http_timeout,
+        flow_seconds=o.flow_seconds, jwks_refresh_seconds=o.jwks_refresh_seconds, jwks_max_age=o.jwks_max_age)
+
+
+def relying_party(cfg: Config, client) -> RelyingParty:
+    return RelyingParty(oidc_settings(cfg), client, cfg.redis.prefix)
 
 
 def portal_settings(cfg: Config) -> PortalSettings:
@@ -373,6 +393,8 @@ def build_services(cfg: Config) -> Services:
         health=lambda: services_ref["s"].health(), policies=lambda: pipeline.policies, breakglass=breakglass,
         settings=settings, resume=resume,
     )
+    if cfg.oidc.enabled:
+        portal.oidc = OidcPages(relying_party(cfg, client), users, label=cfg.oidc.button_label)
     if cfg.console.enabled:
         prefix = cfg.redis.prefix
         portal.console = Console(

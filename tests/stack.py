@@ -113,9 +113,9 @@ class Stack:
     def audit_path(self) -> Path:
         return self.workdir / "audit"
 
-    def start_proxy(self, instance: str, env: dict | None = None, preexec_fn=None) -> Proxy:
-        port = free_port()
-        while port == self.config.adt.listen_port:  # a free port now may be the configured ADT port
+    def start_proxy(self, instance: str, env: dict | None = None, preexec_fn=None, port: int | None = None) -> Proxy:
+        """``port``: the one to listen on (default: a free one), e.g. known beforehand by an IdP's redirect URI."""
+        while port is None or port == self.config.adt.listen_port:  # a free port now may be the ADT port
             port = free_port()
         log_path = self.workdir / f"proxy-{instance}.log"
         full_env = dict(os.environ, DPIGUARD_INSTANCE_ID=instance, DPIGUARD_LISTEN__PORT=str(port),

@@ -397,7 +397,14 @@ class SessionStore:
         """End one session (logout). Returns True if it existed."""
         if not is_valid_sid(sid):
             return False
-        h = sid_hash(sid)
+        return self.destroy_hash(sid_hash(sid))
+
+    def owner_hint(self, h: str) -> str | None:
+        """The user of a live session known by its id hash (for a trace record), or None."""
+        return as_text(self.redis.hget(self.keys.session(h), "user"))
+
+    def destroy_hash(self, h: str) -> bool:
+        """End one session known by its id hash (back-channel logout from an IdP), on every instance."""
         key = self.keys.session(h)
         user = as_text(self.redis.hget(key, "user"))
         existed = bool(self.redis.delete(key))

@@ -437,6 +437,14 @@ class UserDirectory:
             return TOTP_BAD, None
         return (TOTP_OK if outcome == 1 else TOTP_REUSED), matched
 
+    def has_totp(self, login: str) -> bool:
+        """True if ``login`` is an enabled account with a TOTP secret (an IdP login may use it as second factor)."""
+        login = normalize_login(login)
+        if not is_valid_login(login):
+            return False
+        enc, disabled = (as_text(v) for v in self.redis.hmget(self.keys.user(login), ["totp_enc", "disabled"]))
+        return enc is not None and disabled == "0"
+
     def verify_totp(self, login: str, code: str, now: float | None = None) -> bool:
         """RFC 6238 check (30 s, 6 digits, +-1 step) with single use of each time step."""
         return self.check_totp(login, code, now) == TOTP_OK

@@ -46,9 +46,12 @@ def cmd_config_check(args) -> int:
           f"{len(p.roles)} roles, {len(p.categories)} categories, "
           f"{len(p.careteam.units)} transversal units; emergency access {'on' if p.breakglass.enabled else 'off'}"
           + (f"; FHIR under {p.fhir.base_path}, {len(p.fhir.types)} resource types" if p.fhir else ""))
+    status = 0
     if cfg.directory.enabled:
-        return _check_directory(cfg, p)
-    return 0
+        status = max(status, _check_directory(cfg, p))
+    if cfg.oidc.enabled:
+        status = max(status, _check_oidc(cfg, p))
+    return status
 
 
 def _check_directory(cfg, policies) -> int:
@@ -64,6 +67,29 @@ def _check_directory(cfg, policies) -> int:
     groups = policies.directory_groups
     print(report + ("; policies/directory.yaml maps " + str(len(groups.groups)) + " groups" if groups else
                     "; WARNING: no policies/directory.yaml: no directory user has a role, none can log in"))
+    return 0
+
+
+def _check_oidc(cfg, policies) -> int:
+    """The IdP's discovery document and keys are fetched and checked, and what is wrong is said."""
+    from dpiguard.auth.oidc import OidcError
+    from dpiguard.services import relying_party
+
+    try:
+        rp = relying_party(cfg, None)
+        rp.check_client_key()
+        doc = rp.discovery()
+        keys = rp.jwks_size()
+    except (OidcError, OSError, ValueError) as exc:
+        print(f"dpiguard: oidc: {exc}", file=sys.stderr)
+        return 1
+    print(f"OpenID Connect ({cfg.oidc.profile}) OK: {cfg.oidc.issuer}, {keys} signing key(s), "
+          f"{len(policies.oidc.rules)} role rule(s) in oidc.yaml"
+          + ("" if doc.get("end_session_endpoint") else "; the IdP has no end_session_endpoint (no logout at the IdP)")
+          + ("" if doc.get("backchannel_logout_supported") else "; the IdP does not announce back-channel logout"))
+    if not policies.oidc.rules:
+        print("dpiguard: oidc: warning: policies/oidc.yaml gives no role: nobody can log in through the IdP",
+              file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,7 @@
 - ``POST /_dpiguard/api/breakglass`` emergency access for scripts: ``{"patient","reason","text","totp"}``
   (see dpiguard/decision/breakglass.py and docs/breakglass.md)
 - ``GET|POST /_dpiguard/breakglass/end``  end one's own emergency access early
+- ``/_dpiguard/oidc/…``            OpenID Connect / Pro Santé Connect login and logout (edge/oidc.py)
 - ``/_dpiguard/console/…``         the web console for DPOs, RSSIs and the helpdesk (console.py)
 
 Also renders refusals: HTML for browsers, JSON for API clients, FHIR OperationOutcome for FHIR paths,
@@ -167,6 +168,7 @@ class Portal:
         self.console = console  # dpiguard.edge.console.Console, or None
         self.admin_roles = frozenset(self.settings.console_roles)
         self._static = self._static_files()
+        self.oidc = None  # dpiguard.edge.oidc.OidcPages when OpenID Connect login is on (services.py)
 
     def _static_files(self) -> dict[str, tuple[bytes, str]]:
         from importlib.resources import files
@@ -230,6 +232,10 @@ class Portal:
                     return self.breakglass_request(req, body, session_token, form=False)
                 if path == "/_dpiguard/breakglass/end" and req.method in ("GET", "POST"):
                     return self.breakglass_end(req, query, body, session_token)
+            if self.oidc is not None and path.startswith("/_dpiguard/oidc/"):
+                reply = self.oidc.serve(self, req, path, query, body, session_token)
+                if reply is not None:
+                    return reply
             if route == ("GET", "/_dpiguard/health"):
                 info = self.health()
                 return self._json(200 if info.get("ready") else 503, info)
@@ -303,7 +309,8 @@ class Portal:
         s = self.settings
         reply = self.page(req, "login.html", status, None, error=error, warning=warning,
                           reason=params.get("reason", [""])[0], csrf=csrf, next=next_target, resume=resume,
-                          idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime))
+                          idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime),
+                          oidc_button=self.oidc.button(l10n) if self.oidc is not None else "")
         reply.headers = (headers or []) + [("Set-Cookie", self._cookie(self.csrf_cookie, csrf, path="/"))]
         return reply
 
@@ -466,10 +473,20 @@ class Portal:
                     return self.message(req, 403, "csrf_failed", title=l10n.gettext("Not logged out"),
                                         links=[("/_dpiguard/logout", l10n.gettext("Log out"))], session=session)
                 return self._json(403, {"error": "csrf_failed"})
+            idp_logout = self.oidc.logout_target(session) if self.oidc is not None else None
             self.sessions.destroy(token)
-            self._event(req, "logout", session.user, "allow", "ok")
+            self._event(req, "logout", session.user, "allow", "ok", "and at the identity provider" if idp_logout else None)
+        else:
+            idp_logout = None
         clear = [("Set-Cookie", self._cookie(self.cookie_name, "", path="/", max_age=0)),
                  ("Clear-Site-Data", '"cache"')]
+        if idp_logout and form:  # RP-initiated logout: the browser goes on to the IdP (not a form redirect: CSP)
+            l10n = self.l10n(req)
+            return self.page(req, "oidc_continue.html", 200, None, clear, title=l10n.gettext("You are logged out"),
+                             text=l10n.gettext("Logging you out of the identity provider too…"), target=idp_logout,
+                             label=l10n.gettext("Continue"))
+        if idp_logout:
+            return self._json(200, {"logged_out": True, "idp_logout": idp_logout}, clear)
         if form:
             then = "switch_user" if sent.get("then") == "switch_user" else "logged_out"
             return Reply(303, b"", "text/plain", [("Location", f"/_dpiguard/login?reason={then}")] + clear)
@@ -751,6 +768,10 @@ class Portal:
         if max_age is not None:
             parts.append(f"Max-Age={max_age}")
         return "; ".join(parts)
+
+    def session_cookie(self, token: str) -> str:
+        """The Set-Cookie value of a new session (a login by another route: OpenID Connect)."""
+        return self._cookie(self.cookie_name, token, path="/")
 
     def _json(self, status: int, data: dict, headers: list[tuple[str, str]] | None = None) -> Reply:
         return Reply(status, orjson.dumps(data), "application/json", headers or [])

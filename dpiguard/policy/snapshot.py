@@ -13,6 +13,8 @@ used), and keeps them together:
 * ``privacy``    the privacy detectors (privacy.yaml: :mod:`dpiguard.policy.privacy`), defaults without it;
 * ``directory_groups`` LDAP / AD groups → roles and units (directory.yaml: :mod:`dpiguard.policy.directory`), or
                  None without the file (then no directory user has a role).
+* ``oidc``       OpenID Connect / Pro Santé Connect claims → roles (oidc.yaml: :mod:`dpiguard.policy.oidc`),
+                 no rule (nobody gets a role through the IdP) without it.
 
 A running proxy loads only a sealed set (``sealed=True``: the files are exactly those of
 ``seal.json``, see :mod:`dpiguard.policy.seal`). The version is a hash over the bytes the set was built from. The pipeline holds one set and a reload
@@ -33,6 +35,7 @@ from dpiguard.policy.careteam import CARETEAM_FILE, CareTeamPolicy
 from dpiguard.policy.directory import DIRECTORY_FILE, DirectoryMapping
 from dpiguard.policy.fhir import FHIR_FILE, FhirPolicy
 from dpiguard.policy.files import decode_policy_file
+from dpiguard.policy.oidc import OIDC_FILE, OidcMapping
 from dpiguard.policy.privacy import PRIVACY_FILE, PrivacyPolicy
 from dpiguard.policy.routes import RouteTable
 from dpiguard.policy.seal import check_seal
@@ -49,6 +52,7 @@ class PolicySet:
     fhir: FhirPolicy | None
     privacy: PrivacyPolicy = PrivacyPolicy()
     directory_groups: DirectoryMapping | None = None  # directory.yaml (None: no file)
+    oidc: OidcMapping = OidcMapping()
     contents: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)  # the bytes read
 
     @classmethod
@@ -94,8 +98,11 @@ class PolicySet:
         dir_text = text(DIRECTORY_FILE)
         mapping = (DirectoryMapping.from_text(dir_text, str(directory / DIRECTORY_FILE), table.roles)
                    if dir_text is not None else None)
+        oidc_text = text(OIDC_FILE)
+        oidc = OidcMapping.from_text(oidc_text, str(directory / OIDC_FILE), table.roles) if oidc_text is not None \
+            else OidcMapping()
         return cls(directory=directory, version=table.version, table=table, breakglass=breakglass,
-                   careteam=careteam, fhir=fhir, privacy=privacy, directory_groups=mapping,
+                   careteam=careteam, fhir=fhir, privacy=privacy, directory_groups=mapping, oidc=oidc,
                    contents=dict(contents))
 
     def check_seal(self) -> None:

@@ -35,8 +35,8 @@ CATEGORIES_FILE = "categories.yaml"
 ROUTES_FILE = "routes.yaml"
 POLICY_FILES = (CATEGORIES_FILE, MODEL_FILE, POLICY_FILE, ROUTES_FILE)
 #: Other RSSI files of the same folder, loaded by their own modules (FHIR, emergency access, transversal
-#: units, privacy detectors, directory groups). They are part of the policy version and of hot reload; each is optional.
-COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml", "privacy.yaml", "directory.yaml")
+#: units, privacy detectors, directory groups, OpenID Connect claims). They are part of the policy version and of hot reload; each is optional.
+COMPANION_FILES = ("fhir.yaml", "breakglass.yaml", "careteam.yaml", "privacy.yaml", "directory.yaml", "oidc.yaml")
 VERSIONED_FILES = POLICY_FILES + COMPANION_FILES
 
 

@@ -54,6 +54,12 @@ class Keys:
     def user_sessions(self, login: str) -> str:
         return f"{self.prefix}:user-sessions:{{{login}}}"
 
+    def oidc(self, kind: str, ident: str) -> str:
+        """OpenID Connect state (auth/oidc.py): ``flow`` (by state), ``pending`` (identity waiting for a
+        TOTP code), ``session`` (by session id hash), ``sid`` / ``sub`` (sets of session hashes, by sha256
+        of the IdP's sid / sub), ``jti`` (logout tokens used)."""
+        return f"{self.prefix}:oidc-{kind}:{{{ident}}}"
+
     def session_owner(self, sid_hash: str) -> str:
         """Whose a session was, kept after it ended by inactivity (a kept form goes to its author only)."""
         return f"{self.prefix}:session-owner:{{{sid_hash}}}"
