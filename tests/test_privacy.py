@@ -167,7 +167,7 @@ def test_self_access_vip_and_staff_patients():
     colleague = evaluate(access(), facts(links=frozenset({"dr.b"}), coworker=frozenset({"CARDIO"})), RULES, 24)
     assert ("coworker", None) in names(colleague)
     other = evaluate(access(), facts(links=frozenset({"dr.b"})), RULES, 24)
-    assert ("staff_patient", "context") in names(other)
+    assert ("staff_patient", "direct") in names(other)
 
 
 def test_care_event_explains_broad_accesses_within_the_window():
