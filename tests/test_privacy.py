@@ -13,6 +13,7 @@ from dpiguard.policy.files import PolicyError
 from dpiguard.policy.privacy import PrivacyPolicy
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.privacy.detectors import Access, Candidate, Facts, care_event, evaluate, static_matches
+from dpiguard.privacy.monitor import write_units
 from dpiguard.privacy.pseudonyms import Demographics, Hasher, family_forms, parse_street
 from dpiguard.privacy.rules import DETECTORS, LABELS, WHY, why
 from dpiguard.privacy.sources import fhir_patients, from_fhir_patient, from_hl7
@@ -210,6 +211,18 @@ def test_staff_record_is_explained_only_by_direct_care_and_the_desk_only_by_an_a
     d3 = next(x for x in evaluate(desk_access, facts(links=frozenset({"dr.b"})), four, 24)
               if x.detector == "staff_patient")
     assert care_event(d3, late, None, {}, 24) == "registration"
+
+
+
+def test_a_write_counts_for_the_unit_whose_care_allowed_it():
+    def w(source, bg=False):
+        return Access("inf.m", ("nurse",), ("CARDIO", "PNEUMO"), "P1", 1.0, "vital_signs", True, source, bg, "r",
+                      "px1", 1)
+    assert write_units(w("unit:PNEUMO stay:S9")) == ("PNEUMO",)
+    assert write_units(w("transversal:URG open_stay_anywhere")) == ("URG",)
+    assert write_units(w(None)) == ("CARDIO", "PNEUMO")  # the role only: any of her units
+    assert write_units(w("assignment:consultant")) == ("CARDIO", "PNEUMO")
+    assert write_units(w("break_glass:G1", bg=True)) == ("CARDIO", "PNEUMO")
 
 
 def test_care_event_explains_broad_accesses_within_the_window():

@@ -150,6 +150,9 @@ def test_staff_record_read_during_a_stay_elsewhere_alerts_unless_the_desk_regist
         rec("acc.d", "P21", t0, **desk),  # browsing a colleague's file during her stay: alert
         rec("acc.d", "P22", t0, **desk),  # the admission: explained
         rec("acc.e", "P23", t0, **desk),  # the discharge: explained
+        # a nurse of PNEUMO and CARDIO writes in PNEUMO's care: not something CARDIO wrote for the patient
+        rec("inf.m", "P22", t0 + 300, roles=("nurse",), units=("CARDIO", "PNEUMO"), action="write",
+            category="vital_signs", source="unit:PNEUMO stay:S9"),
         rec("dr.k", "P22", t0 + 600, roles=("doctor",), units=("CARDIO",)),  # a stay elsewhere: alert
         rec("dr.k", "P21", t0, roles=("doctor",), units=("PNEUMO",), source="unit:PNEUMO stay:S1"),  # her doctor
     ])
