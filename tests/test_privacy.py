@@ -13,6 +13,7 @@ from dpiguard.policy.files import PolicyError
 from dpiguard.policy.privacy import PrivacyPolicy
 from dpiguard.policy.snapshot import PolicySet
 from dpiguard.privacy.detectors import Access, Candidate, Facts, care_event, evaluate, static_matches
+from dpiguard.privacy.monitor import write_units
 from dpiguard.privacy.pseudonyms import Demographics, Hasher, family_forms, parse_street
 from dpiguard.privacy.rules import DETECTORS, LABELS, WHY, why
 from dpiguard.privacy.sources import fhir_patients, from_fhir_patient, from_hl7
@@ -93,6 +94,8 @@ def test_shipped_privacy_yaml_loads_in_the_policy_set_and_is_versioned(tmp_path)
     policies = PolicySet.load(ROOT / "policies")
     assert set(policies.privacy.detectors) == set(DETECTORS)
     assert policies.privacy.decision_actions == {}  # alert only, as shipped
+    staff_rule = policies.privacy.on("staff_patient")
+    assert staff_rule.get("desk_roles") == ("reception",) and staff_rule.get("desk_event_hours") == 2
     copy = tmp_path / "p"
     shutil.copytree(ROOT / "policies", copy)
     text = (copy / "privacy.yaml").read_text().replace("  vip:\n    enabled: true\n    action: alert",
@@ -115,6 +118,9 @@ def test_shipped_privacy_yaml_loads_in_the_policy_set_and_is_versioned(tmp_path)
     ("detectors:\n  family_name:\n    common_name_share: 2\n", 3, "between 0 and 1"),
     ("detectors:\n  late_access:\n    after_days: 2.5\n", 3, "whole number"),
     ("colour: blue\n", 1, "unknown section 'colour'"),
+    ("detectors:\n  staff_patient:\n    desk_roles: reception\n", 3, "must be a list of names"),
+    ("detectors:\n  staff_patient:\n    desk_roles: [reception, 3]\n", 3, "must be a list of names"),
+    ("detectors:\n  staff_patient:\n    desk_event_hours: 0\n", 3, "between 0.25 and 24"),
 ])
 def test_privacy_yaml_mistakes_name_file_and_line(text, line, message):
     with pytest.raises(PolicyError) as err:
@@ -167,7 +173,56 @@ def test_self_access_vip_and_staff_patients():
     colleague = evaluate(access(), facts(links=frozenset({"dr.b"}), coworker=frozenset({"CARDIO"})), RULES, 24)
     assert ("coworker", None) in names(colleague)
     other = evaluate(access(), facts(links=frozenset({"dr.b"})), RULES, 24)
-    assert ("staff_patient", "context") in names(other)
+    assert ("staff_patient", "direct") in names(other)
+
+
+
+def test_staff_record_is_explained_only_by_direct_care_and_the_desk_only_by_an_admission_or_discharge():
+    """A staff member's record (issue 17): a stay going on in another unit explains nothing; the desk's
+    access is explained by an admission or a discharge within desk_event_hours, not by a stay going on."""
+    t = 1_000_000.0
+    nurse = evaluate(access(), facts(links=frozenset({"dr.b"})), RULES, 24)
+    c = next(x for x in nurse if x.detector == "staff_patient")
+    assert c.deferred == "direct" and "desk_hours" not in c.evidence
+    going_on = [{"unit": "PNEUMO", "start": t - 30 * 3600, "end": t + 40 * 3600}]
+    assert care_event(c, going_on, None, {}, 24) is None  # was "movement" before: the miss of issue 17
+    arrived = [{"unit": "PNEUMO", "start": t - 3600, "end": None}]
+    assert care_event(c, arrived, None, {}, 24) is None  # an admission is the desk's work, not a nurse's
+    assert care_event(c, [{"unit": "CARDIO", "start": t - 30 * 3600, "end": None}], None, {}, 24) == "stay:CARDIO"
+    assert care_event(c, [], {"start": t - 3600, "end": None}, {}, 24) == "assignment"
+    assert care_event(c, [], None, {"unit:CARDIO": t + 600}, 24) == "order"
+    desk_access = Access("acc.d", ("reception",), (), "P1", t, "administrative", False, None, False, "r2", "px1", 6)
+    d = next(x for x in evaluate(desk_access, facts(links=frozenset({"dr.b"})), RULES, 24)
+             if x.detector == "staff_patient")
+    assert d.evidence["desk_hours"] == 2
+    assert care_event(d, going_on, None, {}, 24) is None  # admitted 30 h before, still there: browsing
+    assert care_event(d, arrived, None, {}, 24) == "registration"
+    leaving = [{"unit": "PNEUMO", "start": t - 72 * 3600, "end": t + 1.5 * 3600}]
+    assert care_event(d, leaving, None, {}, 24) == "registration"  # the discharge paperwork
+    late = [{"unit": "PNEUMO", "start": t - 2.5 * 3600, "end": None}]
+    assert care_event(d, late, None, {}, 24) is None
+    assert care_event(d, [], None, {"u:acc.d": t + 120}, 24) == "order"  # she wrote the file: registered
+    assert "2 heures" in why("staff_patient", d.evidence) and "24 heures" in why("staff_patient", d.evidence)
+    no_desk = PrivacyPolicy.from_text("detectors:\n  staff_patient:\n    desk_roles: []\n", "privacy.yaml")
+    d2 = next(x for x in evaluate(desk_access, facts(links=frozenset({"dr.b"})), no_desk, 24)
+              if x.detector == "staff_patient")
+    assert "desk_hours" not in d2.evidence and care_event(d2, arrived, None, {}, 24) is None
+    four = PrivacyPolicy.from_text("detectors:\n  staff_patient:\n    desk_event_hours: 4\n", "privacy.yaml")
+    d3 = next(x for x in evaluate(desk_access, facts(links=frozenset({"dr.b"})), four, 24)
+              if x.detector == "staff_patient")
+    assert care_event(d3, late, None, {}, 24) == "registration"
+
+
+
+def test_a_write_counts_for_the_unit_whose_care_allowed_it():
+    def w(source, bg=False):
+        return Access("inf.m", ("nurse",), ("CARDIO", "PNEUMO"), "P1", 1.0, "vital_signs", True, source, bg, "r",
+                      "px1", 1)
+    assert write_units(w("unit:PNEUMO stay:S9")) == ("PNEUMO",)
+    assert write_units(w("transversal:URG open_stay_anywhere")) == ("URG",)
+    assert write_units(w(None)) == ("CARDIO", "PNEUMO")  # the role only: any of her units
+    assert write_units(w("assignment:consultant")) == ("CARDIO", "PNEUMO")
+    assert write_units(w("break_glass:G1", bg=True)) == ("CARDIO", "PNEUMO")
 
 
 def test_care_event_explains_broad_accesses_within_the_window():

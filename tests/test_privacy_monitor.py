@@ -133,6 +133,38 @@ def test_broad_rule_waits_for_its_window_and_a_care_event_explains_it(r, tmp_pat
     assert detail["evidence"]["care_event"] is False and "24 heures" in detail["detail"]
 
 
+
+def test_staff_record_read_during_a_stay_elsewhere_alerts_unless_the_desk_registers_an_arrival(r, tmp_path):
+    """Issue 17: a colleague's record read while they are hospitalised in another unit is not explained
+    by that stay; the desk's reading is explained by the admission it registers, not by a stay going on."""
+    t0 = time.time() - 10 * DAY
+    store = PrivacyStore(r)
+    for login, pid in (("inf.x", "P21"), ("inf.y", "P22"), ("inf.z", "P23")):
+        store.import_staff(login, H.pseudonyms(Demographics([f"Agent{login[-1]}"])), [pid])
+    ct = CareTeamStore(r)
+    ct.add_stay("P21", "PNEUMO", t0 - 30 * 3600)  # in since yesterday morning
+    ct.add_stay("P22", "PNEUMO", t0 - 3600)  # arrived an hour before the desk opened the file
+    ct.add_stay("P23", "PNEUMO", t0 - 3 * DAY, t0 + 3600)  # leaves an hour after
+    desk = {"roles": ("reception",), "units": ()}
+    write(tmp_path, "px1", [
+        rec("acc.d", "P21", t0, **desk),  # browsing a colleague's file during her stay: alert
+        rec("acc.d", "P22", t0, **desk),  # the admission: explained
+        rec("acc.e", "P23", t0, **desk),  # the discharge: explained
+        # a nurse of PNEUMO and CARDIO writes in PNEUMO's care: not something CARDIO wrote for the patient
+        rec("inf.m", "P22", t0 + 300, roles=("nurse",), units=("CARDIO", "PNEUMO"), action="write",
+            category="vital_signs", source="unit:PNEUMO stay:S9"),
+        rec("dr.k", "P22", t0 + 600, roles=("doctor",), units=("CARDIO",)),  # a stay elsewhere: alert
+        rec("dr.k", "P21", t0, roles=("doctor",), units=("PNEUMO",), source="unit:PNEUMO stay:S1"),  # her doctor
+    ])
+    m, log = monitor(r, tmp_path)
+    m.run(until_idle=True)
+    log.close()
+    got = sorted((a["reason"], a["user"], a["patient"]) for a in alerts_in(tmp_path) if a["reason"] == "staff_patient")
+    assert got == [("staff_patient", "acc.d", "P21"), ("staff_patient", "dr.k", "P22")]
+    desk_alert = next(a for a in alerts_in(tmp_path) if a["reason"] == "staff_patient" and a["user"] == "acc.d")
+    assert desk_alert["evidence"]["desk_hours"] == 2 and "arrivée ou une sortie" in desk_alert["detail"]
+
+
 def test_break_glass_without_treatment_alerts_once_the_window_is_over(r, tmp_path):
     t0 = time.time() - 10 * DAY
     write(tmp_path, "px1", [

@@ -112,6 +112,10 @@ def _value(label: str, data: LineDict, key: str, s: Setting, what: str) -> Any:
         return s.default
     value = data[key]
     line = data.line_of(key)
+    if isinstance(s.default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise PolicyError(label, line, f"{what} must be a list of names, e.g. [reception] (or [] for none)")
+        return tuple(v.strip() for v in value)
     if isinstance(s.default, bool):
         if not isinstance(value, bool):
             raise PolicyError(label, line, f"{what} must be true or false")

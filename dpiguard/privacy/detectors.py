@@ -140,8 +140,13 @@ def evaluate(a: Access, f: Facts, rules, care_hours: float) -> list[Candidate]:
         if f.coworker_units and rules.on("coworker"):
             out.append(Candidate("coworker", a, {"explanation": expl, "units": ",".join(sorted(f.coworker_units))},
                                  key=a.patient))
-        elif rules.on("staff_patient"):
-            out.append(Candidate("staff_patient", a, {"explanation": expl}, "context", due, a.patient))
+        elif r := rules.on("staff_patient"):
+            # only a DIRECT care relationship explains it (checked once the window is over): no stay "going
+            # on" somewhere else; a desk agent's access, only an admission or a discharge close to it
+            ev = {"explanation": expl, "hours": int(care_hours)}
+            if set(a.roles) & set(r.get("desk_roles")):
+                ev["desk_hours"] = r.get("desk_event_hours")
+            out.append(Candidate("staff_patient", a, ev, "direct", due, a.patient))
     r = rules.on("vip")
     if r and f.patient.vip:
         level = "confidentiel" if f.patient.vip == "confidential" else "personnalité (VIP)"
@@ -179,7 +184,12 @@ def care_event(c: Candidate, stays: Iterable[dict], assignment: dict | None, ord
     patient starting, going on or ending then (admissions, discharges: the desk's work).
     ``strict`` candidates (confidential / VIP patients): the same, but only the user's own care counts
     (their units' stays, their assignment, their own writes: no desk movement, no colleague's write).
-    ``after`` candidates (emergency access): as ``strict``, after the access only."""
+    ``after`` candidates (emergency access): as ``strict``, after the access only.
+    ``direct`` candidates (a staff member's record): only a direct care relationship within ``care_hours``
+    (a stay in one of the user's units, the user's assignment, something written by the user or one of
+    their units): a stay going on elsewhere explains nothing. A desk agent's access (the candidate's
+    evidence has ``desk_hours``) is also explained by an admission or a discharge of the patient (a stay
+    starting or ending) within ``desk_hours`` of the access: registering it is their work."""
     a = c.access
     after_only = c.deferred == "after"
     strict = c.deferred in ("after", "strict")  # only the user's own care (not the desk's, not the unit's)
@@ -197,8 +207,14 @@ def care_event(c: Candidate, stays: Iterable[dict], assignment: dict | None, ord
                 # but it is a care relationship all the same
                 return f"stay:{s['unit']}"
             return f"stay:{s['unit']}"
-        if not strict and a.explanation == "role_only":
+        if not strict and c.deferred != "direct" and a.explanation == "role_only":
             return "movement"
+    desk = c.evidence.get("desk_hours") if c.deferred == "direct" else None
+    if desk:
+        near = desk * HOUR
+        for s in stays:
+            if any(t is not None and abs(t - a.t) <= near for t in (s["start"], s["end"])):
+                return "registration"
     if assignment is not None:
         start, end = assignment.get("start"), assignment.get("end")
         if (start is None or start <= hi) and (end is None or end >= lo):

@@ -315,7 +315,7 @@ class PrivacyMonitor:
             day_users.setdefault(day, {})[a.user] = a.roles[0] if a.roles else "-"
             if a.write:
                 o = orders.setdefault(a.patient, {})
-                for who in [f"u:{a.user}"] + [f"unit:{u}" for u in a.units]:
+                for who in [f"u:{a.user}"] + [f"unit:{u}" for u in write_units(a)]:
                     o[who] = max(a.t, o.get(who, 0.0))
         pipe = self.r.pipeline(transaction=False)
         for (user, day), ps in day_patients.items():
@@ -565,6 +565,18 @@ class PrivacyMonitor:
                 self.on_alert(alert)
             except Exception:  # noqa: BLE001 - metrics never stop the monitor
                 log.exception("dpiguard privacy: alert hook failed")
+
+
+def write_units(a: Access) -> tuple[str, ...]:
+    """The units a write counts for as "something one of the user's units wrote": the unit whose stay or
+    transversal rule allowed it (a nurse of CARDIO and PNEUMO writing in CARDIO's care of the patient
+    did not write for PNEUMO), else all of the user's units (role only, assignment, emergency access)."""
+    s = a.source or ""
+    if s.startswith(("unit:", "transversal:")) and not a.break_glass:
+        unit = s.split(" ", 1)[0].split(":", 1)[1]
+        if unit:
+            return (unit,)
+    return a.units
 
 
 def _day_access(user: str, role: str, end: float) -> Access:

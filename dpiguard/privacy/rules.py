@@ -17,7 +17,7 @@ DECISION_TIME = ("self_access", "family_name", "same_address", "staff_patient", 
 
 @dataclass(frozen=True)
 class Setting:
-    default: float | int | bool
+    default: float | int | bool | tuple[str, ...]  # a tuple: a list of names in the file
     low: float | None = None
     high: float | None = None
     help: str = ""
@@ -31,7 +31,12 @@ SETTINGS: dict[str, dict[str, Setting]] = {
     "same_address": {
         "street": Setting(True, help="also same street and postal code (neighbours), when no care event explains it"),
     },
-    "staff_patient": {},
+    "staff_patient": {
+        "desk_roles": Setting(("reception",), help="roles of the admission desk: an admission or a discharge of the "
+                                                   "patient close to the access explains it (their work)"),
+        "desk_event_hours": Setting(2.0, 0.25, 24, "hours before or after the access in which an admission or a "
+                                                   "discharge explains a desk agent's access"),
+    },
     "coworker": {},
     "vip": {
         "every_access": Setting(False, help="alert on every access, even by the care team"),
@@ -83,8 +88,9 @@ WHY = {
     "self_access": "L'utilisateur a ouvert un dossier patient qui est le sien.",
     "family_name": "Le patient porte le même nom de famille que l'utilisateur ; {reason}.",
     "same_address": "Le patient habite {where} que l'utilisateur ; {reason}.",
-    "staff_patient": "Le patient est un membre du personnel, sans prise en charge directe par l'utilisateur "
-                     "ni événement de soins autour de l'accès ; {reason}.",
+    "staff_patient": "Le patient est un membre du personnel et aucune prise en charge directe n'explique l'accès "
+                     "(ni séjour dans un service de l'utilisateur, ni affectation, ni écriture de l'utilisateur ou "
+                     "de son service{around}{desk}) ; {reason}.",
     "coworker": "Le patient est un collègue qui travaille dans le même service que l'utilisateur ({units}) ; "
                 "{reason}.",
     "vip": "Le patient est signalé {level} ; {reason}.",
@@ -123,4 +129,9 @@ def why(detector: str, evidence: dict) -> str:
     values = _Missing({k: v for k, v in evidence.items() if isinstance(v, (str, int, float))})
     if "explanation" in evidence:
         values["reason"] = EXPLANATIONS.get(evidence["explanation"], evidence["explanation"])
+    if detector == "staff_patient":  # alerts raised before these fields existed read without them
+        hours, desk = evidence.get("hours"), evidence.get("desk_hours")
+        values["around"] = f" dans les {hours} heures autour de l'accès" if isinstance(hours, int) else ""
+        values["desk"] = (f", ni pour l'accueil une arrivée ou une sortie du patient dans les {desk:g} heures"
+                          if isinstance(desk, (int, float)) and not isinstance(desk, bool) else "")
     return WHY[detector].format_map(values)
