@@ -247,6 +247,27 @@ class Login(_Section):
     issuer: Text = "dpiguard"
 
 
+class Enrolment(_Section):
+    """The ``enrolment`` section: enrolment links, recovery codes and security keys (WebAuthn);
+    docs/authentication.md, "Security keys, enrolment and recovery"."""
+
+    # The address users open (scheme://host[:port], no path): printed in enrolment links, and the
+    # WebAuthn origin that key ceremonies must come from. null: links are printed as a path only.
+    public_url: OptionalText = None
+    link_ttl: Annotated[PositiveWhole, _check(lambda v: v <= 30 * 86400, "must be at most 30 days")] = 259200
+    recovery_codes: Annotated[PositiveWhole, _check(lambda v: v <= 20, "must be at most 20")] = 10
+    # WebAuthn relying party id (a domain: the DPI's host name, e.g. dpi.hopital.fr). null: keys are off.
+    webauthn_rp_id: OptionalText = None
+    webauthn_rp_name: Text = "dpiguard"
+    # Origins allowed in key ceremonies (default: public_url).
+    webauthn_origins: TextList = Field(default_factory=list)
+    challenge_ttl: Annotated[PositiveWhole, _check(lambda v: v <= 600, "must be at most 600 seconds")] = 120
+
+    @property
+    def origins(self) -> list[str]:
+        return list(self.webauthn_origins) or ([self.public_url.rstrip("/")] if self.public_url else [])
+
+
 class CareTeam(_Section):
     grace_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 or more")] = 86400
 
@@ -430,6 +451,7 @@ class Config(BaseModel):
     sessions: Sessions = Field(default_factory=Sessions)
     login: Login = Field(default_factory=Login)
     careteam: CareTeam = Field(default_factory=CareTeam)
+    enrolment: Enrolment = Field(default_factory=Enrolment)
     adt: Adt = Field(default_factory=Adt)
     decision_cache: DecisionCacheSection = Field(default_factory=DecisionCacheSection)
     audit: Audit = Field(default_factory=Audit)

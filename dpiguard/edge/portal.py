@@ -68,7 +68,7 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     ("Content-Security-Policy",
-     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
      "base-uri 'none'"),
 )
 
@@ -77,7 +77,8 @@ FHIR_ISSUE_CODE = {
     429: "throttled", 431: "too-long", 503: "exception",
 }
 
-STATIC_FILES = {"dpiguard.css": "text/css; charset=utf-8"}
+STATIC_FILES = {"dpiguard.css": "text/css; charset=utf-8",
+                "webauthn.js": "text/javascript; charset=utf-8"}  # the security-key step (edge/enrol.py)
 HTML = "text/html; charset=utf-8"
 
 
@@ -158,6 +159,7 @@ class Portal:
         self.pages = Pages(self.settings.pages, policies)
         self.resume = resume  # kept forms (None or ttl 0: off)
         self.console = console  # dpiguard.edge.console.Console, or None
+        self.enrol = None  # dpiguard.edge.enrol.Enrolment (enrolment, recovery codes, security keys), or None
         self.admin_roles = frozenset(self.settings.console_roles)
         self._static = self._static_files()
 
@@ -208,6 +210,10 @@ class Portal:
                 return self.login_submit(req, body)
             if route == ("POST", "/_dpiguard/api/login"):
                 return self.api_login(req, body)
+            if self.enrol is not None and (path.startswith("/_dpiguard/enrol") or path.startswith("/_dpiguard/login/key")):
+                served = self.enrol.handle(self, req, path, query, body)
+                if served is not None:
+                    return served
             if route == ("GET", "/_dpiguard/logout"):
                 return self.logout_page(req, query, session_token)
             if route == ("POST", "/_dpiguard/logout"):
@@ -296,7 +302,9 @@ class Portal:
         s = self.settings
         reply = self.page(req, "login.html", status, None, error=error, warning=warning,
                           reason=params.get("reason", [""])[0], csrf=csrf, next=next_target, resume=resume,
-                          idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime))
+                          idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime),
+                          keys=self.enrol is not None and self.enrol.keys is not None,
+                          recovery=self.authenticator.recovery is not None)
         reply.headers = (headers or []) + [("Set-Cookie", self._cookie(self.csrf_cookie, csrf, path="/"))]
         return reply
 
@@ -314,16 +322,20 @@ class Portal:
             error, warning = self._login_error(l10n, result)
             return self.login_form(req, "", error, 429 if result.retry_after else 401, form.get("next", "/"),
                                    warning=warning, resume=form.get("resume", ""))
+        return self.complete_login(req, result, form.get("next", "/"), form.get("resume", ""))
+
+    def complete_login(self, req: Incoming, result: LoginResult, next_target: str, resume_id: str = "") -> Reply:
+        """After a successful form login (both factors checked): the session, its cookie, where to go."""
         blocked = self._account_kind_refusal(req, result)
         if blocked is not None:
             return blocked
         token, session = self._open_session(req, result)
         cookies = [("Set-Cookie", self._cookie(self.cookie_name, token, path="/")),
                    ("Set-Cookie", self._cookie(self.csrf_cookie, "", path="/", max_age=0))]
-        kept = self._take_kept(req, form.get("resume", ""), session.user)
+        kept = self._take_kept(req, resume_id, session.user)
         if kept is not None:
             return Reply(303, b"", "text/plain", cookies, replay=(kept, token))
-        target = safe_next(form.get("next", "/"), portal_pages=True)
+        target = safe_next(next_target, portal_pages=True)
         if self._is_admin(session.roles) and target == "/":
             target = "/_dpiguard/console"
         return Reply(303, b"", "text/plain", [("Location", target)] + cookies)
@@ -394,7 +406,8 @@ class Portal:
                       else "failure")
         login = (result.user.login if result.user else username.strip().lower()[:64]) or None
         if result.ok:
-            self._event(req, "login_success", login, "allow", "ok")
+            # detail: which second factor, when not the TOTP code (recovery_code, security_key)
+            self._event(req, "login_success", login, "allow", "ok", result.detail if result.detail != "ok" else None)
         else:
             event = {"locked": "login_locked", "throttled": "login_throttled"}.get(result.reason, "login_failure")
             self._event(req, event, login, "deny", result.reason, getattr(result, "detail", None))
@@ -406,6 +419,9 @@ class Portal:
             self.sessions.destroy(old)  # the id is rotated at login
         return self.sessions.create(result.user.login, result.user.roles, login_step=result.totp_step,
                                     display_name=result.user.display_name)
+
+    def login_error(self, l10n: Localizer, result: LoginResult) -> tuple[str, str]:
+        return self._login_error(l10n, result)
 
     def _login_error(self, l10n: Localizer, result: LoginResult) -> tuple[str, str]:
         """(what went wrong, a warning) for a failed login, in the person's language."""

@@ -1,0 +1,310 @@
+"""Self-service enrolment and the security-key login step, under ``/_dpiguard/`` (never forwarded).
+
+- ``GET  /_dpiguard/enrol?t=TOKEN``   step 1: choose a password (the rule is shown and enforced)
+- ``POST /_dpiguard/enrol``           the password; a valid one uses up the link (once, any instance) and
+                                      opens an enrolment session (cookie ``dpiguard_enrol``, 30 minutes,
+                                      Path=/_dpiguard/enrol, HttpOnly, SameSite=Strict)
+- ``GET  /_dpiguard/enrol/factor``    step 2: TOTP (QR code in the page) or a security key
+- ``POST /_dpiguard/enrol/totp``      a code of the new secret: only then is the secret installed
+- ``POST /_dpiguard/enrol/key``       the browser's registration answer (``webauthn.js``)
+- ``GET  /_dpiguard/enrol/codes``     step 3: recovery codes, shown once; the enrolment session ends
+- ``POST /_dpiguard/login/key``       login with a security key: user name and password first ...
+- ``POST /_dpiguard/login/key/finish`` ... then the key's assertion (``webauthn.js``)
+
+Every step writes a trace record (``enrol_*``, ``login_*``); a refused key assertion counts as a failed
+login (lockout, address throttling), and a counter that went back is traced as ``security_key_clone``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import secrets
+from urllib.parse import parse_qs
+
+import pyotp
+
+from dpiguard.auth.enrolment import (
+    CNIL_MIN_BITS,
+    CONTAINS_LOGIN,
+    MISMATCH,
+    PASSWORD_MIN_LENGTH,
+    TOO_LONG,
+    EnrolmentLinks,
+    RecoveryCodes,
+    password_problems,
+)
+from dpiguard.auth.qr import qr_png_bytes
+from dpiguard.auth.sessions import cookie_value, sid_hash
+from dpiguard.auth.users import UserDirectory
+from dpiguard.auth.webauthn import KEY_CLONED, SecurityKeys
+from dpiguard.decision.verdict import Incoming
+from dpiguard.edge.pages import safe_next
+from dpiguard.edge.portal import Reply
+from dpiguard.storage.clients import as_text
+from dpiguard.storage.keys import Keys
+
+ENROL_COOKIE = "dpiguard_enrol"
+ENROL_SESSION_SECONDS = 1800
+MAX_CREDENTIAL = 12 * 1024
+
+STAGE_FACTOR = "factor"
+STAGE_CODES = "codes"
+
+
+def _form(body: bytes, fields: int = 12) -> dict[str, str]:
+    return {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"), max_num_fields=fields).items()}
+
+
+class Enrolment:
+    def __init__(self, *, redis_client, prefix: str, users: UserDirectory, links: EnrolmentLinks,
+                 recovery: RecoveryCodes, keys: SecurityKeys | None, secure_cookies: bool):
+        self.redis = redis_client
+        self.k = Keys(prefix)
+        self.users = users
+        self.links = links
+        self.recovery = recovery
+        self.keys = keys
+        self.secure = secure_cookies
+        self.cookie = ("__Host-" if secure_cookies else "") + ENROL_COOKIE
+
+    def handle(self, portal, req: Incoming, path: str, query: str, body: bytes) -> Reply | None:
+        route = (req.method, path)
+        if route == ("GET", "/_dpiguard/enrol"):
+            return self.password_page(portal, req, parse_qs(query, max_num_fields=5).get("t", [""])[0])
+        if route == ("POST", "/_dpiguard/enrol"):
+            return self.password_submit(portal, req, body)
+        if route == ("GET", "/_dpiguard/enrol/factor"):
+            return self.factor_page(portal, req)
+        if route == ("POST", "/_dpiguard/enrol/totp"):
+            return self.totp_submit(portal, req, body)
+        if route == ("POST", "/_dpiguard/enrol/key") and self.keys is not None:
+            return self.key_submit(portal, req, body)
+        if route == ("GET", "/_dpiguard/enrol/codes"):
+            return self.codes_page(portal, req)
+        if route == ("POST", "/_dpiguard/login/key") and self.keys is not None:
+            return self.key_login_start(portal, req, body)
+        if route == ("POST", "/_dpiguard/login/key/finish") and self.keys is not None:
+            return self.key_login_finish(portal, req, body)
+        return None
+
+    # -- step 1: the link and the password ---------------------------------------------------------
+    def _link_refused(self, portal, req: Incoming) -> Reply:
+        l10n = portal.l10n(req)
+        portal.event(req, "enrol_link", None, "deny", "link_invalid")
+        return portal.message(req, 410, "link_invalid", title=l10n.gettext("Link not valid"),
+                              text=l10n.gettext("This activation link has expired or was already used. Ask the "
+                                                "helpdesk for a new one."))
+
+    def password_page(self, portal, req: Incoming, token: str, problems: list[str] | None = None,
+                      status: int = 200) -> Reply:
+        login = self.links.peek(token)
+        if login is None:
+            return self._link_refused(portal, req)
+        if problems is None:
+            portal.event(req, "enrol_link", login, "allow", "opened")
+        user = self.users.get(login)
+        return portal.page(req, "enrol_password.html", status, token=token, login=login,
+                           display_name=user.display_name if user else "", problems=problems or [],
+                           min_length=PASSWORD_MIN_LENGTH, bits=CNIL_MIN_BITS)
+
+    def _problem_text(self, l10n, code: str) -> str:
+        return {TOO_LONG: l10n.gettext("The password is too long (1024 characters at most)."),
+                CONTAINS_LOGIN: l10n.gettext("The password must not contain your user name."),
+                MISMATCH: l10n.gettext("The two passwords differ."),
+                }.get(code, l10n.gettext("The password is too weak: make it longer, or mix lowercase letters, "
+                                         "uppercase letters, digits and other characters."))
+
+    def password_submit(self, portal, req: Incoming, body: bytes) -> Reply:
+        form = _form(body)
+        token = form.get("t", "")
+        login = self.links.peek(token)
+        if login is None:
+            return self._link_refused(portal, req)
+        password = form.get("password", "")
+        problems = password_problems(password, login, form.get("password2", ""))
+        if problems:
+            portal.event(req, "enrol_password", login, "deny", "password_rule", ",".join(problems))
+            l10n = portal.l10n(req)
+            return self.password_page(portal, req, token, [self._problem_text(l10n, p) for p in problems], 400)
+        if self.links.take(token) != login:  # used meanwhile (another tab, another instance)
+            return self._link_refused(portal, req)
+        self.users.store_password(login, password)
+        sid = secrets.token_urlsafe(32)
+        key = self.k.enrol_session(sid_hash(sid))
+        self.redis.hset(key, mapping={"login": login, "stage": STAGE_FACTOR, "csrf": secrets.token_urlsafe(24)})
+        self.redis.expire(key, ENROL_SESSION_SECONDS)
+        portal.event(req, "enrol_password", login, "allow", "ok")
+        return Reply(303, b"", "text/plain", [("Location", "/_dpiguard/enrol/factor"),
+                                              ("Set-Cookie", self._cookie(sid, ENROL_SESSION_SECONDS))])
+
+    def _cookie(self, value: str, max_age: int) -> str:
+        parts = [f"{self.cookie}={value}", "Path=/_dpiguard/enrol", "HttpOnly", "SameSite=Strict",
+                 f"Max-Age={max_age}"]
+        if self.secure:
+            parts[1] = "Path=/"  # a __Host- cookie must have Path=/
+            parts.append("Secure")
+        return "; ".join(parts)
+
+    def _enrol_session(self, req: Incoming) -> tuple[str, dict[str, str]] | None:
+        sid = cookie_value(req.headers.get("cookie", ""), self.cookie)
+        if not sid or len(sid) > 64:
+            return None
+        key = self.k.enrol_session(sid_hash(sid))
+        fields = {as_text(k): as_text(v) for k, v in self.redis.hgetall(key).items()}
+        return (key, fields) if fields.get("login") else None
+
+    def _session_ended(self, portal, req: Incoming) -> Reply:
+        l10n = portal.l10n(req)
+        portal.event(req, "enrol_step", None, "deny", "enrol_session_ended")
+        return portal.message(req, 401, "enrol_session_ended", title=l10n.gettext("Activation interrupted"),
+                              text=l10n.gettext("The activation took too long or was finished already. Log in, "
+                                                "or ask the helpdesk for a new activation link."),
+                              links=[("/_dpiguard/login", l10n.gettext("Log in"))])
+
+    # -- step 2: the second factor -----------------------------------------------------------------
+    def factor_page(self, portal, req: Incoming, error: str = "", status: int = 200) -> Reply:
+        found = self._enrol_session(req)
+        if found is None or found[1].get("stage") != STAGE_FACTOR:
+            return self._session_ended(portal, req)
+        key, s = found
+        login = s["login"]
+        if not s.get("totp"):
+            s["totp"] = self.users.box.encrypt(pyotp.random_base32(), aad="enrol:" + login)
+            self.redis.hset(key, "totp", s["totp"])
+        secret = self.users.box.decrypt(s["totp"], aad="enrol:" + login)
+        uri = self.users.provisioning_uri(login, secret)
+        qr = "data:image/png;base64," + base64.b64encode(qr_png_bytes(uri)).decode()
+        ceremony = None
+        if self.keys is not None:
+            user = self.users.get(login)
+            ceremony = self.keys.begin_registration(login, user.display_name if user else "")
+        return portal.page(req, "enrol_factor.html", status, qr=qr, secret=" ".join(
+            secret[i:i + 4] for i in range(0, len(secret), 4)), csrf=s["csrf"], error=error, key=ceremony)
+
+    def _checked(self, portal, req: Incoming, form: dict[str, str]):
+        found = self._enrol_session(req)
+        if found is None or found[1].get("stage") != STAGE_FACTOR:
+            return None, self._session_ended(portal, req)
+        if not hmac.compare_digest(form.get("csrf", ""), found[1].get("csrf", "")):
+            portal.event(req, "enrol_step", found[1]["login"], "deny", "csrf_failed")
+            l10n = portal.l10n(req)
+            return None, portal.message(req, 403, "csrf_failed", title=l10n.gettext("Activation interrupted"))
+        return found, None
+
+    def totp_submit(self, portal, req: Incoming, body: bytes) -> Reply:
+        form = _form(body)
+        found, refused = self._checked(portal, req, form)
+        if refused is not None:
+            return refused
+        key, s = found
+        login = s["login"]
+        secret = self.users.box.decrypt(s.get("totp", ""), aad="enrol:" + login) if s.get("totp") else ""
+        step = self.users.totp_step_of(secret, form.get("code", "").strip()) if secret else None
+        l10n = portal.l10n(req)
+        if step is None:
+            portal.event(req, "enrol_totp", login, "deny", "bad_totp")
+            return self.factor_page(portal, req, l10n.gettext(
+                "This code is not the one of the QR code above. Check the phone's time and type the code "
+                "shown now."), 400)
+        self.users.set_totp_secret(login, secret, last_step=step)  # this code cannot serve to log in
+        self.redis.hset(key, mapping={"stage": STAGE_CODES, "totp": ""})
+        portal.event(req, "enrol_totp", login, "allow", "ok")
+        return Reply(303, b"", "text/plain", [("Location", "/_dpiguard/enrol/codes")])
+
+    def key_submit(self, portal, req: Incoming, body: bytes) -> Reply:
+        form = _form(body)
+        found, refused = self._checked(portal, req, form)
+        if refused is not None:
+            return refused
+        key, s = found
+        login = s["login"]
+        credential = form.get("credential", "")
+        try:
+            if not credential or len(credential) > MAX_CREDENTIAL:
+                raise ValueError("no answer from the security key")
+            registered = self.keys.finish_registration(form.get("ceremony", ""), login, credential,
+                                                       form.get("name", ""))
+        except ValueError as exc:
+            portal.event(req, "enrol_key", login, "deny", "key_refused", str(exc)[:300])
+            l10n = portal.l10n(req)
+            return self.factor_page(portal, req, l10n.gettext(
+                "The security key could not be registered. Try again, or use the authenticator application."), 400)
+        self.redis.hset(key, "stage", STAGE_CODES)
+        portal.event(req, "enrol_key", login, "allow", "ok", f"key {registered.id[:32]} {registered.name}"[:200])
+        return Reply(303, b"", "text/plain", [("Location", "/_dpiguard/enrol/codes")])
+
+    # -- step 3: recovery codes --------------------------------------------------------------------
+    def codes_page(self, portal, req: Incoming) -> Reply:
+        found = self._enrol_session(req)
+        if found is None or found[1].get("stage") != STAGE_CODES:
+            return self._session_ended(portal, req)
+        key, s = found
+        if not self.redis.delete(key):  # shown once: a reload, or a second instance, gets nothing
+            return self._session_ended(portal, req)
+        codes = self.recovery.generate(s["login"])
+        portal.event(req, "enrol_complete", s["login"], "allow", "ok", f"{len(codes)} recovery codes")
+        return portal.page(req, "enrol_codes.html", 200, codes=codes, done=True,
+                           headers=[("Set-Cookie", self._cookie("", 0))])
+
+    # -- login with a security key -----------------------------------------------------------------
+    def _csrf_ok(self, portal, req: Incoming, form: dict[str, str]) -> bool:
+        sent = form.get("csrf", "")
+        cookie = cookie_value(req.headers.get("cookie", ""), portal.csrf_cookie)
+        return bool(sent and cookie and hmac.compare_digest(sent, cookie))
+
+    def _login_refused(self, portal, req: Incoming, result, form: dict[str, str]) -> Reply:
+        l10n = portal.l10n(req)
+        error, warning = portal.login_error(l10n, result)
+        return portal.login_form(req, "", error, 429 if result.retry_after else 401, form.get("next", "/"),
+                                 warning=warning)
+
+    def _trace_failure(self, portal, req: Incoming, login: str, result) -> None:
+        event = {"locked": "login_locked", "throttled": "login_throttled"}.get(result.reason, "login_failure")
+        portal.event(req, event, login or None, "deny", result.reason, result.detail)
+
+    def key_login_start(self, portal, req: Incoming, body: bytes) -> Reply:
+        form = _form(body)
+        l10n = portal.l10n(req)
+        username = form.get("username", "")[:64]
+        if not self._csrf_ok(portal, req, form):
+            portal.event(req, "login_failure", username.strip().lower() or None, "deny", "csrf_failed")
+            return portal.login_form(req, "", l10n.gettext("Your form expired; please try again."), 400,
+                                     form.get("next", "/"))
+        auth = portal.authenticator
+        result = auth.first_factor(username, form.get("password", "")[:1024], req.client_ip)
+        login = result.user.login if result.user else username.strip().lower()
+        ceremony = self.keys.begin_authentication(login) if result.ok else None
+        if result.ok and ceremony is None:  # the right password, but no key: a failed login all the same
+            result = auth.second_factor(login, req.client_ip, False, "no_security_key")
+        if not result.ok:
+            self._trace_failure(portal, req, login, result)
+            return self._login_refused(portal, req, result, form)
+        portal.event(req, "login_key_asked", login, "allow", "password_ok")
+        return portal.page(req, "login_key.html", 200, username=login, next=safe_next(form.get("next", "/"),
+                           portal_pages=True), csrf=form["csrf"], ceremony=ceremony, error="")
+
+    def key_login_finish(self, portal, req: Incoming, body: bytes) -> Reply:
+        form = _form(body)
+        l10n = portal.l10n(req)
+        login = form.get("username", "").strip().lower()[:64]
+        if not self._csrf_ok(portal, req, form):
+            portal.event(req, "login_failure", login or None, "deny", "csrf_failed")
+            return portal.login_form(req, "", l10n.gettext("Your form expired; please try again."), 400,
+                                     form.get("next", "/"))
+        credential = form.get("credential", "")
+        if not credential or len(credential) > MAX_CREDENTIAL:
+            outcome_ok, detail, key_detail = False, "bad_key_assertion", "no answer"
+            cloned = False
+        else:
+            outcome = self.keys.finish_authentication(form.get("ceremony", ""), login, credential)
+            outcome_ok, detail, key_detail = outcome.ok, outcome.reason, f"{outcome.key_id} {outcome.detail}".strip()
+            cloned = outcome.reason == KEY_CLONED
+        if cloned:
+            portal.event(req, "security_key_clone", login, "deny", KEY_CLONED, key_detail[:300])
+        result = portal.authenticator.second_factor(login, req.client_ip, outcome_ok, detail)
+        if not result.ok:
+            self._trace_failure(portal, req, login, result)
+            return self._login_refused(portal, req, result, form)
+        portal.event(req, "login_success", login, "allow", "ok", "security_key " + key_detail[:100])
+        return portal.complete_login(req, result, form.get("next", "/"))
