@@ -165,6 +165,18 @@ def test_enrol_with_a_key_log_in_with_it_recovery_codes_clone_and_helpdesk_reset
     rc.context.clear_cookies()
     code_login(rc, url, "inf.cle", PASSWORD, codes[0])
     assert logged_in_as(rc, url) is None and "incorrect" in rc.inner_text("main")
+
+    # New codes from the user's own page: the old ones stop working.
+    page.goto(url + "/_dpiguard/account")
+    assert "clé bleue" in page.inner_text("main") and "Codes de secours non utilisés : 9" in page.inner_text("main")
+    assert axe(page) == [] and fits(page)
+    page.click("text=Créer de nouveaux codes de secours")
+    page.wait_for_load_state()
+    new_codes = [c.strip() for c in page.locator("ul.recovery code").all_inner_texts()]
+    assert len(new_codes) == 10 and not set(new_codes) & set(codes)
+    assert records(stack, event="recovery_codes_regenerated", user="inf.cle")
+    code_login(rc, url, "inf.cle", PASSWORD, codes[1])
+    assert logged_in_as(rc, url) is None
     rc.context.close()
 
     # A cloned key: the same private key with a counter that went back is refused and traced.
@@ -181,7 +193,7 @@ def test_enrol_with_a_key_log_in_with_it_recovery_codes_clone_and_helpdesk_reset
 
     # Lost key and codes: the helpdesk resets the factors after an identity check.
     with_session = new_page(browser)
-    code_login(with_session, url, "inf.cle", PASSWORD, codes[1])
+    code_login(with_session, url, "inf.cle", PASSWORD, new_codes[1])
     assert logged_in_as(with_session, url) == "inf.cle"
     out = cli(stack, "reset-factors", "inf.cle", "--checked-by", "helpdesk.dupont",
               "--evidence", "carte professionnelle vue au guichet")
@@ -191,7 +203,7 @@ def test_enrol_with_a_key_log_in_with_it_recovery_codes_clone_and_helpdesk_reset
     with_session.context.close()
     new_link = link_of(out, url)
     old = new_page(browser)
-    code_login(old, url, "inf.cle", PASSWORD, codes[2])  # old recovery codes are dead
+    code_login(old, url, "inf.cle", PASSWORD, new_codes[2])  # old recovery codes are dead
     assert logged_in_as(old, url) is None
     password_step(old, url, "inf.cle", PASSWORD)  # the old key too: no key, a failed login
     assert old.title().startswith("Se connecter") and "incorrect" in old.inner_text("main")
@@ -233,4 +245,36 @@ def test_expired_link_is_refused(browser, stack, url):  # noqa: F811
     assert "Lien non valable" in page.title()
     assert axe(page) == [] and fits(page)
     assert records(stack, event="enrol_link", outcome="deny")
+    page.context.close()
+
+
+def test_account_page_lists_and_removes_a_key(browser, stack, url):  # noqa: F811
+    link = link_of(cli(stack, "invite", "aide.cle", "--role", "nurse"), url)
+    page = new_page(browser)
+    virtual_key(page)
+    set_password(page, link, PASSWORD)
+    page.fill("#kn", "clé du service")
+    with page.expect_navigation():
+        page.click("text=Enregistrer la clé de sécurité")
+    key_login(page, url, "aide.cle", PASSWORD)
+    assert logged_in_as(page, url) == "aide.cle"
+    state = page.context.storage_state()
+    for width in WIDTHS:
+        other = new_page(browser, width, state=state)
+        other.goto(url + "/_dpiguard/account")
+        assert axe(other) == [] and fits(other), width
+        shot(other, f"account-{width}")
+        other.context.close()
+    page.goto(url + "/_dpiguard/logout")
+    page.click("text=Mes clés de sécurité et codes de secours")
+    page.wait_for_load_state()
+    with page.expect_navigation():
+        page.click("text=Retirer")
+    assert "La clé de sécurité a été retirée." in page.inner_text("main")
+    assert "Aucune clé de sécurité" in page.inner_text("main")
+    assert records(stack, event="security_key_removed", user="aide.cle", outcome="allow")
+    page.context.clear_cookies()
+    password_step(page, url, "aide.cle", PASSWORD)  # no key left: a failed login, traced
+    assert logged_in_as(page, url) is None
+    assert records(stack, event="login_failure", user="aide.cle", detail="no_security_key")
     page.context.close()

@@ -10,6 +10,8 @@
 - ``GET  /_dpiguard/enrol/codes``     step 3: recovery codes, shown once; the enrolment session ends
 - ``POST /_dpiguard/login/key``       login with a security key: user name and password first ...
 - ``POST /_dpiguard/login/key/finish`` ... then the key's assertion (``webauthn.js``)
+- ``GET  /_dpiguard/account``         the logged-in user's keys (list, add, remove) and recovery codes
+- ``POST /_dpiguard/account/key``, ``/account/key/remove``, ``/account/codes`` (session CSRF token)
 
 Every step writes a trace record (``enrol_*``, ``login_*``); a refused key assertion counts as a failed
 login (lockout, address throttling), and a counter that went back is traced as ``security_key_clone``.
@@ -40,7 +42,7 @@ from dpiguard.auth.users import UserDirectory
 from dpiguard.auth.webauthn import KEY_CLONED, SecurityKeys
 from dpiguard.decision.verdict import Incoming
 from dpiguard.edge.pages import safe_next
-from dpiguard.edge.portal import Reply
+from dpiguard.edge.portal import SCRIPT_CSP, Reply
 from dpiguard.storage.clients import as_text
 from dpiguard.storage.keys import Keys
 
@@ -68,8 +70,11 @@ class Enrolment:
         self.secure = secure_cookies
         self.cookie = ("__Host-" if secure_cookies else "") + ENROL_COOKIE
 
-    def handle(self, portal, req: Incoming, path: str, query: str, body: bytes) -> Reply | None:
+    def handle(self, portal, req: Incoming, path: str, query: str, body: bytes,
+               session_token: str | None = None) -> Reply | None:
         route = (req.method, path)
+        if path == "/_dpiguard/account" or path.startswith("/_dpiguard/account/"):
+            return self.account(portal, req, route, body, session_token)
         if route == ("GET", "/_dpiguard/enrol"):
             return self.password_page(portal, req, parse_qs(query, max_num_fields=5).get("t", [""])[0])
         if route == ("POST", "/_dpiguard/enrol"):
@@ -179,7 +184,7 @@ class Enrolment:
         if self.keys is not None:
             user = self.users.get(login)
             ceremony = self.keys.begin_registration(login, user.display_name if user else "")
-        return portal.page(req, "enrol_factor.html", status, qr=qr, secret=" ".join(
+        return portal.page(req, "enrol_factor.html", status, headers=[SCRIPT_CSP], qr=qr, secret=" ".join(
             secret[i:i + 4] for i in range(0, len(secret), 4)), csrf=s["csrf"], error=error, key=ceremony)
 
     def _checked(self, portal, req: Incoming, form: dict[str, str]):
@@ -281,7 +286,7 @@ class Enrolment:
             self._trace_failure(portal, req, login, result)
             return self._login_refused(portal, req, result, form)
         portal.event(req, "login_key_asked", login, "allow", "password_ok")
-        return portal.page(req, "login_key.html", 200, username=login, next=safe_next(form.get("next", "/"),
+        return portal.page(req, "login_key.html", 200, headers=[SCRIPT_CSP], username=login, next=safe_next(form.get("next", "/"),
                            portal_pages=True), csrf=form["csrf"], ceremony=ceremony, error="")
 
     def key_login_finish(self, portal, req: Incoming, body: bytes) -> Reply:
@@ -308,3 +313,55 @@ class Enrolment:
             return self._login_refused(portal, req, result, form)
         portal.event(req, "login_success", login, "allow", "ok", "security_key " + key_detail[:100])
         return portal.complete_login(req, result, form.get("next", "/"))
+
+    # -- the user's own page -----------------------------------------------------------------------
+    def account(self, portal, req: Incoming, route: tuple[str, str], body: bytes, token: str | None) -> Reply:
+        session = portal.sessions.get(token) if token else None
+        l10n = portal.l10n(req)
+        if session is None:
+            return Reply(303, b"", "text/plain", [("Location", "/_dpiguard/login?next=/_dpiguard/account")])
+        login = session.user
+        if route == ("GET", "/_dpiguard/account"):
+            return self._account_page(portal, req, session)
+        if req.method != "POST" or route[1] not in ("/_dpiguard/account/key", "/_dpiguard/account/key/remove",
+                                                     "/_dpiguard/account/codes"):
+            return portal.message(req, 404, "not_found", title=l10n.gettext("Page not found"), session=session)
+        form = _form(body)
+        same_site = req.headers.get("sec-fetch-site", "same-origin") in ("same-origin", "none")
+        if not same_site or not hmac.compare_digest(form.get("csrf", ""), session.csrf):
+            portal.event(req, "account_change", login, "deny", "csrf_failed")
+            return portal.message(req, 403, "csrf_failed", title=l10n.gettext("Not changed"), session=session)
+        if route[1] == "/_dpiguard/account/codes":
+            codes = self.recovery.generate(login)
+            portal.event(req, "recovery_codes_regenerated", login, "allow", "ok", f"{len(codes)} codes")
+            return portal.page(req, "enrol_codes.html", 200, session, codes=codes, done=False)
+        if self.keys is None:
+            return portal.message(req, 404, "not_found", title=l10n.gettext("Page not found"), session=session)
+        if route[1] == "/_dpiguard/account/key/remove":
+            removed = self.keys.remove(login, form.get("id", "")[:1400])
+            portal.event(req, "security_key_removed", login, "allow" if removed else "deny",
+                         "ok" if removed else "unknown_key", form.get("id", "")[:64])
+            return self._account_page(portal, req, session, done=l10n.gettext("The security key was removed.")
+                                      if removed else "", error="" if removed else l10n.gettext("Unknown key."))
+        credential = form.get("credential", "")
+        try:
+            if not credential or len(credential) > MAX_CREDENTIAL:
+                raise ValueError("no answer from the security key")
+            added = self.keys.finish_registration(form.get("ceremony", ""), login, credential, form.get("name", ""))
+        except ValueError as exc:
+            portal.event(req, "security_key_added", login, "deny", "key_refused", str(exc)[:300])
+            return self._account_page(portal, req, session, status=400, error=l10n.gettext(
+                "The security key could not be registered. Try again, or use the authenticator application."))
+        portal.event(req, "security_key_added", login, "allow", "ok", f"key {added.id[:32]} {added.name}"[:200])
+        return self._account_page(portal, req, session, done=l10n.gettext("The security key was registered."))
+
+    def _account_page(self, portal, req: Incoming, session, done: str = "", error: str = "",
+                      status: int = 200) -> Reply:
+        login = session.user
+        keys = self.keys.list(login) if self.keys is not None else []
+        ceremony = None
+        if self.keys is not None and len(keys) < 10:
+            ceremony = self.keys.begin_registration(login, getattr(session, "display_name", "") or "")
+        return portal.page(req, "account.html", status, session, headers=[SCRIPT_CSP], keys=keys,
+                           remaining=self.recovery.remaining(login), csrf=session.csrf, ceremony=ceremony,
+                           done=done, error=error)

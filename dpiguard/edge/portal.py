@@ -68,9 +68,16 @@ SECURITY_HEADERS = (
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
     ("Content-Security-Policy",
-     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
+     "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; "
      "base-uri 'none'"),
 )
+
+#: The Content-Security-Policy of the only pages that run a script, the security-key step
+#: (``/_dpiguard/static/webauthn.js``, same origin; edge/enrol.py): a reply that carries its own
+#: Content-Security-Policy header replaces the default one (edge/flows.py ``respond``).
+SCRIPT_CSP = ("Content-Security-Policy",
+              "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+              "frame-ancestors 'none'; base-uri 'none'")
 
 FHIR_ISSUE_CODE = {
     400: "invalid", 401: "login", 403: "forbidden", 405: "not-supported", 413: "too-long", 414: "too-long",
@@ -210,8 +217,9 @@ class Portal:
                 return self.login_submit(req, body)
             if route == ("POST", "/_dpiguard/api/login"):
                 return self.api_login(req, body)
-            if self.enrol is not None and (path.startswith("/_dpiguard/enrol") or path.startswith("/_dpiguard/login/key")):
-                served = self.enrol.handle(self, req, path, query, body)
+            if self.enrol is not None and path.startswith(("/_dpiguard/enrol", "/_dpiguard/login/key",
+                                                           "/_dpiguard/account")):
+                served = self.enrol.handle(self, req, path, query, body, session_token)
                 if served is not None:
                     return served
             if route == ("GET", "/_dpiguard/logout"):
@@ -453,7 +461,8 @@ class Portal:
         if session is None:
             reason = "switch_user" if switch else "logged_out"
             return Reply(303, b"", "text/plain", [("Location", f"/_dpiguard/login?reason={reason}")])
-        return self.page(req, "logout.html", 200, session, csrf=session.csrf, switch=switch)
+        return self.page(req, "logout.html", 200, session, csrf=session.csrf, switch=switch,
+                         account=self.enrol is not None)
 
     def logout(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
         session = self.sessions.get(token) if token else None
