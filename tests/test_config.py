@@ -88,7 +88,7 @@ def test_missing_files_are_named(tmp_path):
 
 
 U = "upstream: {url: 'http://x'}\n"
-KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, fhir, identity, instance_id, limits, listen, login, "
+KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, enrolment, fhir, identity, instance_id, limits, listen, login, "
              "mass_access, metrics, policies, privacy, redis, secrets, sessions, threads, tls, ui, upstream")
 
 

@@ -312,7 +312,7 @@ class Portal:
                           reason=params.get("reason", [""])[0], csrf=csrf, next=next_target, resume=resume,
                           idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime),
                           keys=self.enrol is not None and self.enrol.keys is not None,
-                          recovery=self.authenticator.recovery is not None)
+                          recovery=getattr(self.authenticator, "recovery", None) is not None)
         reply.headers = (headers or []) + [("Set-Cookie", self._cookie(self.csrf_cookie, csrf, path="/"))]
         return reply
 
