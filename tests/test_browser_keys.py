@@ -258,6 +258,22 @@ def test_account_page_lists_and_removes_a_key(browser, stack, url):  # noqa: F81
         page.click("text=Enregistrer la clé de sécurité")
     key_login(page, url, "aide.cle", PASSWORD)
     assert logged_in_as(page, url) == "aide.cle"
+    # Emergency access (bris de glace) with the key as the re-asked second factor.
+    page.goto(url + "/patients/P0002/notes")
+    assert page.locator("#bg-text").count() == 1, page.inner_text("main")
+    page.locator("input[name=reason]").first.check()
+    page.fill("#bg-text", "Patient en détresse respiratoire, médecin absent")
+    page.click("text=Ouvrir avec ma clé de sécurité")
+    page.wait_for_load_state()
+    assert axe(page) == [] and fits(page)
+    with page.expect_navigation():
+        page.click("text=Utiliser ma clé de sécurité")
+    page.wait_for_load_state()
+    granted = records(stack, event="break_glass", user="aide.cle")
+    assert granted and granted[-1]["step_up"] == "security_key" and granted[-1]["patient"] == "P0002"
+    assert "P0002" in page.inner_text("[role=status]") and axe(page) == []
+    page.goto(url + "/patients/P0002/notes")
+    assert page.locator("#bg-text").count() == 0  # the record is open now
     state = page.context.storage_state()
     for width in WIDTHS:
         other = new_page(browser, width, state=state)

@@ -254,6 +254,22 @@ class Authenticator:
             return LoginResult(True, user, OK, detail=DETAIL_SECURITY_KEY)
         return self._failed(login, ip, detail if not ok else DETAIL_DISABLED)
 
+    def key_step_up(self, login: str, client_ip: str, ok: bool, detail: str) -> LoginResult:
+        """A security key re-asked by a logged-in user (emergency access): like :meth:`reauthenticate`,
+        a refused assertion counts as a failed login and a success resets nothing."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login)
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        user = self.users.get(login)
+        if ok and user is not None and not user.disabled:
+            return LoginResult(True, user, OK, detail=DETAIL_SECURITY_KEY)
+        return self._failed(login, ip, detail if not ok else DETAIL_DISABLED)
+
     def _failed(self, login: str, ip: str, detail: str) -> LoginResult:
         """Count a failed attempt; the answer says what is left, or that the account is now locked."""
         count = self._record_failure(login, ip)

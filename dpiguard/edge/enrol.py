@@ -10,6 +10,8 @@
 - ``GET  /_dpiguard/enrol/codes``     step 3: recovery codes, shown once; the enrolment session ends
 - ``POST /_dpiguard/login/key``       login with a security key: user name and password first ...
 - ``POST /_dpiguard/login/key/finish`` ... then the key's assertion (``webauthn.js``)
+- ``POST /_dpiguard/breakglass/key``, ``/breakglass/key/finish``: emergency access with the key as the
+                                      re-asked second factor (the form's fields go through the key page)
 - ``GET  /_dpiguard/account``         the logged-in user's keys (list, add, remove) and recovery codes
 - ``POST /_dpiguard/account/key``, ``/account/key/remove``, ``/account/codes`` (session CSRF token)
 
@@ -73,6 +75,12 @@ class Enrolment:
     def handle(self, portal, req: Incoming, path: str, query: str, body: bytes,
                session_token: str | None = None) -> Reply | None:
         route = (req.method, path)
+        if path.startswith("/_dpiguard/breakglass/key") and (self.keys is None or portal.breakglass is None):
+            return None
+        if route == ("POST", "/_dpiguard/breakglass/key"):
+            return self.breakglass_key_start(portal, req, body, session_token)
+        if route == ("POST", "/_dpiguard/breakglass/key/finish"):
+            return self.breakglass_key_finish(portal, req, body, session_token)
         if path == "/_dpiguard/account" or path.startswith("/_dpiguard/account/"):
             return self.account(portal, req, route, body, session_token)
         if route == ("GET", "/_dpiguard/enrol"):
@@ -365,3 +373,44 @@ class Enrolment:
         return portal.page(req, "account.html", status, session, headers=[SCRIPT_CSP], keys=keys,
                            remaining=self.recovery.remaining(login), csrf=session.csrf, ceremony=ceremony,
                            done=done, error=error)
+
+    # -- emergency access with the key as second factor --------------------------------------------
+    def breakglass_key_start(self, portal, req: Incoming, body: bytes, token: str | None) -> Reply:
+        session = portal.sessions.get(token) if token else None
+        l10n = portal.l10n(req)
+        form = _form(body)
+        if session is None or not hmac.compare_digest(form.get("csrf", ""), session.csrf) \
+                or req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            portal.event(req, "break_glass_request", session.user if session else None, "deny",
+                         "not_authenticated" if session is None else "csrf_failed", "security_key")
+            return portal.message(req, 403 if session else 401, "csrf_failed" if session else "session_expired",
+                                  title=l10n.gettext("Emergency access not opened"), session=session)
+        ceremony = self.keys.begin_authentication(session.user)
+        if ceremony is None:
+            portal.event(req, "break_glass_request", session.user, "deny", "no_security_key")
+            return portal.message(req, 400, "no_security_key", title=l10n.gettext("Emergency access not opened"),
+                                  text=l10n.gettext("No security key is registered for your account: go back "
+                                                    "and type your authenticator code."),
+                                  links=[(safe_next(form.get("next", "/")), l10n.gettext("Back"))], session=session)
+        return portal.page(req, "breakglass_key.html", 200, session, headers=[SCRIPT_CSP], ceremony=ceremony,
+                           csrf=session.csrf, patient=form.get("patient", "")[:64], reason=form.get("reason", "")[:64],
+                           text=form.get("text", "")[:2000], next=safe_next(form.get("next", "/")))
+
+    def breakglass_key_finish(self, portal, req: Incoming, body: bytes, token: str | None) -> Reply:
+        session = portal.sessions.get(token) if token else None
+        if session is None:
+            return portal.breakglass_request(req, body, token, form=True)  # refused there, and traced
+        form = _form(body)
+        credential = form.get("credential", "")
+
+        def key_checked():
+            if not credential or len(credential) > MAX_CREDENTIAL:
+                ok, detail = False, "bad_key_assertion"
+            else:
+                outcome = self.keys.finish_authentication(form.get("ceremony", ""), session.user, credential)
+                ok, detail = outcome.ok, outcome.reason
+                if outcome.reason == KEY_CLONED:
+                    portal.event(req, "security_key_clone", session.user, "deny", KEY_CLONED, outcome.detail[:300])
+            return portal.authenticator.key_step_up(session.user, req.client_ip, ok, detail)
+
+        return portal.breakglass_request(req, body, token, form=True, second_factor=key_checked)

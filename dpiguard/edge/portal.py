@@ -218,7 +218,7 @@ class Portal:
             if route == ("POST", "/_dpiguard/api/login"):
                 return self.api_login(req, body)
             if self.enrol is not None and path.startswith(("/_dpiguard/enrol", "/_dpiguard/login/key",
-                                                           "/_dpiguard/account")):
+                                                           "/_dpiguard/account", "/_dpiguard/breakglass/key")):
                 served = self.enrol.handle(self, req, path, query, body, session_token)
                 if served is not None:
                     return served
@@ -611,6 +611,7 @@ class Portal:
         """The fields of the emergency-access form (templates/breakglass_form.html)."""
         reasons = [(code, l10n.gettext(label)) for code, label in policy.reasons.items()]
         return {"policy": policy, "reasons": reasons, "patient": patient, "csrf": csrf, "next": safe_next(next_target),
+                "keys": self.enrol is not None and self.enrol.keys is not None and self.breakglass is not None,
                 "error": error, "warning": warning, "reason": reason, "text": text,
                 "duration": l10n.duration(policy.duration_seconds)}
 
@@ -654,7 +655,8 @@ class Portal:
                                                   "cannot override it."),
                 }.get(e, outcome.message), ""
 
-    def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
+    def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool,
+                           second_factor=None) -> Reply:
         session = self.sessions.get(token) if token else None
         l10n = self.l10n(req)
         if session is None:
@@ -690,7 +692,8 @@ class Portal:
         outcome = self.breakglass.request(
             bg_policy, user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
             text=data.get("text"), totp=data.get("totp"), client_ip=req.client_ip, request_id=req.request_id,
-            login_step=session.login_step, claim_login_code=lambda: self.sessions.claim_login_code(session))
+            login_step=session.login_step, claim_login_code=lambda: self.sessions.claim_login_code(session),
+            second_factor=second_factor)
         self._traced.count += 1  # the emergency-access service traces every request it decides
         headers = [("Retry-After", str(outcome.retry_after))] if outcome.retry_after and outcome.status == 429 else []
         if form:
