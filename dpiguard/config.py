@@ -16,6 +16,7 @@ pydantic ``ValidationError`` never reaches the user (:func:`_config_error` turns
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -266,6 +267,38 @@ class Enrolment(_Section):
     @property
     def origins(self) -> list[str]:
         return list(self.webauthn_origins) or ([self.public_url.rstrip("/")] if self.public_url else [])
+
+
+def _check_enrolment(e: "Enrolment") -> None:
+    """The enrolment section's addresses: a public URL is scheme://host[:port]; the WebAuthn RP id is a
+    domain (browsers refuse an IP address), and every origin is on it or on one of its subdomains."""
+    for key, url in [("enrolment.public_url", e.public_url)] + [("enrolment.webauthn_origins", o)
+                                                                 for o in e.webauthn_origins]:
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+            raise ConfigError(key, f"expected scheme://host[:port] with no path, e.g. https://dpi.hopital.fr, "
+                                   f"got {url!r}")
+    rp = e.webauthn_rp_id
+    if rp is None:
+        return
+    try:
+        ipaddress.ip_address(rp.strip("[]"))
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    if is_ip:
+        raise ConfigError("enrolment.webauthn_rp_id", f"must be a domain name, not an IP address ({rp!r}): "
+                                                      "browsers refuse security keys for an IP address")
+    if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", rp):
+        raise ConfigError("enrolment.webauthn_rp_id", f"must be a lowercase domain name like dpi.hopital.fr, got {rp!r}")
+    for origin in e.origins:
+        host = urlsplit(origin).hostname or ""
+        if host != rp and not host.endswith("." + rp):
+            raise ConfigError("enrolment.webauthn_origins" if e.webauthn_origins else "enrolment.public_url",
+                              f"the origin {origin!r} is not on enrolment.webauthn_rp_id ({rp!r}) or a subdomain "
+                              "of it: browsers would refuse the key")
 
 
 class CareTeam(_Section):
@@ -521,6 +554,7 @@ class Config(BaseModel):
             raise ConfigError(key, "redis.tls_cert_file and redis.tls_key_file go together")
         if self.sessions.idle_timeout > self.sessions.absolute_lifetime:
             raise ConfigError("sessions.idle_timeout", "must not exceed sessions.absolute_lifetime")
+        _check_enrolment(self.enrolment)
         store = self.path(self.audit.path).resolve()
         key = self.path(self.audit.signing_key_file).resolve()
         if key == store or store in key.parents:

@@ -147,3 +147,33 @@ def test_key_assertion_failures_lock_the_account(r, users):
     assert locked.reason == "locked" and locked.detail == KEY_CLONED
     assert auth.first_factor("alice", PASSWORD, IP).reason == "locked"
     assert auth.second_factor("alice", IP, True, "ok").reason == "locked"
+
+
+# -- the enrolment section of the configuration ---------------------------------------------------
+
+@pytest.mark.parametrize("section, key, words", [
+    ("{webauthn_rp_id: 10.0.0.5}", "enrolment.webauthn_rp_id", "not an IP address"),
+    ("{webauthn_rp_id: 'DPI Hopital'}", "enrolment.webauthn_rp_id", "domain name"),
+    ("{webauthn_rp_id: dpi.hopital.fr, public_url: 'https://evil.example'}", "enrolment.public_url", "not on"),
+    ("{public_url: 'https://dpi.hopital.fr/app'}", "enrolment.public_url", "no path"),
+    ("{webauthn_rp_id: hopital.fr, webauthn_origins: ['ftp://dpi.hopital.fr']}", "enrolment.webauthn_origins",
+     "scheme://host"),
+    ("{link_ttl: 0}", "enrolment.link_ttl", "greater than 0"),
+])
+def test_config_check_says_what_is_wrong(tmp_path, section, key, words):
+    from dpiguard.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"upstream: {{url: 'http://x'}}\nenrolment: {section}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {}, check_files=False)
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_config_accepts_a_subdomain_origin(tmp_path):
+    from dpiguard.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream: {url: 'http://x'}\nenrolment: {webauthn_rp_id: hopital.fr, "
+                    "public_url: 'https://dpi.hopital.fr'}\n")
+    assert load_config(path, {}, check_files=False).enrolment.origins == ["https://dpi.hopital.fr"]
