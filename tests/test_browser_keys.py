@@ -170,6 +170,11 @@ def test_enrol_with_a_key_log_in_with_it_recovery_codes_clone_and_helpdesk_reset
     page.goto(url + "/_dpiguard/account")
     assert "clé bleue" in page.inner_text("main") and "Codes de secours non utilisés : 9" in page.inner_text("main")
     assert axe(page) == [] and fits(page)
+    page.fill("#ap2", "not-my-password-1")
+    page.click("text=Créer de nouveaux codes de secours")
+    page.wait_for_load_state()
+    assert "Le mot de passe est incorrect." in page.inner_text("[role=alert]")  # a session alone is not enough
+    page.fill("#ap2", PASSWORD)
     page.click("text=Créer de nouveaux codes de secours")
     page.wait_for_load_state()
     new_codes = [c.strip() for c in page.locator("ul.recovery code").all_inner_texts()]
@@ -177,7 +182,9 @@ def test_enrol_with_a_key_log_in_with_it_recovery_codes_clone_and_helpdesk_reset
     assert records(stack, event="recovery_codes_regenerated", user="inf.cle")
     code_login(rc, url, "inf.cle", PASSWORD, codes[1])
     assert logged_in_as(rc, url) is None
+    assert "verrouillé" in rc.inner_text("main")  # the third failure in a row (reused code, password, old code)
     rc.context.close()
+    cli(stack, "unlock", "inf.cle")
 
     # A cloned key: the same private key with a counter that went back is refused and traced.
     cred = cdp.send("WebAuthn.getCredentials", {"authenticatorId": auth_id})["credentials"][0]

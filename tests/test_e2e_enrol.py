@@ -27,7 +27,7 @@ FORM = {"accept": "text/html", "sec-fetch-site": "same-origin"}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = build_stack(tmp_path_factory.mktemp("enrol"), config_extra={
-        "enrolment": {"webauthn_rp_id": "localhost", "public_url": "https://dpi.example.test"}})
+        "enrolment": {"webauthn_rp_id": "dpi.example.test", "public_url": "https://dpi.example.test"}})
     s.start_proxy("a")
     s.start_proxy("b")
     yield s

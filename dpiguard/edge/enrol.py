@@ -339,6 +339,15 @@ class Enrolment:
         if not same_site or not hmac.compare_digest(form.get("csrf", ""), session.csrf):
             portal.event(req, "account_change", login, "deny", "csrf_failed")
             return portal.message(req, 403, "csrf_failed", title=l10n.gettext("Not changed"), session=session)
+        if route[1] in ("/_dpiguard/account/codes", "/_dpiguard/account/key"):
+            # A new way in (codes, a key) asks the password again: an unattended session is not enough.
+            check = portal.authenticator.first_factor(login, form.get("password", "")[:1024], req.client_ip)
+            if not check.ok:
+                portal.event(req, "account_change", login, "deny", check.reason, check.detail)
+                error, warning = portal.login_error(l10n, check)
+                if check.reason == "invalid_credentials":
+                    error = l10n.gettext("The password is incorrect.")
+                return self._account_page(portal, req, session, status=401, error=" ".join((error, warning)).strip())
         if route[1] == "/_dpiguard/account/codes":
             codes = self.recovery.generate(login)
             portal.event(req, "recovery_codes_regenerated", login, "allow", "ok", f"{len(codes)} codes")
