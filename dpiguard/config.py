@@ -16,6 +16,7 @@ pydantic ``ValidationError`` never reaches the user (:func:`_config_error` turns
 
 import ipaddress
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -310,6 +311,59 @@ class Oidc(_Section):
         return list(self.mfa_acr) or (["eidas1"] if self.profile == "psc" else [])
 
 
+class Enrolment(_Section):
+    """The ``enrolment`` section: enrolment links, recovery codes and security keys (WebAuthn);
+    docs/authentication.md, "Security keys, enrolment and recovery"."""
+
+    # The address users open (scheme://host[:port], no path): printed in enrolment links, and the
+    # WebAuthn origin that key ceremonies must come from. null: links are printed as a path only.
+    public_url: OptionalText = None
+    link_ttl: Annotated[PositiveWhole, _check(lambda v: v <= 30 * 86400, "must be at most 30 days")] = 259200
+    recovery_codes: Annotated[PositiveWhole, _check(lambda v: v <= 20, "must be at most 20")] = 10
+    # WebAuthn relying party id (a domain: the DPI's host name, e.g. dpi.hopital.fr). null: keys are off.
+    webauthn_rp_id: OptionalText = None
+    webauthn_rp_name: Text = "dpiguard"
+    # Origins allowed in key ceremonies (default: public_url).
+    webauthn_origins: TextList = Field(default_factory=list)
+    challenge_ttl: Annotated[PositiveWhole, _check(lambda v: v <= 600, "must be at most 600 seconds")] = 120
+
+    @property
+    def origins(self) -> list[str]:
+        return list(self.webauthn_origins) or ([self.public_url.rstrip("/")] if self.public_url else [])
+
+
+def _check_enrolment(e: "Enrolment") -> None:
+    """The enrolment section's addresses: a public URL is scheme://host[:port]; the WebAuthn RP id is a
+    domain (browsers refuse an IP address), and every origin is on it or on one of its subdomains."""
+    for key, url in [("enrolment.public_url", e.public_url)] + [("enrolment.webauthn_origins", o)
+                                                                 for o in e.webauthn_origins]:
+        if url is None:
+            continue
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+            raise ConfigError(key, f"expected scheme://host[:port] with no path, e.g. https://dpi.hopital.fr, "
+                                   f"got {url!r}")
+    rp = e.webauthn_rp_id
+    if rp is None:
+        return
+    try:
+        ipaddress.ip_address(rp.strip("[]"))
+        is_ip = True
+    except ValueError:
+        is_ip = False
+    if is_ip:
+        raise ConfigError("enrolment.webauthn_rp_id", f"must be a domain name, not an IP address ({rp!r}): "
+                                                      "browsers refuse security keys for an IP address")
+    if not re.fullmatch(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", rp):
+        raise ConfigError("enrolment.webauthn_rp_id", f"must be a lowercase domain name like dpi.hopital.fr, got {rp!r}")
+    for origin in e.origins:
+        host = urlsplit(origin).hostname or ""
+        if host != rp and not host.endswith("." + rp):
+            raise ConfigError("enrolment.webauthn_origins" if e.webauthn_origins else "enrolment.public_url",
+                              f"the origin {origin!r} is not on enrolment.webauthn_rp_id ({rp!r}) or a subdomain "
+                              "of it: browsers would refuse the key")
+
+
 class CareTeam(_Section):
     grace_seconds: Annotated[Whole, _check(lambda v: v >= 0, "must be 0 or more")] = 86400
 
@@ -536,6 +590,7 @@ class Config(BaseModel):
     login: Login = Field(default_factory=Login)
     oidc: Oidc = Field(default_factory=Oidc)
     careteam: CareTeam = Field(default_factory=CareTeam)
+    enrolment: Enrolment = Field(default_factory=Enrolment)
     adt: Adt = Field(default_factory=Adt)
     decision_cache: DecisionCacheSection = Field(default_factory=DecisionCacheSection)
     audit: Audit = Field(default_factory=Audit)
@@ -606,6 +661,7 @@ class Config(BaseModel):
             raise ConfigError(key, "redis.tls_cert_file and redis.tls_key_file go together")
         if self.sessions.idle_timeout > self.sessions.absolute_lifetime:
             raise ConfigError("sessions.idle_timeout", "must not exceed sessions.absolute_lifetime")
+        _check_enrolment(self.enrolment)
         store = self.path(self.audit.path).resolve()
         key = self.path(self.audit.signing_key_file).resolve()
         if key == store or store in key.parents:

@@ -22,11 +22,13 @@ from dpiguard import metrics
 from dpiguard.audit.chain import AuditLog
 from dpiguard.audit.chain import from_config as audit_from_config
 from dpiguard.auth.directory import DirectoryFirstFactor, DirectoryRecheck, DirectorySettings, LdapDirectory
+from dpiguard.auth.enrolment import EnrolmentLinks, RecoveryCodes
 from dpiguard.auth.login import Authenticator
 from dpiguard.auth.oidc import OidcSettings, RelyingParty
 from dpiguard.auth.resume import ResumeStore
 from dpiguard.auth.sessions import SessionStore
 from dpiguard.auth.users import SecretBox, UserDirectory
+from dpiguard.auth.webauthn import SecurityKeys
 from dpiguard.careteam.breakglass import BreakGlassStore
 from dpiguard.careteam.mllp import AdtProcessor, listener_settings
 from dpiguard.careteam.movements import MovementStore
@@ -43,6 +45,7 @@ from dpiguard.decision.pipeline import Pipeline
 from dpiguard.edge.addon import DpiGuard
 from dpiguard.edge.banner import Banner
 from dpiguard.edge.console import Console
+from dpiguard.edge.enrol import Enrolment
 from dpiguard.edge.oidc import OidcPages
 from dpiguard.edge.ops import Monitor, allowed_networks, public_text
 from dpiguard.edge.pages import PageSettings
@@ -139,7 +142,8 @@ def portal_settings(cfg: Config) -> PortalSettings:
 def authenticator(cfg: Config, client: redis.Redis, users: UserDirectory,
                   external: dict | None = None) -> Authenticator:
     """``external``: source → first factor of directory users (``ldap``: :func:`ldap_first_factor`)."""
-    return Authenticator(client, users, cfg.login, prefix=cfg.redis.prefix, external=external)
+    return Authenticator(client, users, cfg.login, prefix=cfg.redis.prefix, external=external,
+                         recovery=recovery_codes(cfg, client))
 
 
 # -- LDAP / Active Directory (docs/authentication.md) -------------------------------------------------
@@ -174,6 +178,36 @@ def directory_units_sync(users: UserDirectory, careteam: CareTeamStore):
             careteam.add_unit_member(login, unit)
         users.set_directory_units(login, sorted(units))
     return sync
+
+
+def enrolment_links(cfg: Config, client: redis.Redis | None = None) -> EnrolmentLinks:
+    return EnrolmentLinks(client or redis_client(cfg), cfg.redis.prefix, ttl=cfg.enrolment.link_ttl)
+
+
+def recovery_codes(cfg: Config, client: redis.Redis | None = None) -> RecoveryCodes:
+    return RecoveryCodes(client or redis_client(cfg), cfg.redis.prefix, count=cfg.enrolment.recovery_codes)
+
+
+def webauthn_origins(cfg: Config) -> list[str]:
+    """The configured origins; for ``webauthn_rp_id: localhost`` without any, the listening port's."""
+    e = cfg.enrolment
+    if e.origins or e.webauthn_rp_id != "localhost":
+        return e.origins
+    return [f"{'https' if cfg.tls_enabled else 'http'}://localhost:{cfg.listen.port}"]
+
+
+def security_keys(cfg: Config, client: redis.Redis | None = None) -> SecurityKeys | None:
+    """None when keys are off (no ``enrolment.webauthn_rp_id``)."""
+    e = cfg.enrolment
+    if not e.webauthn_rp_id:
+        return None
+    return SecurityKeys(client or redis_client(cfg), cfg.redis.prefix, rp_id=e.webauthn_rp_id,
+                        rp_name=e.webauthn_rp_name, origins=webauthn_origins(cfg), challenge_ttl=e.challenge_ttl)
+
+
+def enrol_link_text(cfg: Config, token: str) -> str:
+    path = f"/_dpiguard/enrol?t={token}"
+    return (cfg.enrolment.public_url.rstrip("/") + path) if cfg.enrolment.public_url else path
 
 
 def movement_store(cfg: Config, client: redis.Redis | None = None) -> MovementStore:
@@ -404,6 +438,9 @@ def build_services(cfg: Config) -> Services:
             throttled=lambda: throttled_users(client, prefix), max_rows=cfg.console.max_rows,
             privacy_alerts=AlertQueue(client, prefix, cfg.privacy.alert_retention_days),
             on_revoke=lambda user, patient: (cache.invalidate_user(user), cache.invalidate_patient(patient)))
+    portal.enrol = Enrolment(redis_client=client, prefix=cfg.redis.prefix, users=users,
+                             links=enrolment_links(cfg, client), recovery=auth.recovery,
+                             keys=security_keys(cfg, client), secure_cookies=cfg.tls_enabled)
     banner = Banner(portal.pages, enabled=cfg.ui.banner, position=cfg.ui.banner_position,
                     idle_timeout=cfg.sessions.idle_timeout, idle_warning=cfg.ui.idle_warning_seconds)
     services = Services(cfg, client, users, sessions, careteam, cache, bus, audit, pipeline, portal,

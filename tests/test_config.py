@@ -88,8 +88,9 @@ def test_missing_files_are_named(tmp_path):
 
 
 U = "upstream: {url: 'http://x'}\n"
-KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, directory, fhir, identity, instance_id, limits, listen, login, "
-             "mass_access, metrics, oidc, policies, privacy, redis, secrets, sessions, threads, tls, ui, upstream")
+KNOWN_TOP = ("adt, audit, careteam, console, decision_cache, directory, enrolment, fhir, identity, instance_id, limits, "
+             "listen, login, mass_access, metrics, oidc, policies, privacy, redis, secrets, sessions, threads, tls, ui, "
+             "upstream")
 
 
 @pytest.mark.parametrize("text, env, key, message", [

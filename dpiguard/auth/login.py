@@ -35,6 +35,7 @@ import ipaddress
 import math
 from dataclasses import dataclass
 
+from dpiguard.auth.enrolment import looks_like_recovery_code
 from dpiguard.auth.users import (
     TOTP_BAD,
     TOTP_OK,
@@ -65,6 +66,8 @@ DETAIL_BAD_PASSWORD = "bad_password"
 DETAIL_DISABLED = "disabled"
 DETAIL_BAD_TOTP = TOTP_BAD  # "bad_totp"
 DETAIL_TOTP_REUSED = TOTP_REUSED  # "totp_reused"
+DETAIL_RECOVERY_CODE = "recovery_code"  # success detail: the second factor was a recovery code
+DETAIL_SECURITY_KEY = "security_key"  # success detail: the second factor was a security key
 
 # KEYS[1] = P:authfail:{LOGIN}, KEYS[2] = P:lock:{LOGIN} (same hash tag, same cluster slot).
 # ARGV = window, max_failures, lock_seconds. Returns the failure count (0 when it just locked).
@@ -135,11 +138,12 @@ class Authenticator:
     """Decides a login attempt. Safe to share between threads (state lives in Redis)."""
 
     def __init__(self, redis_client, users: UserDirectory, policy: Login, prefix: str = "dpiguard",
-                 external: dict | None = None):
+                 external: dict | None = None, recovery=None):
         self.redis = redis_client
         # source ("ldap") -> first factor with verify(login, password) and logged_in(login, answer)
         # (dpiguard.auth.directory.DirectoryFirstFactor); a source without one refuses its users.
         self.external = dict(external or {})
+        self.recovery = recovery  # dpiguard.auth.enrolment.RecoveryCodes, or None (no recovery codes)
         self.users = users
         self.policy = policy
         self.prefix = prefix
@@ -174,11 +178,19 @@ class Authenticator:
         password_ok = self.users.verify_password(login, password)
         # Always check the code too; record its step only when the password was right, so a password
         # typo does not burn the user's current code.
-        totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
+        if self.recovery is not None and looks_like_recovery_code(totp_code):
+            # A recovery code instead of the TOTP code: used up (once, on any instance) only with the
+            # right password on an enabled account.
+            usable = user is not None and not user.disabled and password_ok
+            totp_outcome = TOTP_OK if usable and self.recovery.use(login, totp_code) else TOTP_BAD
+            step, factor = None, DETAIL_RECOVERY_CODE
+        else:
+            totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
+            factor = OK
 
         if user is not None and not user.disabled and password_ok and totp_outcome == TOTP_OK:
             self.redis.delete(self.keys.login_failures(login))
-            return LoginResult(True, user, OK, detail=OK, totp_step=step)
+            return LoginResult(True, user, OK, detail=factor, totp_step=step)
 
         if user is None:
             detail = DETAIL_UNKNOWN_USER
@@ -247,6 +259,60 @@ class Authenticator:
                 return LoginResult(True, self.users.get(login), OK, detail="login_code_step_up", totp_step=step)
             return LoginResult(False, None, CODE_USED, detail=TOTP_REUSED)
         return self._failed(login, ip, outcome)
+
+    def first_factor(self, login: str, password: str, client_ip: str) -> LoginResult:
+        """The password step of a login whose second factor is a security key (asked next, by the page).
+
+        Address slowdown and account lock are honoured; a wrong password counts as a failed login. A
+        success resets nothing: the login is not complete until :meth:`second_factor` says so."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login if isinstance(login, str) else "")
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
+        if len(login) > MAX_LOGIN_LENGTH or not is_valid_login(login):
+            self.users.verify_password(login, password)
+            self._record_ip_failure(ip)
+            return LoginResult(False, None, INVALID_CREDENTIALS, detail=DETAIL_UNKNOWN_USER)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        user = self.users.get(login)
+        password_ok = self.users.verify_password(login, password)
+        if user is not None and not user.disabled and password_ok:
+            return LoginResult(True, user, OK, detail="password_ok")
+        detail = DETAIL_UNKNOWN_USER if user is None else DETAIL_DISABLED if user.disabled else DETAIL_BAD_PASSWORD
+        return self._failed(login, ip, detail)
+
+    def second_factor(self, login: str, client_ip: str, ok: bool, detail: str) -> LoginResult:
+        """The end of a security-key login: ``ok`` and ``detail`` from the key's assertion check. A
+        refused assertion counts as a failed login (lockout and address throttling apply)."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        user = self.users.get(login)
+        if ok and user is not None and not user.disabled:
+            self.redis.delete(self.keys.login_failures(login))
+            return LoginResult(True, user, OK, detail=DETAIL_SECURITY_KEY)
+        return self._failed(login, ip, detail if not ok else DETAIL_DISABLED)
+
+    def key_step_up(self, login: str, client_ip: str, ok: bool, detail: str) -> LoginResult:
+        """A security key re-asked by a logged-in user (emergency access): like :meth:`reauthenticate`,
+        a refused assertion counts as a failed login and a success resets nothing."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login)
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        user = self.users.get(login)
+        if ok and user is not None and not user.disabled:
+            return LoginResult(True, user, OK, detail=DETAIL_SECURITY_KEY)
+        return self._failed(login, ip, detail if not ok else DETAIL_DISABLED)
 
     def _failed(self, login: str, ip: str, detail: str) -> LoginResult:
         """Count a failed attempt; the answer says what is left, or that the account is now locked."""

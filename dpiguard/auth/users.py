@@ -384,6 +384,26 @@ class UserDirectory:
         )
         return self.provisioning_uri(login, secret)
 
+    def store_password(self, login: str, password: str) -> None:
+        """Set a password the caller already checked against its own rule (the enrolment page applies
+        :func:`dpiguard.auth.enrolment.password_problems`); only the length bounds are checked here."""
+        if not isinstance(password, str) or not password or len(password) > PASSWORD_MAX_LENGTH:
+            raise ValueError("password missing or too long")
+        self._update_fields(login, {"pw_hash": self.hasher.hash(password)})
+
+    def set_totp_secret(self, login: str, secret: str, last_step: int = _NO_STEP) -> None:
+        """Install a TOTP secret the user proved they hold (a code of ``last_step`` was confirmed, so
+        that code and older ones cannot serve to log in)."""
+        self._update_fields(login, {"totp_enc": self.box.encrypt(secret, aad=normalize_login(login)),
+                                    "totp_last_step": str(last_step)})
+
+    @staticmethod
+    def totp_step_of(secret: str, code: str, now: float | None = None) -> int | None:
+        """The time step ``code`` belongs to for ``secret`` (within the window), or None."""
+        if not isinstance(code, str) or not TOTP_CODE_RE.fullmatch(code):
+            return None
+        return UserDirectory._matching_step(secret, code, time.time() if now is None else now)
+
     # -- verification ------------------------------------------------------------------------------
 
     def verify_password(self, login: str, password: str) -> bool:

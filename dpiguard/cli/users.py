@@ -111,6 +111,70 @@ def cmd_users(args) -> int:
     return 0
 
 
+def cmd_enrolment(args) -> int:
+    """``users invite``, ``users reset-factors``, ``users keys``, ``users remove-key``."""
+    import secrets as _secrets
+
+    from dpiguard.services import (
+        enrol_link_text,
+        enrolment_links,
+        recovery_codes,
+        redis_client,
+        security_keys,
+        session_store,
+        user_directory,
+    )
+
+    cfg = load(args, check_files=False)
+    client = redis_client(cfg)
+    users = user_directory(cfg, client)
+    links = enrolment_links(cfg, client)
+    if args.users_cmd == "invite":
+        _check_roles(cfg, args.role)
+        # A random password nobody knows, and a TOTP secret nobody sees: the account is usable only
+        # after its owner chose a password and a second factor through the link.
+        users.add(args.login, _secrets.token_urlsafe(32) + "aA1!", args.role, display_name=args.name or "")
+        link = links.issue(args.login, created_by=args.by or "", ttl=args.ttl)
+        audit_admin(cfg, "user_invite", user=link.login, roles=args.role, by=args.by, link_expires=link.expires)
+        print(f"user {link.login} created with roles {', '.join(args.role)}; enrolment link (one use, valid "
+              f"{(args.ttl or cfg.enrolment.link_ttl) // 3600} h):")
+        print(enrol_link_text(cfg, link.token))
+    elif args.users_cmd == "reset-factors":
+        if users.get(args.login) is None:
+            raise ValueError(f"no user {args.login!r}")
+        if len(args.checked_by.strip()) < 2 or len(args.evidence.strip()) < 5:
+            raise ValueError("--checked-by (who checked the identity) and --evidence (how, e.g. 'badge seen "
+                             "at the desk') are required")
+        users.reset_totp(args.login)  # a new secret nobody sees: the old phone's codes stop working
+        keys = security_keys(cfg, client)
+        removed = keys.revoke_all(args.login) if keys is not None else 0
+        recovery_codes(cfg, client).revoke(args.login)
+        revoked = session_store(cfg, client).revoke_user(args.login)
+        link = links.issue(args.login, created_by=args.checked_by, ttl=args.ttl)
+        audit_admin(cfg, "user_reset_factors", user=args.login, checked_by=args.checked_by.strip()[:100],
+                    evidence=args.evidence.strip()[:300], keys_removed=removed, sessions_revoked=revoked,
+                    link_expires=link.expires)
+        print(f"second factors of {args.login} reset (authenticator, {removed} security key(s), recovery codes); "
+              f"{revoked} session(s) revoked. New enrolment link (one use):")
+        print(enrol_link_text(cfg, link.token))
+    elif args.users_cmd == "keys":
+        keys = security_keys(cfg, client)
+        rows = keys.list(args.login) if keys is not None else []
+        print(f"{'KEY ID':24} {'NAME':24} {'COUNTER':8} LAST USED")
+        for k in rows:
+            print(f"{k.id[:22] + '…':24} {k.name or '-':24} {k.count:<8} {k.last_used or '-'}")
+    elif args.users_cmd == "remove-key":
+        keys = security_keys(cfg, client)
+        matches = [k.id for k in (keys.list(args.login) if keys else []) if k.id.startswith(args.key_id)]
+        if len(matches) != 1:
+            raise ValueError(f"{len(matches)} keys of {args.login} start with {args.key_id!r}: give more of the id")
+        keys.remove(args.login, matches[0])
+        revoked = session_store(cfg, client).revoke_user(args.login)
+        audit_admin(cfg, "user_remove_key", user=args.login, key=matches[0][:64])
+        print(f"security key {matches[0][:22]}… of {args.login} removed; {revoked} session(s) revoked")
+    return 0
+
+
 def cmd_sessions(args) -> int:
     from dpiguard.services import session_store
 
@@ -147,6 +211,27 @@ def register(sub) -> None:
     sp.add_argument("--password-stdin", action="store_true")
     for sp in users.choices.values():
         sp.set_defaults(func=cmd_users)
+    sp = with_config(users.add_parser("invite", help="create a user with a one-time enrolment link"))
+    sp.add_argument("login")
+    sp.add_argument("--role", action="append", required=True)
+    sp.add_argument("--name", help="display name")
+    sp.add_argument("--by", help="who creates the account (written in the trace)")
+    sp.add_argument("--ttl", type=int, help="life of the link in seconds (default enrolment.link_ttl)")
+    sp.set_defaults(func=cmd_enrolment)
+    sp = with_config(users.add_parser("reset-factors", help="lost phone or key: revoke every second factor and "
+                                      "the sessions after an identity check, issue a new enrolment link"))
+    sp.add_argument("login")
+    sp.add_argument("--checked-by", required=True, help="who checked the person's identity")
+    sp.add_argument("--evidence", required=True, help="how (e.g. 'professional card seen at the desk')")
+    sp.add_argument("--ttl", type=int)
+    sp.set_defaults(func=cmd_enrolment)
+    sp = with_config(users.add_parser("keys", help="list a user's security keys"))
+    sp.add_argument("login")
+    sp.set_defaults(func=cmd_enrolment)
+    sp = with_config(users.add_parser("remove-key", help="remove one security key (revokes sessions)"))
+    sp.add_argument("login")
+    sp.add_argument("key_id", help="the key id, or its beginning")
+    sp.set_defaults(func=cmd_enrolment)
 
     sess = sub.add_parser("sessions", help="sessions").add_subparsers(dest="sessions_cmd", required=True)
     sp = with_config(sess.add_parser("revoke", help="end every session of a user on every instance"))

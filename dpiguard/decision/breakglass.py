@@ -69,9 +69,11 @@ class BreakGlassService:
 
     def request(self, p: BreakGlassPolicy, *, user: str, roles: Iterable[str], patient: Any, reason: Any, text: Any,
                 totp: Any, client_ip: str, request_id: str, now: float | None = None,
-                login_step: int | None = None, claim_login_code=None) -> RequestOutcome:
+                login_step: int | None = None, claim_login_code=None, second_factor=None) -> RequestOutcome:
         """Validate, check the TOTP code, check objections, then grant. Every outcome is traced.
-        ``login_step``/``claim_login_code``: the session's login code, accepted once more (step-up)."""
+        ``login_step``/``claim_login_code``: the session's login code, accepted once more (step-up).
+        ``second_factor``: instead of the code, a callable returning the LoginResult of another second
+        factor (a security key's assertion, edge/enrol.py), called at the point the code would be checked."""
         now = time.time() if now is None else now
         roles = tuple(roles)
         patient = patient.strip() if isinstance(patient, str) else ""
@@ -112,8 +114,8 @@ class BreakGlassService:
                           "The patient has objected to your access; emergency access cannot override it.",
                           f"objection:{objection.field}")
         code = totp.strip() if isinstance(totp, str) else ""
-        result = self.authenticator.reauthenticate(user, code, client_ip, now=now, login_step=login_step,
-                                                   claim_login_code=claim_login_code)
+        result = second_factor() if second_factor is not None else self.authenticator.reauthenticate(
+            user, code, client_ip, now=now, login_step=login_step, claim_login_code=claim_login_code)
         if not result.ok:
             if result.retry_after:
                 return refuse(429, result.reason, "Too many failed attempts; try again later.",

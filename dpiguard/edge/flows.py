@@ -90,7 +90,8 @@ def respond(flow: http.HTTPFlow, reply: Reply) -> None:
     request_id = flow.metadata.get(REQUEST_ID_KEY)
     if request_id:
         headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
-    headers += [(k.encode(), v.encode("latin-1")) for k, v in SECURITY_HEADERS]
+    own = {k.lower() for k, _ in reply.headers}  # a page's own Content-Security-Policy replaces the default
+    headers += [(k.encode(), v.encode("latin-1")) for k, v in SECURITY_HEADERS if k.lower() not in own]
     headers += [(k.encode(), v.encode("latin-1")) for k, v in reply.headers]
     # An answer to HEAD has no body (one would be read as the start of the next answer on the connection).
     body = b"" if flow.request.method.upper() == "HEAD" else reply.body

@@ -73,12 +73,20 @@ SECURITY_HEADERS = (
      "base-uri 'none'"),
 )
 
+#: The Content-Security-Policy of the only pages that run a script, the security-key step
+#: (``/_dpiguard/static/webauthn.js``, same origin; edge/enrol.py): a reply that carries its own
+#: Content-Security-Policy header replaces the default one (edge/flows.py ``respond``).
+SCRIPT_CSP = ("Content-Security-Policy",
+              "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
+              "frame-ancestors 'none'; base-uri 'none'")
+
 FHIR_ISSUE_CODE = {
     400: "invalid", 401: "login", 403: "forbidden", 405: "not-supported", 413: "too-long", 414: "too-long",
     429: "throttled", 431: "too-long", 503: "exception",
 }
 
-STATIC_FILES = {"dpiguard.css": "text/css; charset=utf-8"}
+STATIC_FILES = {"dpiguard.css": "text/css; charset=utf-8",
+                "webauthn.js": "text/javascript; charset=utf-8"}  # the security-key step (edge/enrol.py)
 HTML = "text/html; charset=utf-8"
 
 
@@ -166,6 +174,7 @@ class Portal:
         self.pages = Pages(self.settings.pages, policies)
         self.resume = resume  # kept forms (None or ttl 0: off)
         self.console = console  # dpiguard.edge.console.Console, or None
+        self.enrol = None  # dpiguard.edge.enrol.Enrolment (enrolment, recovery codes, security keys), or None
         self.admin_roles = frozenset(self.settings.console_roles)
         self._static = self._static_files()
         self.oidc = None  # dpiguard.edge.oidc.OidcPages when OpenID Connect login is on (services.py)
@@ -217,6 +226,11 @@ class Portal:
                 return self.login_submit(req, body)
             if route == ("POST", "/_dpiguard/api/login"):
                 return self.api_login(req, body)
+            if self.enrol is not None and path.startswith(("/_dpiguard/enrol", "/_dpiguard/login/key",
+                                                           "/_dpiguard/account", "/_dpiguard/breakglass/key")):
+                served = self.enrol.handle(self, req, path, query, body, session_token)
+                if served is not None:
+                    return served
             if route == ("GET", "/_dpiguard/logout"):
                 return self.logout_page(req, query, session_token)
             if route == ("POST", "/_dpiguard/logout"):
@@ -310,7 +324,9 @@ class Portal:
         reply = self.page(req, "login.html", status, None, error=error, warning=warning,
                           reason=params.get("reason", [""])[0], csrf=csrf, next=next_target, resume=resume,
                           idle=l10n.duration(s.idle_timeout), lifetime=l10n.duration(s.absolute_lifetime),
-                          oidc_button=self.oidc.button(l10n) if self.oidc is not None else "")
+                          oidc_button=self.oidc.button(l10n) if self.oidc is not None else "",
+                          keys=self.enrol is not None and self.enrol.keys is not None,
+                          recovery=getattr(self.authenticator, "recovery", None) is not None)
         reply.headers = (headers or []) + [("Set-Cookie", self._cookie(self.csrf_cookie, csrf, path="/"))]
         return reply
 
@@ -328,16 +344,20 @@ class Portal:
             error, warning = self._login_error(l10n, result)
             return self.login_form(req, "", error, _login_status(result), form.get("next", "/"),
                                    warning=warning, resume=form.get("resume", ""))
+        return self.complete_login(req, result, form.get("next", "/"), form.get("resume", ""))
+
+    def complete_login(self, req: Incoming, result: LoginResult, next_target: str, resume_id: str = "") -> Reply:
+        """After a successful form login (both factors checked): the session, its cookie, where to go."""
         blocked = self._account_kind_refusal(req, result)
         if blocked is not None:
             return blocked
         token, session = self._open_session(req, result)
         cookies = [("Set-Cookie", self._cookie(self.cookie_name, token, path="/")),
                    ("Set-Cookie", self._cookie(self.csrf_cookie, "", path="/", max_age=0))]
-        kept = self._take_kept(req, form.get("resume", ""), session.user)
+        kept = self._take_kept(req, resume_id, session.user)
         if kept is not None:
             return Reply(303, b"", "text/plain", cookies, replay=(kept, token))
-        target = safe_next(form.get("next", "/"), portal_pages=True)
+        target = safe_next(next_target, portal_pages=True)
         if self._is_admin(session.roles) and target == "/":
             target = "/_dpiguard/console"
         return Reply(303, b"", "text/plain", [("Location", target)] + cookies)
@@ -408,7 +428,9 @@ class Portal:
                       else "failure")
         login = (result.user.login if result.user else username.strip().lower()[:64]) or None
         if result.ok:
-            self._event(req, "login_success", login, "allow", "ok", idp=getattr(result, "source", "local"))
+            # detail: which second factor, when not the TOTP code (recovery_code, security_key)
+            self._event(req, "login_success", login, "allow", "ok", result.detail if result.detail != "ok" else None,
+                        idp=getattr(result, "source", "local"))
         else:
             event = {"locked": "login_locked", "throttled": "login_throttled"}.get(result.reason, "login_failure")
             self._event(req, event, login, "deny", result.reason, getattr(result, "detail", None))
@@ -420,6 +442,9 @@ class Portal:
             self.sessions.destroy(old)  # the id is rotated at login
         return self.sessions.create(result.user.login, result.user.roles, login_step=result.totp_step,
                                     display_name=result.user.display_name, source=getattr(result, "source", "local"))
+
+    def login_error(self, l10n: Localizer, result: LoginResult) -> tuple[str, str]:
+        return self._login_error(l10n, result)
 
     def _login_error(self, l10n: Localizer, result: LoginResult) -> tuple[str, str]:
         """(what went wrong, a warning) for a failed login, in the person's language."""
@@ -460,7 +485,8 @@ class Portal:
         if session is None:
             reason = "switch_user" if switch else "logged_out"
             return Reply(303, b"", "text/plain", [("Location", f"/_dpiguard/login?reason={reason}")])
-        return self.page(req, "logout.html", 200, session, csrf=session.csrf, switch=switch)
+        return self.page(req, "logout.html", 200, session, csrf=session.csrf, switch=switch,
+                         account=self.enrol is not None)
 
     def logout(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
         session = self.sessions.get(token) if token else None
@@ -619,6 +645,7 @@ class Portal:
         """The fields of the emergency-access form (templates/breakglass_form.html)."""
         reasons = [(code, l10n.gettext(label)) for code, label in policy.reasons.items()]
         return {"policy": policy, "reasons": reasons, "patient": patient, "csrf": csrf, "next": safe_next(next_target),
+                "keys": self.enrol is not None and self.enrol.keys is not None and self.breakglass is not None,
                 "error": error, "warning": warning, "reason": reason, "text": text,
                 "duration": l10n.duration(policy.duration_seconds)}
 
@@ -662,7 +689,8 @@ class Portal:
                                                   "cannot override it."),
                 }.get(e, outcome.message), ""
 
-    def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool) -> Reply:
+    def breakglass_request(self, req: Incoming, body: bytes, token: str | None, form: bool,
+                           second_factor=None) -> Reply:
         session = self.sessions.get(token) if token else None
         l10n = self.l10n(req)
         if session is None:
@@ -698,7 +726,8 @@ class Portal:
         outcome = self.breakglass.request(
             bg_policy, user=session.user, roles=session.roles, patient=data.get("patient"), reason=data.get("reason"),
             text=data.get("text"), totp=data.get("totp"), client_ip=req.client_ip, request_id=req.request_id,
-            login_step=session.login_step, claim_login_code=lambda: self.sessions.claim_login_code(session))
+            login_step=session.login_step, claim_login_code=lambda: self.sessions.claim_login_code(session),
+            second_factor=second_factor)
         self._traced.count += 1  # the emergency-access service traces every request it decides
         headers = [("Retry-After", str(outcome.retry_after))] if outcome.retry_after and outcome.status == 429 else []
         if form:

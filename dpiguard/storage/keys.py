@@ -48,6 +48,31 @@ class Keys:
         """Set for ``ip_slow_seconds`` after each attempt from a slowed-down address."""
         return f"{self.prefix}:ipslow:{address}"
 
+    # -- enrolment, recovery codes, security keys (auth/enrolment.py, auth/webauthn.py) -------------
+    def enrol_link(self, token_hash: str) -> str:
+        """An enrolment link (hash: login, created_by), by the SHA-256 of its token; TTL = its life."""
+        return f"{self.prefix}:enrol:{{{token_hash}}}"
+
+    def user_enrol_link(self, login: str) -> str:
+        """The token hash of a user's current enrolment link (a new link replaces the old one)."""
+        return f"{self.prefix}:user-enrol:{{{login}}}"
+
+    def enrol_session(self, sid_hash: str) -> str:
+        """An enrolment in progress (after the link was used): login, stage, pending TOTP secret."""
+        return f"{self.prefix}:enrol-session:{{{sid_hash}}}"
+
+    def recovery_codes(self, login: str) -> str:
+        """Set of the SHA-256 digests of a user's unused recovery codes."""
+        return f"{self.prefix}:recovery:{{{login}}}"
+
+    def security_keys(self, login: str) -> str:
+        """Hash: credential id (base64url) -> JSON of the registered key (public key, sign count, name)."""
+        return f"{self.prefix}:webauthn:{{{login}}}"
+
+    def webauthn_challenge(self, challenge_id: str) -> str:
+        """A ceremony's challenge (single use, short TTL): any instance can finish the ceremony."""
+        return f"{self.prefix}:webauthn-challenge:{{{challenge_id}}}"
+
     def session(self, sid_hash: str) -> str:
         return f"{self.prefix}:session:{{{sid_hash}}}"
 
