@@ -248,3 +248,55 @@ def test_cli_creates_a_totp_only_record(stack):
                          capture_output=True, text=True, timeout=60, cwd=str(ROOT))
     assert out.returncode != 0 and "directory account" in out.stderr
     assert user_directory(stack.config).redis.hget(f"dpiguard:user:{{new.ldap}}", "pw_hash") is None
+
+
+FORM = {"accept": "text/html", "sec-fetch-site": "same-origin", "accept-language": "fr"}
+
+
+def test_directory_account_enrols_its_second_factor_through_a_link(stack, proxy, ldap):
+    """``users invite --external ldap``: no secret on the terminal; the link asks the directory password
+    (never stored, a wrong one counts as a failed login), then the person registers TOTP and receives
+    recovery codes, which work at the LDAP login too."""
+    from dpiguard.demo.ldapdir import person
+
+    ldap.add_ldif(person(f"uid=arr.ldap,ou=people,{BASE}", "arr.ldap", "Ari Arrivee", USER_PW))
+    ldap.group_add("GG-DPI-Infirmiers", "arr.ldap")
+    cmd = [sys.executable, "-m", "dpiguard.cli", "users", "invite", "arr.ldap", "--external", "ldap",
+           "--config", str(stack.config_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr
+    assert "otpauth://" not in out.stdout  # the secret is not shown to whoever runs the command
+    token = out.stdout.strip().rsplit("t=", 1)[1]
+    assert user_directory(stack.config).get("arr.ldap").external == "ldap"
+    c = httpx.Client(base_url=proxy.url, timeout=15)
+    page = c.get("/_dpiguard/enrol", params={"t": token}, headers=FORM)
+    assert page.status_code == 200 and "annuaire" in page.text and "password2" not in page.text
+    wrong = c.post("/_dpiguard/enrol", data={"t": token, "password": "pas-le-bon"}, headers=FORM)
+    assert wrong.status_code == 400
+    assert wait_for(lambda: records(stack, event="enrol_password", user="arr.ldap", outcome="deny"))
+    r = c.post("/_dpiguard/enrol", data={"t": token, "password": USER_PW}, headers=FORM)
+    assert r.status_code == 303 and r.headers["location"] == "/_dpiguard/enrol/factor"
+    assert user_directory(stack.config).redis.hget("dpiguard:user:{arr.ldap}", "pw_hash") is None  # not stored
+    factor = c.get("/_dpiguard/enrol/factor", headers=FORM)
+    import re
+
+    secret = re.search(r"<code>([A-Z2-7 ]+)</code>", factor.text).group(1).replace(" ", "")
+    csrf = re.search(r'name="csrf" value="([^"]+)"', factor.text).group(1)
+    stack.ldap_secrets["arr.ldap"] = secret
+    ok = c.post("/_dpiguard/enrol/totp", data={"csrf": csrf, "code": code(stack, "arr.ldap")}, headers=FORM)
+    assert ok.status_code == 303
+    codes = re.findall(r"<code>([a-z2-9]{4}-[a-z2-9]{4}-[a-z2-9]{4})</code>", c.get("/_dpiguard/enrol/codes",
+                                                                                      headers=FORM).text)
+    assert len(codes) == 10
+    assert c.get("/_dpiguard/enrol", params={"t": token}, headers=FORM).status_code == 410  # used
+    _, r = login(proxy, stack, "arr.ldap")  # directory password + the registered authenticator
+    assert r.status_code == 200 and r.json()["roles"] == ["nurse"], r.text
+    _, r = login(proxy, stack, "arr.ldap", totp=codes[0])  # a recovery code, once
+    assert r.status_code == 200, r.text
+    _, r = login(proxy, stack, "arr.ldap", totp=codes[0])
+    assert r.status_code == 401
+    _, r = login(proxy, stack, "arr.ldap", password="pas-le-bon", totp=codes[1])  # never without the password
+    assert r.status_code == 401
+    _, r = login(proxy, stack, "arr.ldap", totp=codes[1])
+    assert r.status_code == 200, r.text
+    assert len(records(stack, event="login_success", user="arr.ldap", detail="recovery_code")) == 2

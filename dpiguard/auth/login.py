@@ -214,7 +214,15 @@ class Authenticator:
             self.users.check_totp_step(login, totp_code, now=now, consume=False)
             return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=answer.detail or DIRECTORY_UNAVAILABLE)
         password_ok = answer.outcome in (OK, NO_ROLE)
-        totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
+        if self.recovery is not None and looks_like_recovery_code(totp_code):
+            # A recovery code instead of the TOTP code, as for local accounts: used up only with the right
+            # directory password on an enabled account.
+            usable = not user.disabled and password_ok
+            totp_outcome = TOTP_OK if usable and self.recovery.use(login, totp_code) else TOTP_BAD
+            step, factor_detail = None, DETAIL_RECOVERY_CODE
+        else:
+            totp_outcome, step = self.users.check_totp_step(login, totp_code, now=now, consume=password_ok)
+            factor_detail = OK
         if user.disabled:
             return self._failed(login, ip, DETAIL_DISABLED)
         if not password_ok:
@@ -227,7 +235,33 @@ class Authenticator:
         factor.logged_in(login, answer)
         who = User(login=login, display_name=answer.display_name or user.display_name, roles=tuple(answer.roles),
                    disabled=False, created=user.created, external=user.external)
-        return LoginResult(True, who, OK, detail=OK, totp_step=step, source=user.external)
+        return LoginResult(True, who, OK, detail=factor_detail, totp_step=step, source=user.external)
+
+    def confirm_directory_password(self, login: str, password: str, client_ip: str) -> LoginResult:
+        """The directory password of a directory account, alone (enrolment through a link: the person
+        proves who they are before registering a second factor; nothing is stored). Address slowdown,
+        account lock and failure counting as at the login form. Reasons: ``ok``, ``locked``,
+        ``throttled``, ``directory_unavailable``, ``invalid_credentials``."""
+        ip = normalize_ip(client_ip)
+        login = normalize_login(login if isinstance(login, str) else "")
+        slowed_for = self._ip_slowed_for(ip)
+        if slowed_for:
+            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
+        locked_for = self._locked_for(login)
+        if locked_for:
+            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
+        user = self.users.get(login)
+        factor = self.external.get(user.external) if user is not None and user.external else None
+        if factor is None:
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail="not_a_configured_directory_account")
+        answer = factor.verify(login, password if isinstance(password, str) else "")
+        if answer.outcome == DIRECTORY_UNAVAILABLE:
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=answer.detail or DIRECTORY_UNAVAILABLE)
+        if user.disabled:
+            return self._failed(login, ip, DETAIL_DISABLED)
+        if answer.outcome not in (OK, NO_ROLE):
+            return self._failed(login, ip, answer.outcome)
+        return LoginResult(True, user, OK, detail=OK, source=user.external)
 
     def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None,
                        login_step: int | None = None, claim_login_code=None) -> LoginResult:

@@ -386,7 +386,9 @@ class UserDirectory:
 
     def store_password(self, login: str, password: str) -> None:
         """Set a password the caller already checked against its own rule (the enrolment page applies
-        :func:`dpiguard.auth.enrolment.password_problems`); only the length bounds are checked here."""
+        :func:`dpiguard.auth.enrolment.password_problems`); only the length bounds are checked here.
+        Never for a directory account (its password is the directory's)."""
+        self._refuse_external(login, "its password is set")
         if not isinstance(password, str) or not password or len(password) > PASSWORD_MAX_LENGTH:
             raise ValueError("password missing or too long")
         self._update_fields(login, {"pw_hash": self.hasher.hash(password)})

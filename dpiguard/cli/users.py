@@ -129,7 +129,21 @@ def cmd_enrolment(args) -> int:
     client = redis_client(cfg)
     users = user_directory(cfg, client)
     links = enrolment_links(cfg, client)
-    if args.users_cmd == "invite":
+    if args.users_cmd == "invite" and args.external:
+        if args.role:
+            raise ValueError("--external: no --role (the directory's groups give the roles, policies/directory.yaml)")
+        # The TOTP secret of add_external is never shown: the owner registers their own second factor
+        # through the link, after typing their directory password (docs/authentication.md).
+        users.add_external(args.login, args.external, display_name=args.name or "")
+        users.reset_totp(args.login)  # a secret nobody saw, not even this terminal
+        link = links.issue(args.login, created_by=args.by or "", ttl=args.ttl)
+        audit_admin(cfg, "user_invite", user=link.login, external=args.external, by=args.by, link_expires=link.expires)
+        print(f"user {link.login} created: first factor = the {args.external} directory; enrolment link for "
+              f"the second factor (one use, valid {(args.ttl or cfg.enrolment.link_ttl) // 3600} h):")
+        print(enrol_link_text(cfg, link.token))
+    elif args.users_cmd == "invite":
+        if not args.role:
+            raise ValueError("--role is required (repeat it for several roles), or --external ldap")
         _check_roles(cfg, args.role)
         # A random password nobody knows, and a TOTP secret nobody sees: the account is usable only
         # after its owner chose a password and a second factor through the link.
@@ -213,7 +227,10 @@ def register(sub) -> None:
         sp.set_defaults(func=cmd_users)
     sp = with_config(users.add_parser("invite", help="create a user with a one-time enrolment link"))
     sp.add_argument("login")
-    sp.add_argument("--role", action="append", required=True)
+    sp.add_argument("--role", action="append", help="repeat for several roles (required without --external)")
+    sp.add_argument("--external", choices=["ldap"],
+                    help="a directory account: its password and roles are the directory's; the link registers "
+                         "its second factor after the directory password is typed")
     sp.add_argument("--name", help="display name")
     sp.add_argument("--by", help="who creates the account (written in the trace)")
     sp.add_argument("--ttl", type=int, help="life of the link in seconds (default enrolment.link_ttl)")

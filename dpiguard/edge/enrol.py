@@ -38,6 +38,7 @@ from dpiguard.auth.enrolment import (
     RecoveryCodes,
     password_problems,
 )
+from dpiguard.auth.login import DIRECTORY_UNAVAILABLE
 from dpiguard.auth.qr import qr_png_bytes
 from dpiguard.auth.sessions import cookie_value, sid_hash
 from dpiguard.auth.users import UserDirectory
@@ -119,7 +120,8 @@ class Enrolment:
         user = self.users.get(login)
         return portal.page(req, "enrol_password.html", status, token=token, login=login,
                            display_name=user.display_name if user else "", problems=problems or [],
-                           min_length=PASSWORD_MIN_LENGTH, bits=CNIL_MIN_BITS)
+                           min_length=PASSWORD_MIN_LENGTH, bits=CNIL_MIN_BITS,
+                           directory=bool(user is not None and user.external))
 
     def _problem_text(self, l10n, code: str) -> str:
         return {TOO_LONG: l10n.gettext("The password is too long (1024 characters at most)."),
@@ -135,6 +137,9 @@ class Enrolment:
         if login is None:
             return self._link_refused(portal, req)
         password = form.get("password", "")
+        user = self.users.get(login)
+        if user is not None and user.external:
+            return self._directory_confirm(portal, req, token, user, password)
         problems = password_problems(password, login, form.get("password2", ""))
         if problems:
             portal.event(req, "enrol_password", login, "deny", "password_rule", ",".join(problems))
@@ -143,13 +148,38 @@ class Enrolment:
         if self.links.take(token) != login:  # used meanwhile (another tab, another instance)
             return self._link_refused(portal, req)
         self.users.store_password(login, password)
+        portal.event(req, "enrol_password", login, "allow", "ok")
+        return self._to_factor_step(login)
+
+    def _to_factor_step(self, login: str) -> Reply:
         sid = secrets.token_urlsafe(32)
         key = self.k.enrol_session(sid_hash(sid))
         self.redis.hset(key, mapping={"login": login, "stage": STAGE_FACTOR, "csrf": secrets.token_urlsafe(24)})
         self.redis.expire(key, ENROL_SESSION_SECONDS)
-        portal.event(req, "enrol_password", login, "allow", "ok")
         return Reply(303, b"", "text/plain", [("Location", "/_dpiguard/enrol/factor"),
                                               ("Set-Cookie", self._cookie(sid, ENROL_SESSION_SECONDS))])
+
+    def _directory_confirm(self, portal, req: Incoming, token: str, user, password: str) -> Reply:
+        """Step 1 for a directory account (LDAP / AD): its password stays the directory's and is never
+        stored; the person proves who they are by typing it (a bind as them), besides holding the link.
+        A wrong password counts as a failed login (account lock, address slowdown), as at the login form."""
+        l10n = portal.l10n(req)
+        result = portal.authenticator.confirm_directory_password(user.login, password, req.client_ip)
+        if not result.ok:
+            portal.event(req, "enrol_password", user.login, "deny", result.reason, result.detail)
+            if result.reason in ("locked", "throttled"):
+                text, status = portal.login_error(l10n, result)[0], 429
+            elif result.reason == DIRECTORY_UNAVAILABLE:
+                text, status = l10n.gettext("The hospital's user directory cannot be reached, so your password "
+                                            "cannot be checked now. Try again in a few minutes."), 503
+            else:
+                text, status = l10n.gettext("This is not the password of your account in the hospital's "
+                                            "directory."), 400
+            return self.password_page(portal, req, token, [text], status)
+        if self.links.take(token) != user.login:  # used meanwhile (another tab, another instance)
+            return self._link_refused(portal, req)
+        portal.event(req, "enrol_password", user.login, "allow", "directory_password_confirmed")
+        return self._to_factor_step(user.login)
 
     def _cookie(self, value: str, max_age: int) -> str:
         parts = [f"{self.cookie}={value}", "Path=/_dpiguard/enrol", "HttpOnly", "SameSite=Strict",
