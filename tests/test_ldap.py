@@ -321,6 +321,36 @@ def test_local_accounts_unchanged(auth):
     assert a.login("loc.user", "Local-Password-2026!", "000000", "10.0.0.8").detail == "bad_totp"
 
 
+def test_security_key_login_of_a_directory_account(auth, r):
+    """Password step then key step (the page's WebAuthn ceremony gives ``ok``): the password is the
+    directory's, the roles and units are the directory's at the key step, and it says ``ldap``."""
+    a, users, _, synced, _ = auth
+    first = a.first_factor("med.ldap", USER_PW, "10.0.1.1")
+    assert first.ok and first.source == "ldap"
+    done = a.second_factor("med.ldap", "10.0.1.1", True, "ok")
+    assert done.ok and done.source == "ldap" and done.user.roles == ("doctor",) and done.detail == "security_key"
+    assert synced == [("med.ldap", ())]
+    # a wrong directory password counts like at the form; a hash written by hand is never used
+    import argon2
+    r.hset(users.keys.user("med.ldap"), "pw_hash", argon2.PasswordHasher().hash("Local-Password-2026!"))
+    wrong = a.first_factor("med.ldap", "Local-Password-2026!", "10.0.1.2")
+    assert not wrong.ok and wrong.detail == "bad_password" and wrong.attempts_left == 2
+    # disabled (or removed) in the directory between the two steps: refused at the key step, counted
+    assert a.second_factor("inf.off", "10.0.1.3", True, "ok").reason == "invalid_credentials"
+    assert a.first_factor("inf.off", USER_PW, "10.0.1.3").detail == "directory_disabled"
+    # groups that give no role: no access
+    assert a.first_factor("sans.role", USER_PW, "10.0.1.4").ok
+    assert a.second_factor("sans.role", "10.0.1.4", True, "ok").reason == "no_role"
+
+
+def test_security_key_login_directory_down(auth, ldap):
+    a, _, _, _, factor = auth
+    factor.directory = d.LdapDirectory(settings_for(ldap, url=f"ldap://127.0.0.1:{closed_port()}", timeout=1.0))
+    result = a.first_factor("inf.ldap", USER_PW, "10.0.1.5")
+    assert not result.ok and result.reason == "directory_unavailable" and result.attempts_left is None
+    assert a.second_factor("inf.ldap", "10.0.1.5", True, "ok").reason == "directory_unavailable"
+
+
 # -- the re-check ----------------------------------------------------------------------------------
 def test_recheck_ends_sessions_of_disabled_and_removed_users_and_keeps_others(auth, r, ldap):
     a, users, secrets, _, factor = auth

@@ -326,6 +326,26 @@ class DirectoryFirstFactor:
                                   detail=f"groups: {', '.join(entry.groups)}"[:300])
         return ExternalAnswer(OK, roles, units, entry.display_name)
 
+    def current(self, login: str) -> ExternalAnswer:
+        """What the directory says of ``login`` now, without its password (service-account search): the
+        end of a login whose password was checked at an earlier step (security keys). ``ok`` with the
+        roles and units, or ``unknown_user``/``directory_disabled``/``no_role``/unavailable."""
+        try:
+            entry = self.directory.find(login)
+        except DirectoryUnavailable as exc:
+            log.warning("dpiguard: directory unavailable at login: %s", exc)
+            return ExternalAnswer(UNAVAILABLE, detail=str(exc)[:300])
+        if entry is None:
+            return ExternalAnswer(UNKNOWN_USER)
+        if entry.disabled:
+            return ExternalAnswer(DISABLED)
+        mapping = self.mapping()
+        roles, units = mapping.resolve(entry.groups, entry.unit_values) if mapping is not None else ((), ())
+        if not roles:
+            return ExternalAnswer(NO_ROLE, display_name=entry.display_name,
+                                  detail=f"groups: {', '.join(entry.groups)}"[:300])
+        return ExternalAnswer(OK, roles, units, entry.display_name)
+
     def logged_in(self, login: str, answer: ExternalAnswer) -> None:
         if self.on_login is not None:
             self.on_login(login, answer.units)

@@ -312,6 +312,18 @@ class Authenticator:
         if locked_for:
             return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
         user = self.users.get(login)
+        if user is not None and user.external:  # a directory account: its password is the directory's
+            factor = self.external.get(user.external)
+            if factor is None:
+                return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=f"{user.external}_not_configured")
+            answer = factor.verify(login, password if isinstance(password, str) else "")
+            if answer.outcome == DIRECTORY_UNAVAILABLE:
+                return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=answer.detail or DIRECTORY_UNAVAILABLE)
+            if user.disabled:
+                return self._failed(login, ip, DETAIL_DISABLED)
+            if answer.outcome not in (OK, NO_ROLE):
+                return self._failed(login, ip, answer.outcome)
+            return LoginResult(True, user, OK, detail="password_ok", source=user.external)
         password_ok = self.users.verify_password(login, password)
         if user is not None and not user.disabled and password_ok:
             return LoginResult(True, user, OK, detail="password_ok")
@@ -327,10 +339,31 @@ class Authenticator:
         if locked_for:
             return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
         user = self.users.get(login)
+        if ok and user is not None and not user.disabled and user.external:
+            return self._external_second_factor(user, ip)
         if ok and user is not None and not user.disabled:
             self.redis.delete(self.keys.login_failures(login))
             return LoginResult(True, user, OK, detail=DETAIL_SECURITY_KEY)
         return self._failed(login, ip, detail if not ok else DETAIL_DISABLED)
+
+    def _external_second_factor(self, user: User, ip: str) -> LoginResult:
+        """A directory account's key was accepted: its roles and units are the directory's now (its
+        password was checked at the first step), exactly as at a login with a TOTP code."""
+        login = user.login
+        factor = self.external.get(user.external)
+        answer = factor.current(login) if factor is not None else None
+        if answer is None or answer.outcome == DIRECTORY_UNAVAILABLE:
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE,
+                               detail=(answer.detail if answer is not None else "") or DIRECTORY_UNAVAILABLE)
+        if answer.outcome not in (OK, NO_ROLE):
+            return self._failed(login, ip, answer.outcome)  # removed or disabled since the first step
+        self.redis.delete(self.keys.login_failures(login))
+        if answer.outcome == NO_ROLE:
+            return LoginResult(False, None, NO_ROLE, detail=answer.detail or NO_ROLE)
+        factor.logged_in(login, answer)
+        who = User(login=login, display_name=answer.display_name or user.display_name, roles=tuple(answer.roles),
+                   disabled=False, created=user.created, external=user.external)
+        return LoginResult(True, who, OK, detail=DETAIL_SECURITY_KEY, source=user.external)
 
     def key_step_up(self, login: str, client_ip: str, ok: bool, detail: str) -> LoginResult:
         """A security key re-asked by a logged-in user (emergency access): like :meth:`reauthenticate`,
