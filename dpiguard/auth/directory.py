@@ -319,12 +319,7 @@ class DirectoryFirstFactor:
             return ExternalAnswer(UNAVAILABLE, detail=str(exc)[:300])
         if outcome != OK or entry is None:
             return ExternalAnswer(outcome)
-        mapping = self.mapping()
-        roles, units = mapping.resolve(entry.groups, entry.unit_values) if mapping is not None else ((), ())
-        if not roles:
-            return ExternalAnswer(NO_ROLE, display_name=entry.display_name,
-                                  detail=f"groups: {', '.join(entry.groups)}"[:300])
-        return ExternalAnswer(OK, roles, units, entry.display_name)
+        return self._mapped(entry)
 
     def current(self, login: str) -> ExternalAnswer:
         """What the directory says of ``login`` now, without its password (service-account search): the
@@ -339,6 +334,10 @@ class DirectoryFirstFactor:
             return ExternalAnswer(UNKNOWN_USER)
         if entry.disabled:
             return ExternalAnswer(DISABLED)
+        return self._mapped(entry)
+
+    def _mapped(self, entry: DirectoryEntry) -> ExternalAnswer:
+        """An enabled entry through the RSSI's mapping: ``ok`` with roles and units, or ``no_role``."""
         mapping = self.mapping()
         roles, units = mapping.resolve(entry.groups, entry.unit_values) if mapping is not None else ((), ())
         if not roles:

@@ -242,26 +242,10 @@ class Authenticator:
         proves who they are before registering a second factor; nothing is stored). Address slowdown,
         account lock and failure counting as at the login form. Reasons: ``ok``, ``locked``,
         ``throttled``, ``directory_unavailable``, ``invalid_credentials``."""
-        ip = normalize_ip(client_ip)
-        login = normalize_login(login if isinstance(login, str) else "")
-        slowed_for = self._ip_slowed_for(ip)
-        if slowed_for:
-            return LoginResult(False, None, THROTTLED, retry_after=slowed_for, detail=THROTTLED)
-        locked_for = self._locked_for(login)
-        if locked_for:
-            return LoginResult(False, None, LOCKED, retry_after=locked_for, detail=LOCKED)
-        user = self.users.get(login)
-        factor = self.external.get(user.external) if user is not None and user.external else None
-        if factor is None:
-            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail="not_a_configured_directory_account")
-        answer = factor.verify(login, password if isinstance(password, str) else "")
-        if answer.outcome == DIRECTORY_UNAVAILABLE:
-            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail=answer.detail or DIRECTORY_UNAVAILABLE)
-        if user.disabled:
-            return self._failed(login, ip, DETAIL_DISABLED)
-        if answer.outcome not in (OK, NO_ROLE):
-            return self._failed(login, ip, answer.outcome)
-        return LoginResult(True, user, OK, detail=OK, source=user.external)
+        user = self.users.get(normalize_login(login if isinstance(login, str) else ""))
+        if user is None or not user.external:  # never a local password here
+            return LoginResult(False, None, DIRECTORY_UNAVAILABLE, detail="not_a_directory_account")
+        return self.first_factor(login, password, client_ip)  # its directory branch: the same checks
 
     def reauthenticate(self, login: str, totp_code: str, client_ip: str, now: float | None = None,
                        login_step: int | None = None, claim_login_code=None) -> LoginResult:
