@@ -6,6 +6,12 @@
     upstream connections, same log level), but without the dpiguard addon. This is the floor of the
     architecture: what any mitmproxy addon costs at least.
 
+``python -m benchmarks.proxy stock --config FILE``
+    (b′) stock mitmdump: ``mitmdump --mode reverse:UPSTREAM@HOST:PORT`` exactly as mitmproxy ships it, with all
+    its default addons (the flow dumper printing a line per flow included, to the process's log) and its
+    default options (eager upstream connections). The second floor of issue 14: what a hospital would run
+    without dpiguard. Only the configuration directory is set, so nothing is written to ``~/.mitmproxy``.
+
 ``python -m benchmarks.proxy nofsync --config FILE``
     (c, trace not durable) ``dpiguard run`` with ``fsync``/``fdatasync`` turned into no-ops in the
     process, so trace records reach the page cache but are not forced to disk. dpiguard itself always
@@ -50,6 +56,17 @@ def run_floor(config_path: str) -> int:
     return asyncio.run(main())
 
 
+def run_stock(config_path: str) -> int:
+    from mitmproxy.tools.main import mitmdump
+
+    cfg = load_config(config_path)
+    runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="bench-stock-"))
+    print(f"stock mitmdump: listening on {cfg.listen.host}:{cfg.listen.port} → {cfg.upstream.url}", flush=True)
+    mitmdump(["--mode", f"reverse:{cfg.upstream.url}@{cfg.listen.host}:{cfg.listen.port}",
+              "--set", f"confdir={runtime_dir / 'mitmproxy'}"])
+    return 0
+
+
 def disable_fsync() -> None:
     """Benchmark only: make fsync/fdatasync no-ops in this process (see the module docstring)."""
     os.fsync = lambda fd: None
@@ -58,11 +75,13 @@ def disable_fsync() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proxy")
-    parser.add_argument("kind", choices=("floor", "nofsync"))
+    parser.add_argument("kind", choices=("floor", "stock", "nofsync"))
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
     if args.kind == "floor":
         return run_floor(args.config)
+    if args.kind == "stock":
+        return run_stock(args.config)
     disable_fsync()
     cfg = load_config(args.config)
     return run_proxy(cfg, build_services(cfg))

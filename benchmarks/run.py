@@ -5,6 +5,8 @@ In one session, with the same load generator (wrk + benchmarks/workload.lua) and
 
 - (a) the upstream directly;
 - (b) mitmproxy alone in reverse mode, same version and options, no addon (the floor);
+- (b′) stock ``mitmdump --mode reverse:…`` with mitmproxy's default addons and options (the second floor:
+  what runs without dpiguard);
 - (c) dpiguard (``dpiguard run``): session check, Casbin table, care team, decision cache, trace line
   per decision;
 - (c) is dpiguard's full pipeline tracing every decision, with fsync disabled in the process (the
@@ -248,7 +250,7 @@ def run(profile: Profile, out_dir: Path) -> int:
     problems: list[str] = []
     redis_server = LocalRedis().start()
     try:
-        upstream_port, port_b, port_c, port_d, port_c2 = (free_port() for _ in range(5))
+        upstream_port, port_b, port_bs, port_c, port_d, port_c2 = (free_port() for _ in range(6))
         config_path = write_demo_config(workdir, host="127.0.0.1", port=port_c, upstream_port=upstream_port,
                                         redis_url=redis_server.url)
         cfg = load_config(config_path)
@@ -276,11 +278,13 @@ def run(profile: Profile, out_dir: Path) -> int:
                                      "DPIGUARD_AUDIT__PATH": str(workdir / f"audit-{name}")}
         floor = start("b-mitmproxy", [py, "-m", "benchmarks.proxy", "floor", "--config", str(config_path)],
                       port_b, workdir, sut_cpu, env_of("b", port_b))
+        stock = start("b-stock-mitmdump", [py, "-m", "benchmarks.proxy", "stock", "--config", str(config_path)],
+                      port_bs, workdir, sut_cpu, env_of("bs", port_bs))
         guard = start("c-dpiguard", [py, "-m", "dpiguard.cli", "run", "--config", str(config_path)],
                       port_c, workdir, sut_cpu, env_of("c", port_c), "/_dpiguard/health")
         nofsync = start("c-nofsync", [py, "-m", "benchmarks.proxy", "nofsync", "--config", str(config_path)],
                         port_d, workdir, sut_cpu, env_of("d", port_d), "/_dpiguard/health")
-        servers += [floor, guard, nofsync]
+        servers += [floor, stock, guard, nofsync]
 
         if pinned:  # logins (argon2) may use both cores; the proxy goes back to its core afterwards
             set_affinity(guard.proc.pid, set(cpus))
@@ -294,7 +298,8 @@ def run(profile: Profile, out_dir: Path) -> int:
         result["workload"] = mix_summary(reqs)
         expected_refused = result["workload"]["expected_refused_share"]
 
-        targets = {"a": (upstream, False), "b": (floor, False), "c": (nofsync, True), "c_durable": (guard, True)}
+        targets = {"a": (upstream, False), "b": (floor, False), "b_stock": (stock, False), "c": (nofsync, True),
+                   "c_durable": (guard, True)}
 
         def sut(name: str):
             """Put the system under test on the proxy core and the others on the load core."""
@@ -306,7 +311,7 @@ def run(profile: Profile, out_dir: Path) -> int:
             server, is_guard = sut(name)
             run_wrk(server.url, requests_file, seconds=profile.warmup, connections=profile.connections, cpus=wrk_cpu)
         runs: dict[str, dict[str, list]] = {name: {"throughput": [], "latency": []} for name in targets}
-        order = ["a", "b", "c", "c_durable"]
+        order = ["a", "b", "b_stock", "c", "c_durable"]
         for rnd in range(profile.rounds):
             seq = order if rnd % 2 == 0 else list(reversed(order))
             for name in seq:
@@ -352,9 +357,20 @@ def run(profile: Profile, out_dir: Path) -> int:
                             "added_p99_ms": round(statistics.median(added), 3),
                             "added_p99_ms_per_round": [round(x, 3) for x in added],
                             "cpu_per_request_ratio": round(statistics.median(cpu), 3)}
+            # Against (b′), stock mitmdump: "dpiguard run at least as fast as what runs without it" (ratio ≥ 1).
+            stock_capacity = [y["cpu_ms_per_request"] / x["cpu_ms_per_request"]
+                              for x, y in zip(runs[name]["throughput"], runs["b_stock"]["throughput"])]
+            stock_tput = per_round(_rps, "throughput", name, "b_stock")
+            ratios[name]["vs_stock"] = {"throughput_per_cpu_ratio": round(statistics.median(stock_capacity), 3),
+                                        "throughput_ratio": round(statistics.median(stock_tput), 3),
+                                        "throughput_per_cpu_ratio_per_round": [round(x, 3) for x in stock_capacity]}
+        ratios["b_over_b_stock_per_cpu"] = round(statistics.median(
+            y["cpu_ms_per_request"] / x["cpu_ms_per_request"]
+            for x, y in zip(runs["b"]["throughput"], runs["b_stock"]["throughput"])), 3)
         ratios["b_over_a_throughput"] = round(statistics.median(per_round(_rps, "throughput", "b", "a")), 3)
         result["ratios"] = ratios
         floor.stop()
+        stock.stop()
         nofsync.stop()
 
         # -- scale-out: two instances sharing the Redis, each on its own core
@@ -466,6 +482,8 @@ def evaluate(result: dict, problems: list[str]) -> dict:
         "hit_p99 < 20 us (wall)": micro["hit"]["p99_us"] < TARGET_HIT_P99_US,
         "cold_p99 < 200 us": micro["cold"]["p99_us"] < TARGET_COLD_P99_US,
         "instance_rss < 300 MiB": result["instance_memory_estimate_mib"] < TARGET_RSS_MIB,
+        "dpiguard run (durable) >= stock mitmdump (per CPU-second)":
+            result["ratios"]["c_durable"]["vs_stock"]["throughput_per_cpu_ratio"] >= 1.0,
     }
     messages.append("gates " + ("passed" if passed else "FAILED") + "; targets: "
                     + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in targets.items()))
