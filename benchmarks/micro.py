@@ -11,7 +11,9 @@ written to the configured file, identity headers and assertion built):
 - **redis_tier**: session cached, decision not: ``decide(io=False)`` raises ``NeedIO``, then
   ``decide(io=True)`` reads the care team in one pipelined round trip (the addon runs this second call
   in a worker thread; the thread hop is not included);
-- **cold**: neither session nor decision cached: same sequence, plus the session read from Redis.
+- **cold**: neither session nor decision cached: same sequence, plus the session read from Redis;
+- **fhir_answer**: :meth:`FhirEnforcer.process_response` on a 20-entry searchset Bundle (thread CPU), nothing
+  hidden and half of the entries hidden, reported per answer and per entry.
 
 Memory: RSS of this process once built and started (policy, keys, clients, bus), then after opening a
 session for every staff member and filling the decision cache with ``--fill`` distinct decisions.
@@ -60,7 +62,7 @@ def _pcts(samples_ns: list[int]) -> dict[str, float]:
     def pct(p: float) -> float:
         return round(s[min(len(s) - 1, int(p / 100 * len(s)))] / 1000, 1)
 
-    return {"n": len(s), "p50_us": pct(50), "p90_us": pct(90), "p99_us": pct(99), "max_us": round(s[-1] / 1000, 1),
+    return {"n": len(s), "min_us": round(s[0] / 1000, 1), "p50_us": pct(50), "p90_us": pct(90), "p99_us": pct(99), "max_us": round(s[-1] / 1000, 1),
             "mean_us": round(sum(s) / len(s) / 1000, 1)}
 
 
@@ -97,6 +99,63 @@ def addon_decide(pipeline, req: Incoming):
         return pipeline.decide(req, io=False)
     except NeedIO:
         return pipeline.decide(req, io=True)
+
+
+BUNDLE_ENTRIES = 20
+
+
+def observation_bundle(patients: list[str]) -> bytes:
+    """A searchset Bundle of Observations (biology), one entry per patient reference given."""
+    entries = [{"fullUrl": f"http://dpi.bench/fhir/Observation/obs-{i}", "search": {"mode": "match"}, "resource": {
+        "resourceType": "Observation", "id": f"obs-{i}", "status": "final", "category": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hémoglobine"}]},
+        "subject": {"reference": f"Patient/{patient}"}, "effectiveDateTime": "2026-01-01T08:00:00Z",
+        "valueQuantity": {"value": 13.1, "unit": "g/dL", "system": "http://unitsofmeasure.org", "code": "g/dL"},
+    }} for i, patient in enumerate(patients)]
+    return orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": len(entries), "entry": entries})
+
+
+def fhir_bundle_costs(p, h, accounts, tokens, rng, samples: int) -> dict:
+    """CPU of :meth:`FhirEnforcer.process_response` (what the ``response`` hook runs, trace record built) on a
+    20-entry searchset Bundle answering ``Observation?patient=P``: every entry of P (nothing hidden), and half
+    of the entries of a patient outside the user's care team (hidden, the Bundle rebuilt). Decisions warm."""
+    enforcer = p.fhir
+    if enforcer is None:
+        return {}
+    cases: dict[str, list] = {"nothing_hidden": [], "half_hidden": []}
+    patients_set = set(h.patients)
+    for a in accounts:
+        if "biology" not in READS[a.role]:
+            continue
+        team = h.team_of(a)
+        outsiders = [x for x in h.patients[:2000] if x not in set(team)]
+        for patient in team[:5]:
+            req = incoming(FHIR["biology"].format(p=patient), tokens[a.login], "application/fhir+json")
+            v = addon_decide(p, req)
+            if not v.allowed or v.fhir_context is None or patient not in patients_set:
+                continue
+            cases["nothing_hidden"].append((req, v, observation_bundle([patient] * BUNDLE_ENTRIES)))
+            mixed = [patient if i % 2 == 0 else outsiders[rng.randrange(len(outsiders))] for i in range(BUNDLE_ENTRIES)]
+            cases["half_hidden"].append((req, v, observation_bundle(mixed)))
+    out = {"entries": BUNDLE_ENTRIES}
+    for name, items in cases.items():
+        if not items:
+            continue
+        for req, v, body in items:  # warm the decisions of every patient named
+            enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=True)
+        cpu, returned, hidden = [], 0, 0
+        for i in range(samples):
+            req, v, body = items[i % len(items)]
+            c0 = time.thread_time_ns()
+            status, _, record = enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=False)
+            cpu.append(time.thread_time_ns() - c0)
+            returned, hidden = record.get("returned", 0), record.get("hidden", 0)
+        pct = _pcts(cpu)
+        pct["per_entry_p50_us"] = round(pct["p50_us"] / BUNDLE_ENTRIES, 1)
+        pct.update(status=status, returned=returned, hidden=hidden, body_bytes=len(items[0][2]))
+        out[name] = pct
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         outcomes[v.reason] = outcomes.get(v.reason, 0) + 1
     cold = {**percentiles(samples, cpu), "outcomes": outcomes}
 
+    # ---- FHIR answer check: a 20-entry searchset Bundle, nothing hidden / half the entries hidden
+    fhir_answers = fhir_bundle_costs(p, h, accounts, tokens, rng, args.samples)
+
     # ---- memory at scale: every staff session cached, decision cache filled with --fill entries
     gc.collect()
     mem_before_fill = rss_kib()
@@ -219,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     structure = cache_structure_bytes(s.cache.max_entries)
     result = {
         "scale": scale.describe(),
-        "hit": hit, "redis_tier": redis_tier, "cold": cold,
+        "hit": hit, "redis_tier": redis_tier, "cold": cold, "fhir_answer": fhir_answers,
         "memory": {
             "rss_python_start_mib": round(mem0["VmRSS"] / 1024, 1),
             "rss_services_started_mib": round(mem_started["VmRSS"] / 1024, 1),

@@ -31,13 +31,14 @@ def write_markdown(r: dict, path: Path) -> None:
         "",
         "## Side by side",
         "",
-        "| | req/s | p50 ms | p90 ms | p99 ms | max ms | 1-conn p50 ms | 1-conn p99 ms | CPU ms/req | RSS / peak MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| | req/s | p50 ms | p90 ms | p99 ms | max ms | 1-conn p50 ms | 1-conn p99 ms | 1-conn p99.9 ms | CPU ms/req | RSS / peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, label in LABELS.items():
         t, lat = s[name]["throughput"], s[name]["latency"]
         lines.append(f"| {label} | {t['rps']:.0f} | {t['p50_ms']:.2f} | {t['p90_ms']:.2f} | {t['p99_ms']:.2f} | "
-                     f"{t['max_ms']:.1f} | {lat['p50_ms']:.3f} | {lat['p99_ms']:.3f} | {t['cpu_ms_per_request']:.3f} | "
+                     f"{t['max_ms']:.1f} | {lat['p50_ms']:.3f} | {lat['p99_ms']:.3f} | {lat.get('p999_ms', float('nan')):.3f} | "
+                     f"{t['cpu_ms_per_request']:.3f} | "
                      f"{s[name]['rss_after_load_mib']:.0f} / {s[name]['peak_rss_mib']:.0f} |")
     c, d = ratios["c"], ratios["c_durable"]
     g = r["gates"]
@@ -48,14 +49,31 @@ def write_markdown(r: dict, path: Path) -> None:
         "`dpiguard run` without the dpiguard addon; (b′) is `mitmdump --mode reverse:…` as mitmproxy ships it "
         "(every default addon, the flow dumper printing a line per flow, eager upstream connections).",
         "",
+        "Where the CPU of each proxy goes (throughput runs, medians): the event loop's thread and the other threads "
+        "(trace writer, decision workers for what needs Redis, background loops), and the context switches of all its "
+        "threads per request. On the pinned core every wake-up of a worker thread preempts the event loop "
+        "(involuntary switch) and hands the GIL over twice.",
+        "",
+        "| | main thread CPU ms/req | other threads CPU ms/req | voluntary switches/req | involuntary switches/req |",
+        "|---|---:|---:|---:|---:|",
+    ] + [
+        f"| {label} | {s[name]['throughput']['threads']['main_cpu_ms_per_request']:.3f} | "
+        f"{s[name]['throughput']['threads']['other_threads_cpu_ms_per_request']:.3f} | "
+        f"{s[name]['throughput']['threads']['voluntary_switches_per_request']:.2f} | "
+        f"{s[name]['throughput']['threads']['involuntary_switches_per_request']:.2f} |"
+        for name, label in LABELS.items() if name != "a" and "threads" in s[name]["throughput"]
+    ] + [
+        "",
         "## Ratios (c)/(b), same run",
         "",
-        "| | **throughput per CPU-second** (gated) | throughput, measured | added p50, 1 conn (gated) | added p99, 1 conn | cache hits / request |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | **throughput per CPU-second** (gated) | throughput, measured | added p50, 1 conn (gated) | added p99, 1 conn | added p99.9, 1 conn | cache hits / request |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         f"| dpiguard | **{c['throughput_per_cpu_ratio']:.2f}** | {c['throughput_ratio']:.2f} (rounds {c['throughput_ratio_per_round']}) | "
-        f"**{c['added_p50_ms']:.3f} ms** | {c['added_p99_ms']:.3f} ms | {s['c']['decision_cache_hits_per_request']:.2f} |",
+        f"**{c['added_p50_ms']:.3f} ms** | {c['added_p99_ms']:.3f} ms | {c.get('added_p999_ms', float('nan')):.3f} ms | "
+        f"{s['c']['decision_cache_hits_per_request']:.2f} |",
         f"| dpiguard, durable trace (as shipped) | {d['throughput_per_cpu_ratio']:.2f} | {d['throughput_ratio']:.2f} (rounds "
         f"{d['throughput_ratio_per_round']}) | {d['added_p50_ms']:.3f} ms | {d['added_p99_ms']:.3f} ms | "
+        f"{d.get('added_p999_ms', float('nan')):.3f} ms | "
         f"{s['c_durable']['decision_cache_hits_per_request']:.2f} |",
         "",
         "Throughput per CPU-second = (b)'s CPU time per request / (c)'s: the throughput ratio both proxies reach "
@@ -118,6 +136,22 @@ def write_markdown(r: dict, path: Path) -> None:
         m = micro[key]
         lines.append(f"| {label} | {m['n']} | {m['p50_us']} | {m['p90_us']} | {m['p99_us']} | {m['max_us']} | "
                      f"{m['cpu']['p50_us']} | {m['cpu']['p99_us']} |")
+    fa = micro.get("fhir_answer") or {}
+    if fa.get("nothing_hidden"):
+        lines += [
+            "",
+            f"FHIR answer check (`FhirEnforcer.process_response`, what the `response` hook runs, trace record built) "
+            f"of a {fa['entries']}-entry searchset Bundle of Observations ({fa['nothing_hidden']['body_bytes']:,} bytes), "
+            "decisions warm, thread CPU:",
+            "",
+            "| | n | min µs | p50 µs | p99 µs | p50 µs per entry | entries returned / hidden |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for key, label in (("nothing_hidden", "every entry visible"), ("half_hidden", "half of the entries hidden")):
+            m = fa.get(key)
+            if m:
+                lines.append(f"| {label} | {m['n']} | {m.get('min_us', '')} | {m['p50_us']} | {m['p99_us']} | "
+                             f"{m['per_entry_p50_us']} | {m['returned']} / {m['hidden']} |")
     mem = micro["memory"]
     lines += [
         "",

@@ -95,6 +95,29 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_stats(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread and of the other threads, and context switches of all threads
+    (voluntary: a thread blocked or waited; involuntary: it was preempted, on a pinned core mostly by
+    one of its own process's threads waking up)."""
+    out = {"main_cpu_s": 0.0, "threads_cpu_s": 0.0, "voluntary": 0, "involuntary": 0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        out["voluntary"] += int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches"):
+                        out["involuntary"] += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        out["main_cpu_s" if int(tid) == pid else "threads_cpu_s"] += cpu
+    return out
+
+
 def rss_mib(pid: int, field: str = "VmHWM") -> float:
     """VmHWM: peak resident memory; VmRSS: resident now."""
     with open(f"/proc/{pid}/status") as fh:
@@ -191,10 +214,19 @@ def login_all(proxy: Server, accounts, secrets: dict[str, str], workers: int = 2
 def measure(server: Server, pids: list[int], requests_file: Path, *, seconds: float, connections: int,
             wrk_cpu: str | None, dpiguard: bool) -> dict:
     before_cpu = sum(cpu_seconds(pid) for pid in pids)
+    threads0 = thread_stats(pids[0])
     stats0 = cache_stats(server) if dpiguard else None
     res = run_wrk(server.url, requests_file, seconds=seconds, connections=connections, cpus=wrk_cpu)
     cpu = sum(cpu_seconds(pid) for pid in pids) - before_cpu
-    res["cpu_ms_per_request"] = round(cpu * 1000 / max(1, res["requests"]), 3)
+    threads1 = thread_stats(pids[0])
+    n = max(1, res["requests"])
+    res["cpu_ms_per_request"] = round(cpu * 1000 / n, 3)
+    res["threads"] = {  # of the first process: where its CPU goes, and how often its threads switch
+        "main_cpu_ms_per_request": round((threads1["main_cpu_s"] - threads0["main_cpu_s"]) * 1000 / n, 3),
+        "other_threads_cpu_ms_per_request": round((threads1["threads_cpu_s"] - threads0["threads_cpu_s"]) * 1000 / n, 3),
+        "voluntary_switches_per_request": round((threads1["voluntary"] - threads0["voluntary"]) / n, 2),
+        "involuntary_switches_per_request": round((threads1["involuntary"] - threads0["involuntary"]) / n, 2),
+    }
     res["cpu_utilisation"] = round(cpu / (res["duration_us"] / 1e6), 2)
     if dpiguard:
         stats1 = cache_stats(server)
@@ -225,7 +257,9 @@ def check_statuses(name: str, res: dict, expected_refused: float, dpiguard: bool
 def summarize(runs: list[dict]) -> dict:
     keys = ("rps", "cpu_ms_per_request")
     out = {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
-    for p in ("p50", "p90", "p99", "max"):
+    if all("threads" in r for r in runs):
+        out["threads"] = {k: round(statistics.median(r["threads"][k] for r in runs), 3) for k in runs[0]["threads"]}
+    for p in ("p50", "p90", "p99", "p999", "max"):
         out[f"{p}_ms"] = round(statistics.median(r["latency_us"][p] for r in runs) / 1000, 3)
     out["runs"] = len(runs)
     return out
@@ -346,6 +380,7 @@ def run(profile: Profile, out_dir: Path) -> int:
             tput = per_round(_rps, "throughput", name, "b")
             added = per_round(_added_p99, "latency", name, "b")
             added_p50 = per_round(_added_p50, "latency", name, "b")
+            added_p999 = per_round(_added_p999, "latency", name, "b")
             cpu = [x["cpu_ms_per_request"] / y["cpu_ms_per_request"]
                    for x, y in zip(runs[name]["throughput"], runs["b"]["throughput"])]
             capacity = [y["cpu_ms_per_request"] / x["cpu_ms_per_request"]
@@ -356,6 +391,7 @@ def run(profile: Profile, out_dir: Path) -> int:
                             "added_p50_ms": round(statistics.median(added_p50), 3),
                             "added_p99_ms": round(statistics.median(added), 3),
                             "added_p99_ms_per_round": [round(x, 3) for x in added],
+                            "added_p999_ms": round(statistics.median(added_p999), 3),
                             "cpu_per_request_ratio": round(statistics.median(cpu), 3)}
             # Against (b′), stock mitmdump: "dpiguard run at least as fast as what runs without it" (ratio ≥ 1).
             stock_capacity = [y["cpu_ms_per_request"] / x["cpu_ms_per_request"]
@@ -442,6 +478,10 @@ def _rps(x: dict, y: dict) -> float:
 
 def _added_p99(x: dict, y: dict) -> float:
     return (x["latency_us"]["p99"] - y["latency_us"]["p99"]) / 1000
+
+
+def _added_p999(x: dict, y: dict) -> float:
+    return (x["latency_us"]["p999"] - y["latency_us"]["p999"]) / 1000
 
 
 def _added_p50(x: dict, y: dict) -> float:

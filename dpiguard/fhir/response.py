@@ -30,9 +30,12 @@ def patient_links(resource: Any) -> tuple[set[str], bool]:
             found.add(patient)
         else:
             unreadable = True
-    stack = [resource]
+    # Only objects and arrays go on the stack: a scalar holds no reference (and a Bundle entry has
+    # hundreds of them, so walking them was most of an answer check's time).
+    stack = [resource] if isinstance(resource, (dict, list)) else []
+    push, pop = stack.append, stack.pop
     while stack:
-        item = stack.pop()
+        item = pop()
         if isinstance(item, dict):
             ref = item.get("reference")
             if isinstance(ref, str) and not ref.startswith("#"):
@@ -43,9 +46,13 @@ def patient_links(resource: Any) -> tuple[set[str], bool]:
                     unreadable = True
             elif item.get("type") == "Patient" and "identifier" in item:
                 unreadable = True  # a logical reference to a patient we cannot name
-            stack.extend(v for k, v in item.items() if k != "reference")
-        elif isinstance(item, list):
-            stack.extend(item)
+            for k, v in item.items():
+                if isinstance(v, (dict, list)) and k != "reference":
+                    push(v)
+        else:
+            for v in item:
+                if isinstance(v, (dict, list)):
+                    push(v)
     return found, unreadable
 
 
@@ -323,9 +330,10 @@ def _key(resource: Any) -> str | None:
 
 def _references(resource: Any) -> set[str]:
     found: set[str] = set()
-    stack = [resource]
+    stack = [resource] if isinstance(resource, (dict, list)) else []  # objects and arrays only, as above
+    push, pop = stack.append, stack.pop
     while stack:
-        item = stack.pop()
+        item = pop()
         if isinstance(item, dict):
             ref = item.get("reference")
             if isinstance(ref, str) and "/" in ref:
@@ -333,9 +341,12 @@ def _references(resource: Any) -> set[str]:
                 if len(parts) >= 4 and parts[-2] == "_history":
                     parts = parts[:-2]
                 found.add("/".join(parts[-2:]))
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+            values = item.values()
+        else:
+            values = item
+        for v in values:
+            if isinstance(v, (dict, list)):
+                push(v)
     return found
 
 
@@ -346,6 +357,8 @@ def _prune_includes(entries: list) -> list:
     this patient has such a result) and ``_revinclude`` the resources pointing at hidden matches.
     """
     matches = [e for e in entries if (e.get("search") or {}).get("mode", "match") == "match"]
+    if len(matches) == len(entries):
+        return entries  # no included entry to judge (the usual page): nothing to walk
     match_keys = {_key(e.get("resource")) for e in matches} - {None}
     referenced = set().union(*(_references(e.get("resource")) for e in matches)) if matches else set()
     kept = []

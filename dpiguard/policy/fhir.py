@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -117,14 +118,20 @@ def _has_code(element: Any, system: str | None, code: str) -> bool:
         return any(_has_code(e, system, code) for e in element)
     if isinstance(element, str):
         return element == code and system is None
-    if not isinstance(element, Mapping):
+    if not _is_mapping(element):
         return False
     codings = element.get("coding") if "coding" in element else [element]
     for coding in codings or []:
-        if isinstance(coding, Mapping) and coding.get("code") == code and (
+        if _is_mapping(coding) and coding.get("code") == code and (
                 system is None or coding.get("system") == system):
             return True
     return False
+
+
+def _is_mapping(value: Any) -> bool:
+    """JSON objects are dicts (the fast check); any other mapping still counts (collections.abc's C check,
+    not typing.Mapping's, which is written in Python)."""
+    return isinstance(value, dict) or isinstance(value, abc.Mapping)
 
 
 class _Reader:

@@ -1,0 +1,129 @@
+"""The walks over a FHIR resource that find the patients it names (and the references it holds) skip
+scalars for speed (issue 14); they must find exactly what a walk over every JSON value finds.
+
+The oracles below are the straightforward walks (every value of every object and array visited), as the
+functions were written before; Hypothesis searches JSON trees, with references to patients and to
+other resources at any depth, for a difference. Pure logic: no server involved.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpiguard.fhir.compartment import patient_of_reference
+from dpiguard.fhir.response import _prune_includes, _references, patient_links
+
+
+def oracle_patient_links(resource):
+    found, unreadable = set(), False
+    if isinstance(resource, dict) and resource.get("resourceType") == "Patient" and "id" in resource:
+        patient = patient_of_reference(str(resource["id"]), bare_is_patient=True)
+        if patient:
+            found.add(patient)
+        else:
+            unreadable = True
+    stack = [resource]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str) and not ref.startswith("#"):
+                patient = patient_of_reference(ref, bare_is_patient=False)
+                if patient:
+                    found.add(patient)
+                elif patient is False or (patient is None and item.get("type") == "Patient"):
+                    unreadable = True
+            elif item.get("type") == "Patient" and "identifier" in item:
+                unreadable = True
+            stack.extend(v for k, v in item.items() if k != "reference")
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found, unreadable
+
+
+def oracle_references(resource):
+    found = set()
+    stack = [resource]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("reference")
+            if isinstance(ref, str) and "/" in ref:
+                parts = ref.split("/")
+                if len(parts) >= 4 and parts[-2] == "_history":
+                    parts = parts[:-2]
+                found.add("/".join(parts[-2:]))
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+REFERENCES = st.sampled_from([
+    "Patient/P1", "Patient/P2", "Patient/P1/_history/3", "http://dpi.example/fhir/Patient/P3", "Patient/",
+    "Patient/a b", "patient/P1", "#contained", "Observation/o1", "Encounter/e1/_history/2", "P4", "",
+    "Group/g1", "Patient/P1?x=1", "urn:uuid:1234",
+])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False),
+                    st.text(max_size=6), REFERENCES)
+KEYS = st.sampled_from(["reference", "type", "identifier", "subject", "resourceType", "id", "entry",
+                        "resource", "code", "value", "performer", "contained", "x"])
+JSON = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(KEYS, children, max_size=5),
+        # objects shaped like references, patients and logical references
+        st.fixed_dictionaries({"reference": st.one_of(REFERENCES, children)},
+                              optional={"type": st.sampled_from(["Patient", "Group"]), "display": children}),
+        st.fixed_dictionaries({"type": st.just("Patient"), "identifier": children}),
+        st.fixed_dictionaries({"resourceType": st.sampled_from(["Patient", "Observation"]),
+                               "id": st.one_of(st.sampled_from(["P1", "P 2", "", "P9"]), st.integers())},
+                              optional={"subject": children, "contained": st.lists(children, max_size=2)}),
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(JSON)
+def test_patient_links_finds_what_the_full_walk_finds(resource):
+    assert patient_links(resource) == oracle_patient_links(resource)
+
+
+@settings(max_examples=600, deadline=None)
+@given(JSON)
+def test_references_finds_what_the_full_walk_finds(resource):
+    assert _references(resource) == oracle_references(resource)
+
+
+def oracle_prune(entries):
+    matches = [e for e in entries if (e.get("search") or {}).get("mode", "match") == "match"]
+    keys = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in matches
+            if isinstance(e.get("resource"), dict) and "resourceType" in e["resource"] and "id" in e["resource"]}
+    referenced = set().union(*(oracle_references(e.get("resource")) for e in matches)) if matches else set()
+    kept = []
+    for entry in entries:
+        if (entry.get("search") or {}).get("mode", "match") == "match":
+            kept.append(entry)
+            continue
+        r = entry.get("resource")
+        key = f"{r['resourceType']}/{r['id']}" if isinstance(r, dict) and "resourceType" in r and "id" in r else None
+        if key in referenced or oracle_references(r) & keys:
+            kept.append(entry)
+    return kept
+
+
+ENTRY = st.fixed_dictionaries(
+    {"resource": st.fixed_dictionaries({"resourceType": st.sampled_from(["Patient", "Observation", "Encounter"]),
+                                        "id": st.sampled_from(["P1", "o1", "e1", "x"])},
+                                       optional={"subject": st.fixed_dictionaries({"reference": REFERENCES})})},
+    optional={"search": st.fixed_dictionaries({}, optional={"mode": st.sampled_from(["match", "include", "outcome"])})},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(ENTRY, max_size=6))
+def test_included_entries_kept_exactly_as_before(entries):
+    assert _prune_includes(entries) == oracle_prune(entries)
