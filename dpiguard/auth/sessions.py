@@ -115,6 +115,13 @@ class Session:
     source: str = "local"  # where the identity came from: one of IDENTITY_SOURCES (written in each trace record)
     rpps: str = ""  # the professional's RPPS/ADELI number when the identity source gives it
 
+    def copy(self) -> "Session":
+        """A shallow copy (what ``dataclasses.replace(self)`` gives, without calling ``__init__``: the
+        local cache hands one out per request)."""
+        new = object.__new__(Session)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 class _LocalCache:
     """Bounded LRU of sessions by id hash, with a user → id hashes index. Not thread-safe by itself."""
@@ -315,7 +322,7 @@ class SessionStore:
                     self._local.pop(h)
                 elif now - cached.last_seen < self.idle_timeout:
                     cached.last_seen = max(cached.last_seen, now)
-                    return dataclasses.replace(cached), self._generation
+                    return cached.copy(), self._generation
                 # else idle here; another instance may have seen activity: only Redis can tell.
             return None, self._generation
 

@@ -137,6 +137,8 @@ def _normalize_path_full(raw: str) -> str:
 
 # -- query -----------------------------------------------------------------------------------------
 def _decode_query_part(raw: str) -> str:
+    if "%" not in raw and "+" not in raw and raw.isascii() and raw.isprintable():
+        return raw  # nothing to decode, no control character: what the loop below would return
     data = bytearray()
     i = 0
     while i < len(raw):

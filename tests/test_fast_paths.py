@@ -1,18 +1,29 @@
-"""The walks over a FHIR resource that find the patients it names (and the references it holds) skip
-scalars for speed (issue 14); they must find exactly what a walk over every JSON value finds.
+"""Fast paths taken for speed (issue 14) must decide exactly what the code they shortcut decided.
 
-The oracles below are the straightforward walks (every value of every object and array visited), as the
-functions were written before; Hypothesis searches JSON trees, with references to patients and to
-other resources at any depth, for a difference. Pure logic: no server involved.
+- The walks over a FHIR resource that find the patients it names (and the references it holds) skip
+  scalars; the oracles below are the straightforward walks (every value of every object and array
+  visited), as the functions were written before; Hypothesis searches JSON trees, with references to
+  patients and to other resources at any depth, for a difference.
+- A query parameter with nothing to decode is returned as it is; the oracle is the decoding loop.
+- A session handed out by the local cache is a copy made without ``__init__``; it must equal
+  ``dataclasses.replace`` and share nothing mutable with the cached one.
+
+Pure logic: no server involved.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import unicodedata
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpiguard.auth.sessions import Session
 from dpiguard.fhir.compartment import patient_of_reference
 from dpiguard.fhir.response import _prune_includes, _references, patient_links
+from dpiguard.policy.paths import HostileRequest, _decode_query_part
 
 
 def oracle_patient_links(resource):
@@ -127,3 +138,55 @@ ENTRY = st.fixed_dictionaries(
 @given(st.lists(ENTRY, max_size=6))
 def test_included_entries_kept_exactly_as_before(entries):
     assert _prune_includes(entries) == oracle_prune(entries)
+
+
+def oracle_decode(raw: str) -> str:
+    data = bytearray()
+    i = 0
+    while i < len(raw):
+        char = raw[i]
+        if char == "%":
+            pair = raw[i + 1:i + 3]
+            if len(pair) != 2 or not set(pair) <= set("0123456789abcdefABCDEF"):
+                raise HostileRequest("hostile_path", "bad percent-encoding")
+            data.append(int(pair, 16))
+            i += 3
+            continue
+        if ord(char) > 0x7E:
+            raise HostileRequest("hostile_path", "non-ASCII")
+        data.extend(b" " if char == "+" else char.encode("ascii"))
+        i += 1
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HostileRequest("hostile_path", "not UTF-8") from None
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise HostileRequest("hostile_path", "control character")
+    return text
+
+
+QUERY_TEXT = st.lists(st.one_of(st.characters(min_codepoint=0, max_codepoint=0x80),
+                                 st.sampled_from(["%", "+", "%2", "%20", "%0A", "%C3%A9", "%ZZ", "é", "\x7f"])),
+                      max_size=8).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(QUERY_TEXT)
+def test_query_part_decoding_unchanged(raw):
+    try:
+        expected = oracle_decode(raw)
+    except HostileRequest:
+        with pytest.raises(HostileRequest):
+            _decode_query_part(raw)
+        return
+    assert _decode_query_part(raw) == expected
+
+
+def test_session_copy_is_replace_and_independent():
+    s = Session("h", "inf.dupont", ("nurse",), 1.0, 2.0, 3.0, "csrf", touched_at=4.0, login_step=5,
+                display_name="Dupont", source="ldap", rpps="10001234567")
+    c = s.copy()
+    assert c == dataclasses.replace(s) and c is not s and type(c) is Session
+    c.last_seen = 99.0
+    assert s.last_seen == 3.0
+    assert {f.name for f in dataclasses.fields(Session)} == set(vars(c))
