@@ -7,6 +7,8 @@
 - A query parameter with nothing to decode is returned as it is; the oracle is the decoding loop.
 - A session handed out by the local cache is a copy made without ``__init__``; it must equal
   ``dataclasses.replace`` and share nothing mutable with the cached one.
+- :func:`~dpiguard.edge.flows.forward` rebuilds the request's header list in one pass; the oracle is
+  one mitmproxy ``Headers`` call per edit, as it was written before (same values per header name).
 
 Pure logic: no server involved.
 """
@@ -21,6 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpiguard.auth.sessions import Session
+from dpiguard.decision.verdict import Verdict
+from dpiguard.edge.flows import STRIP_KEY, forward
 from dpiguard.fhir.compartment import patient_of_reference
 from dpiguard.fhir.response import _prune_includes, _references, patient_links
 from dpiguard.policy.paths import HostileRequest, _decode_query_part
@@ -190,3 +194,67 @@ def test_session_copy_is_replace_and_independent():
     c.last_seen = 99.0
     assert s.last_seen == 3.0
     assert {f.name for f in dataclasses.fields(Session)} == set(vars(c))
+
+
+# -- forward(): the request headers rebuilt in one pass ---------------------------------------------
+
+def oracle_forward_headers(flow, v) -> None:
+    """forward()'s header edits as they were written before: one mitmproxy Headers call per edit."""
+    request = flow.request
+    for raw_name in flow.metadata.get(STRIP_KEY, ()):
+        request.headers.pop(raw_name.decode("latin-1"), None)
+    for name in v.drop_headers:
+        request.headers.pop(name, None)
+    if v.public:
+        request.headers.pop("cookie", None)
+        request.headers.pop("authorization", None)
+        return
+    for name, value in v.set_headers.items():
+        request.headers[name] = value
+    if v.cookie_header is not None:
+        if v.cookie_header:
+            request.headers["cookie"] = v.cookie_header
+        else:
+            request.headers.pop("cookie", None)
+    if v.drop_authorization:
+        request.headers.pop("authorization", None)
+
+
+def _by_name(headers) -> dict[bytes, list[bytes]]:
+    """Header values per case-folded name, in order (the order of different names carries no meaning)."""
+    out: dict[bytes, list[bytes]] = {}
+    for name, value in headers.fields:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+NAMES = st.sampled_from(["Host", "Cookie", "cookie", "Authorization", "X-DPIGuard-User", "x-dpiguard-user",
+                         "X-Forwarded-For", "X_Forwarded_For", "Accept", "If-None-Match", "Prefer",
+                         "X-DPIGuard-Roles", "Forwarded"])
+VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x17F, exclude_characters="\x7f"), max_size=12)
+
+
+@settings(max_examples=800, deadline=None)
+@given(fields=st.lists(st.tuples(NAMES, VALUES), max_size=10),
+       strip=st.lists(NAMES, max_size=3), drop=st.lists(NAMES, max_size=2),
+       set_headers=st.dictionaries(NAMES, VALUES, max_size=4),
+       cookie=st.none() | VALUES, drop_authorization=st.booleans(), public=st.booleans())
+def test_forward_edits_headers_as_one_call_per_edit_did(fields, strip, drop, set_headers, cookie,
+                                                        drop_authorization, public):
+    from mitmproxy.test import tflow
+
+    raw = [(n.encode(), val.encode("utf-8", "surrogateescape")) for n, val in fields]
+    v = Verdict(True, "allowed", forward_target="/x?y=1", set_headers=set_headers, cookie_header=cookie,
+                drop_authorization=drop_authorization, public=public, drop_headers=tuple(drop))
+    flows = []
+    for _ in range(2):
+        flow = tflow.tflow()
+        flow.request.headers.fields = tuple(raw)
+        if strip:
+            flow.metadata[STRIP_KEY] = [n.encode() for n in strip]
+        flows.append(flow)
+    forward(flows[0], v)
+    flows[1].request.path = v.forward_target
+    oracle_forward_headers(flows[1], v)
+    assert flows[0].request.path == "/x?y=1"
+    assert _by_name(flows[0].request.headers) == _by_name(flows[1].request.headers)

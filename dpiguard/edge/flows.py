@@ -18,6 +18,7 @@ from concurrent.futures import Future
 import orjson
 from mitmproxy import http
 from mitmproxy.net.http import http1, url
+from mitmproxy.utils import strutils
 
 from dpiguard.audit.chain import AuditLog
 from dpiguard.decision.headers import FORWARDING_HEADERS
@@ -64,25 +65,40 @@ def incoming(flow: http.HTTPFlow) -> Incoming:
 
 
 def forward(flow: http.HTTPFlow, v: Verdict) -> None:
+    """Apply an allowed verdict to the request: its path, the headers it loses (forwarding headers the
+    client sent, the verdict's own drops, dpiguard's credentials) and the identity headers it gains.
+    The header list is rebuilt in one pass (each ``headers[name] = ...`` or ``pop`` of mitmproxy's
+    Headers walks every field): a name that is set loses every copy the client sent and is added
+    once, at the end."""
     request = flow.request
     request.path = v.forward_target
-    for raw_name in flow.metadata.get(STRIP_KEY, ()):
-        request.headers.pop(raw_name.decode("latin-1"), None)
-    for name in v.drop_headers:
-        request.headers.pop(name, None)
+    drop = {raw_name.lower() for raw_name in flow.metadata.get(STRIP_KEY, ())}
+    drop.update(_header_bytes(name).lower() for name in v.drop_headers)
+    added: dict[bytes, tuple[bytes, bytes]] = {}  # case-folded name → field; a later edit wins
     if v.public:
-        request.headers.pop("cookie", None)  # no session id leaves the proxy
-        request.headers.pop("authorization", None)
-        return
-    for name, value in v.set_headers.items():
-        request.headers[name] = value
-    if v.cookie_header is not None:
-        if v.cookie_header:
-            request.headers["cookie"] = v.cookie_header
-        else:
-            request.headers.pop("cookie", None)
-    if v.drop_authorization:
-        request.headers.pop("authorization", None)
+        drop.update((b"cookie", b"authorization"))  # no session id leaves the proxy
+    else:
+        for name, value in v.set_headers.items():
+            raw = _header_bytes(name)
+            added[raw.lower()] = (raw, _header_bytes(value))
+        if v.cookie_header is not None:
+            added.pop(b"cookie", None)
+            if v.cookie_header:
+                added[b"cookie"] = (b"cookie", _header_bytes(v.cookie_header))
+            else:
+                drop.add(b"cookie")
+        if v.drop_authorization:
+            added.pop(b"authorization", None)
+            drop.add(b"authorization")
+        drop.update(added)
+    headers = request.headers
+    if drop:
+        headers.fields = tuple(f for f in headers.fields if f[0].lower() not in drop) + tuple(added.values())
+
+
+def _header_bytes(text: str) -> bytes:
+    """A header name or value as mitmproxy's Headers stores a ``str`` (UTF-8, surrogates escaped)."""
+    return strutils.always_bytes(text, "utf-8", "surrogateescape")
 
 
 def respond(flow: http.HTTPFlow, reply: Reply) -> None:
