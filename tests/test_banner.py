@@ -1,11 +1,14 @@
 """The session bar and no-store on forwarded answers (dpiguard/edge/banner.py), on real mitmproxy flows:
 where the bar goes (top, bottom), what is never touched (JSON, fragments, pages without <body>,
-public answers), compressed pages, and that any problem leaves the page as it was."""
+public answers), compressed pages, that any problem leaves the page as it was, and that a bar reused
+from the cache is the bar a rendering gives at that moment (Hypothesis, across clock changes)."""
 
 from __future__ import annotations
 
 import gzip
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mitmproxy.test import tflow, tutils
 
 from dpiguard.auth.sessions import Session
@@ -88,3 +91,36 @@ def test_a_failure_leaves_the_page_unchanged():
     b.bar = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
     r = run(b, flow())
     assert r.content == PAGE and r.headers["cache-control"] == "no-store"
+
+
+def _fresh_bar(b, f, verdict, now):
+    """The bar rendered directly, as before it was reused (the oracle of the cache)."""
+    l10n = b.pages.localizer(f.request.headers)
+    grant = verdict.break_glass
+    html = b.pages.render_text("banner.html", l10n, position=b.position, user=verdict.session.user,
+                               expires=l10n.clock(now + b.idle_timeout) if b.idle_warning else "", grant=grant,
+                               until=l10n.clock(grant.end) if grant is not None else "")
+    return html.encode("ascii", "xmlcharrefreplace")
+
+
+# Around the autumn and spring clock changes in Paris (2026-10-25 01:00 UTC, 2027-03-28 01:00 UTC), and
+# anywhere else: the reused bar must be the bar a rendering would give at that very second.
+_DST = [1792890000.0, 1806195600.0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(moments=st.lists(st.one_of(st.sampled_from(_DST).flatmap(lambda t: st.floats(t - 7200, t + 7200)),
+                                  st.floats(1.7e9, 2.1e9)), min_size=1, max_size=8),
+       users=st.lists(st.sampled_from(["inf.durand", "dr.martin", "sec.léa"]), min_size=1, max_size=8),
+       langs=st.lists(st.sampled_from(["fr", "en", "de", "en-GB,fr;q=0.5"]), min_size=1, max_size=8),
+       grant_end=st.none() | st.floats(1.7e9, 2.1e9), warning=st.sampled_from([0, 120]))
+def test_reused_bar_is_the_bar_a_rendering_gives(moments, users, langs, grant_end, warning):
+    from dpiguard.careteam.breakglass import Grant
+
+    b = Banner(Pages(PageSettings()), enabled=True, position="top", idle_timeout=1800, idle_warning=warning)
+    grant = None if grant_end is None else Grant("G1", "x", "P1", "urgence", "", ("biology",), ("read",), 0, grant_end)
+    for i, now in enumerate(moments * 2):  # every moment twice: the second bar comes from the cache
+        f = flow(headers=[("accept-language", langs[i % len(langs)])])
+        session = Session("h", users[i % len(users)], ("nurse",), 0, 1e12, 0, "csrf")
+        verdict = Verdict(True, "allowed", session=session, break_glass=grant)
+        assert b.bar(f, verdict, now) == _fresh_bar(b, f, verdict, now)

@@ -14,8 +14,9 @@
   references, so it reads right whatever the page's charset.
 
 JSON, FHIR and every other non-HTML answer are never buffered or re-encoded for this: only two
-headers are set on them. For an HTML page the cost is one template rendering and one search for the
-``<body>`` tag in the first 64 KiB.
+headers are set on them. For an HTML page the cost is one search for the ``<body>`` tag in the first
+64 KiB, and a template rendering once per person and minute (the bar only changes with the minute of
+the idle expiry it shows, the language and an emergency access).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from datetime import datetime
 
 from mitmproxy import http
 
@@ -38,6 +40,7 @@ COOKIES_KEY = "dpiguard_set_cookies"  # flow metadata: Set-Cookie headers for th
 _BODY_OPEN = re.compile(rb"<body\b[^>]*>", re.IGNORECASE)
 _BODY_CLOSE = re.compile(rb"</body\s*>", re.IGNORECASE)
 SEARCH_BYTES = 65536
+BAR_CACHE_ENTRIES = 4096  # rendered bars kept (one per person, language and minute)
 
 
 class Banner:
@@ -47,6 +50,7 @@ class Banner:
         self.enabled = enabled
         self.position = position
         self.idle_timeout = idle_timeout
+        self._bars: dict[tuple, bytes] = {}  # rendered bars (see bar())
 
     # -- hooks (called by the addon) ---------------------------------------------------------------
     @staticmethod
@@ -86,13 +90,29 @@ class Banner:
 
     # -- the bar -----------------------------------------------------------------------------------
     def bar(self, flow: http.HTTPFlow, verdict, now: float) -> bytes:
+        """The bar for this page. The same person's pages within one minute get the same bar (the idle
+        expiry is shown to the minute), so it is rendered once per person, language and local minute
+        and then reused (``_bars``, bounded)."""
         l10n: Localizer = self.pages.localizer(flow.request.headers)
         grant = verdict.break_glass
+        user = verdict.session.user
+        minute = None
+        if self.idle_warning:
+            local = datetime.fromtimestamp(now + self.idle_timeout, l10n.tz)
+            minute = (local.year, local.month, local.day, local.hour, local.minute)
+        key = (l10n.lang, l10n.tz_name, user, minute, None if grant is None else (grant.id, grant.end))
+        cached = self._bars.get(key)
+        if cached is not None:
+            return cached
         html = self.pages.render_text(
-            "banner.html", l10n, position=self.position, user=verdict.session.user,
+            "banner.html", l10n, position=self.position, user=user,
             expires=l10n.clock(now + self.idle_timeout) if self.idle_warning else "", grant=grant,
             until=l10n.clock(grant.end) if grant is not None else "")
-        return html.encode("ascii", "xmlcharrefreplace")
+        data = html.encode("ascii", "xmlcharrefreplace")
+        if len(self._bars) >= BAR_CACHE_ENTRIES:
+            self._bars.clear()  # at most a rendering per person and minute again
+        self._bars[key] = data
+        return data
 
     def _inject(self, flow: http.HTTPFlow) -> None:
         response = flow.response
