@@ -170,8 +170,9 @@ def write_markdown(r: dict, path: Path) -> None:
            f"{mem['rss_at_max_entries_mib']} MiB" if mem["extrapolated"] else "") + ". "
         f"The cache's own structures (tracemalloc, keys and values shaped like real ones) take "
         f"{mem['cache_structure_bytes_per_decision']} bytes per decision, {mem['cache_structure_at_max_entries_mib']} MiB "
-        "when full: the rest of the RSS growth is allocator overhead (per-thread malloc arenas of the worker "
-        "threads, fragmentation). "
+        "when full: the rest of the RSS growth is memory the allocators keep (free blocks left between long-lived "
+        "entries in pymalloc's arenas by the temporaries of the decisions that filled the cache, and memory freed "
+        "to glibc but not given back; see the findings). "
         f"RSS of (c) after the load: {s['c']['rss_after_load_mib']:.0f} MiB (peak {s['c']['peak_rss_mib']:.0f} MiB, "
         "reached during the logins: argon2id takes 64 MiB per concurrent login). **Estimate for one instance at this scale "
         f"(mitmproxy + full caches): {r['instance_memory_estimate_mib']} MiB**.",
