@@ -165,16 +165,22 @@ def write_markdown(r: dict, path: Path) -> None:
         "",
         f"Services started: {mem['rss_services_started_mib']} MiB RSS; with {mem['sessions_cached']:,} sessions "
         f"cached: {mem['rss_sessions_cached_mib']} MiB; with {mem['decisions_cached']:,} decisions cached: "
-        f"{mem['rss_filled_mib']} MiB ({mem['bytes_per_decision']} bytes/decision)"
-        + (f"; extrapolated to the cache's maximum of {mem['max_entries']:,} entries: "
-           f"{mem['rss_at_max_entries_mib']} MiB" if mem["extrapolated"] else "") + ". "
+        f"{mem['rss_filled_mib']} MiB ({mem['bytes_per_decision']} bytes/decision of RSS"
+        + (f", filled by {mem['fill_threads']} threads deciding in turn" if mem.get("fill_threads") else "") + ")"
+        + (f"; extrapolated to the cache's maximum of {mem['max_entries']:,} entries, at the larger of the RSS "
+           f"and structure figures per decision: {mem['rss_at_max_entries_mib']} MiB" if mem["extrapolated"] else "") + ". "
         f"The cache's own structures (tracemalloc, keys and values shaped like real ones) take "
         f"{mem['cache_structure_bytes_per_decision']} bytes per decision, {mem['cache_structure_at_max_entries_mib']} MiB "
-        "when full: the rest of the RSS growth is memory the allocators keep (free blocks left between long-lived "
-        "entries in pymalloc's arenas by the temporaries of the decisions that filled the cache, and memory freed "
-        "to glibc but not given back; see the findings). "
+        "when full"
+        + (": the rest of the RSS growth is memory the allocators keep (free blocks left between long-lived entries "
+           "by the temporaries of the decisions that filled the cache, and memory freed to glibc but not given back). "
+           if mem["bytes_per_decision"] > mem["cache_structure_bytes_per_decision"] * 1.2 else
+           ": the RSS grows by about what the entries take, the allocators keep little more. ")
+        + "Memory is measured in a process of its own, after the timings' process has ended. "
         f"RSS of (c) after the load: {s['c']['rss_after_load_mib']:.0f} MiB (peak {s['c']['peak_rss_mib']:.0f} MiB, "
-        "reached during the logins: argon2id takes 64 MiB per concurrent login). **Estimate for one instance at this scale "
+        "reached during the logins: argon2id takes 64 MiB per concurrent login). "
+        + _live_growth(s.get("c", {}).get("memory_during_rounds"))
+        + "**Estimate for one instance at this scale "
         f"(mitmproxy + full caches): {r['instance_memory_estimate_mib']} MiB**.",
         "",
         "## Findings",
@@ -224,3 +230,15 @@ def write_plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _live_growth(m: dict | None) -> str:
+    """(c) under the load itself: its RSS against its decision cache, from the warm-up to the last round."""
+    if not m:
+        return ""
+    added = m["decisions_cached_end"] - m["decisions_cached_start"]
+    grown = (m["rss_end_mib"] - m["rss_start_mib"]) * 2**20
+    per = f" ({grown / added:.0f} bytes per decision added, everything else the proxy keeps included)" if added > 0 else ""
+    return (f"Under the load, from the end of the warm-up to the last round, (c) went from {m['rss_start_mib']} to "
+            f"{m['rss_end_mib']} MiB while its decision cache went from {m['decisions_cached_start']:,} to "
+            f"{m['decisions_cached_end']:,} entries{per}. ")

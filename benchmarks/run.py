@@ -344,6 +344,10 @@ def run(profile: Profile, out_dir: Path) -> int:
         for name in targets:
             server, is_guard = sut(name)
             run_wrk(server.url, requests_file, seconds=profile.warmup, connections=profile.connections, cpus=wrk_cpu)
+        # The live proxy's memory against its decision cache, from the end of the warm-up to the end of the
+        # rounds: a check of the memory figure of benchmarks/micro.py under real traffic.
+        growth = {name: (rss_mib(targets[name][0].proc.pid, "VmRSS"), cache_stats(targets[name][0])["entries"])
+                  for name in ("c", "c_durable")}
         runs: dict[str, dict[str, list]] = {name: {"throughput": [], "latency": []} for name in targets}
         order = ["a", "b", "b_stock", "c", "c_durable"]
         for rnd in range(profile.rounds):
@@ -371,6 +375,11 @@ def run(profile: Profile, out_dir: Path) -> int:
         for name in ("c", "c_durable"):
             result["summary"][name]["decision_cache_hits_per_request"] = statistics.median(
                 r["decision_cache_hits_per_request"] for r in runs[name]["throughput"])
+            rss0, entries0 = growth[name]
+            entries1 = cache_stats(targets[name][0])["entries"]
+            result["summary"][name]["memory_during_rounds"] = {
+                "rss_start_mib": round(rss0, 1), "rss_end_mib": result["summary"][name]["rss_after_load_mib"],
+                "decisions_cached_start": entries0, "decisions_cached_end": entries1}
 
         def per_round(metric, kind: str, a: str, b: str) -> list[float]:
             return [metric(x, y) for x, y in zip(runs[a][kind], runs[b][kind])]
@@ -437,18 +446,27 @@ def run(profile: Profile, out_dir: Path) -> int:
 
         # -- microbenchmarks and memory, own process on the proxy core
         log("decision microbenchmarks and memory")
-        micro_cmd = [py, "-m", "benchmarks.micro", "--config", str(config_path),
-                     "--scale", ",".join(str(x) for x in asdict(profile.scale).values()),
-                     "--seed", str(h.seed), "--now", str(h.now), "--samples", str(profile.micro_samples),
-                     "--fill", str(profile.micro_fill)]
-        if pinned:
-            micro_cmd = ["taskset", "-c", str(sut_cpu)] + micro_cmd
-        proc = subprocess.run(micro_cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
-                              env=dict(os.environ, DPIGUARD_INSTANCE_ID="micro",
-                                       DPIGUARD_AUDIT__PATH=str(workdir / "audit-micro.jsonl")))
-        if proc.returncode != 0:
-            raise RuntimeError(f"microbenchmarks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        result["micro"] = orjson.loads(proc.stdout.strip().splitlines()[-1])
+
+        def micro(part: str) -> dict:
+            """benchmarks/micro.py in its own process on the proxy core: the timings, then the memory
+            apart (a fresh process: nothing the timings allocated is counted)."""
+            cmd = [py, "-m", "benchmarks.micro", "--part", part, "--config", str(config_path),
+                   "--scale", ",".join(str(x) for x in asdict(profile.scale).values()),
+                   "--seed", str(h.seed), "--now", str(h.now), "--samples", str(profile.micro_samples),
+                   "--fill", str(profile.micro_fill)]
+            if pinned:
+                cmd = ["taskset", "-c", str(sut_cpu)] + cmd
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=1800,
+                                  env=dict(os.environ, DPIGUARD_INSTANCE_ID=f"micro-{part}",
+                                           DPIGUARD_AUDIT__PATH=str(workdir / f"audit-micro-{part}.jsonl")))
+            if proc.returncode != 0:
+                raise RuntimeError(f"microbenchmarks ({part}) failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            return orjson.loads(proc.stdout.strip().splitlines()[-1])
+
+        result["micro"] = micro("timing")
+        memory = micro("memory")
+        result["micro"]["memory"] = memory["memory"]
+        result["micro"]["memory_cache_stats"] = memory["cache_stats"]
         mem = result["micro"]["memory"]
         # (c)'s RSS after the load + what every staff session and a full decision cache add on top of
         # started services (measured in the micro process); counts (c)'s own caches twice.
