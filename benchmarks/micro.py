@@ -289,12 +289,18 @@ def fill_memory(s, h, tokens: dict[str, str], fill: int, mem0: dict, mem_started
     fill = min(fill, s.cache.max_entries)
     total = fill * 11 // 10  # a few decisions repeat: ask for more to fill the cache
 
+    failures: list[BaseException] = []
+
     def share(k: int) -> None:
-        for i in range(k, total, FILL_THREADS):
-            r = random.Random(i)
-            member = staff[i % len(staff)]
-            cat = r.choice(("clinical_notes", "biology", "prescriptions", "imaging"))
-            addon_decide(p, incoming(API[cat].format(p=h.patients[r.randrange(len(h.patients))]), tokens[member.login]))
+        try:
+            for i in range(k, total, FILL_THREADS):
+                r = random.Random(i)
+                member = staff[i % len(staff)]
+                cat = r.choice(("clinical_notes", "biology", "prescriptions", "imaging"))
+                addon_decide(p, incoming(API[cat].format(p=h.patients[r.randrange(len(h.patients))]),
+                                         tokens[member.login]))
+        except BaseException as exc:  # a fill cut short would make the figure wrong: fail the run
+            failures.append(exc)
 
     t0 = time.perf_counter()
     workers = [threading.Thread(target=share, args=(k,), name=f"fill-{k}") for k in range(FILL_THREADS)]
@@ -302,6 +308,8 @@ def fill_memory(s, h, tokens: dict[str, str], fill: int, mem0: dict, mem_started
         w.start()
     for w in workers:
         w.join()
+    if failures:
+        raise RuntimeError("the fill failed") from failures[0]
     fill_seconds = time.perf_counter() - t0
     gc.collect()
     mem_filled = rss_kib()
