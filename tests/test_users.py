@@ -312,3 +312,86 @@ def test_qr_outputs(tmp_path, users):
     qr_png(uri, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 100
+
+
+class _ReplyLosingRelay:
+    """A TCP relay in front of a real Redis that can lose the server's next reply: the command runs on
+    the server, the client never hears back and times out, as on a busy or failing-over server."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.lose_next_reply = threading.Event()
+        self.lost = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, replies: bool):
+        try:
+            while data := src.recv(65536):
+                if replies and self.lose_next_reply.is_set():
+                    self.lose_next_reply.clear()
+                    self.lost += 1
+                    continue  # swallowed; the connection stays open and silent
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_create_whose_reply_is_lost_is_not_reported_as_an_existing_account(box):
+    """The client retries a command whose reply it did not get; the retry of ``add`` finds the account
+    its own first attempt created. It must report the creation, not "already exists" (CI saw a user
+    invite fail so on a busy Sentinel master), and still refuse an account someone else created."""
+    from tests.redis_server import LocalRedis
+
+    server = LocalRedis().start()
+    relay = _ReplyLosingRelay(("127.0.0.1", server.port))
+    try:
+        client = redisconn.RedisSpec.from_url(f"redis://127.0.0.1:{relay.port}/0").client(0.3)
+        users = UserDirectory(client, box)
+        users.add("first.user", PASSWORD, ["nurse"])  # connection made, script loaded
+        relay.lose_next_reply.set()
+        user, uri = users.add("lost.reply", PASSWORD, ["nurse"], display_name="Reply Lost")
+        assert relay.lost == 1  # the first attempt's reply was really lost, and the retry answered
+        assert user.login == "lost.reply" and uri.startswith("otpauth://totp/")
+        stored = users.get("lost.reply")
+        assert stored is not None and stored.roles == ("nurse",) and stored.display_name == "Reply Lost"
+        assert users.verify_totp("lost.reply", pyotp.TOTP(secret_of(uri)).now())
+        assert "lost.reply" in {u.login for u in users.list()}
+        relay.lose_next_reply.set()
+        _, ext_uri = users.add_external("lost.ldap", "ldap")
+        assert relay.lost == 2 and users.get("lost.ldap").external == "ldap"
+        with pytest.raises(ValueError, match="already exists"):
+            users.add("lost.reply", PASSWORD, ["doctor"])  # a second create is still refused
+        with pytest.raises(ValueError, match="already exists"):
+            users.add_external("lost.ldap", "ldap")
+        assert users.get("lost.reply").roles == ("nurse",)
+        client.close()
+    finally:
+        relay.close()
+        server.close()

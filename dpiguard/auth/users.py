@@ -26,6 +26,7 @@ import binascii
 import hmac
 import os
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +179,17 @@ class User:
     external: str = ""  # "" for a local account, else the directory that checks its password ("ldap")
 
 
-# Create the user hash only if it does not exist. ARGV: field, value, field, value, ...
+# Create the user hash only if it does not exist. ARGV[1]: a token of this one create, kept in the
+# hash as ``create_op``; ARGV[2..]: field, value, field, value, ... The client retries a command whose
+# reply was lost (a socket timeout on a busy server, a failover): that retry finds the hash its own
+# first attempt created and must say "created", not "already exists". Returns 1 created (now or by
+# the earlier attempt of the same create), 0 someone else's account.
 _CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('HGET', KEYS[1], 'create_op') == ARGV[1] then return 1 end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'create_op', unpack(ARGV))
 return 1
 """
 
@@ -230,6 +238,12 @@ class UserDirectory:
         self._update = redis_client.register_script(_UPDATE_SCRIPT)
         self._totp_step = redis_client.register_script(_TOTP_STEP_SCRIPT)
         self._rehash = redis_client.register_script(_REHASH_SCRIPT)
+
+    def _create_once(self, login: str, fields: dict) -> bool:
+        """Create the user hash unless it exists; True if this call created it (also when the reply of
+        the first attempt was lost and the client's retry ran the script again)."""
+        argv = [secrets.token_urlsafe(16)] + [item for pair in fields.items() for item in pair]
+        return bool(self._create(keys=[self.keys.user(login)], args=argv))
 
     def _publish(self, login: str) -> None:
         self.redis.publish(self.keys.events, f"user:{login}")
@@ -290,8 +304,7 @@ class UserDirectory:
             "disabled": "0",
             "created": str(user.created),
         }
-        argv = [item for pair in fields.items() for item in pair]
-        if not self._create(keys=[self.keys.user(login)], args=argv):
+        if not self._create_once(login, fields):
             raise ValueError(f"user {login!r} already exists")
         self.redis.sadd(self.keys.users, login)
         self._publish(login)
@@ -320,8 +333,7 @@ class UserDirectory:
             "created": str(user.created),
             "external": source,
         }
-        argv = [item for pair in fields.items() for item in pair]
-        if not self._create(keys=[self.keys.user(login)], args=argv):
+        if not self._create_once(login, fields):
             raise ValueError(f"user {login!r} already exists")
         self.redis.sadd(self.keys.users, login)
         self._publish(login)
