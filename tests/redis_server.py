@@ -157,3 +157,53 @@ class LocalRedis:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ReplyLosingRelay:
+    """A TCP relay in front of a real Redis that can lose the server's next reply: the command runs on
+    the server, the client never hears back and times out, as on a busy or failing-over server."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.lose_next_reply = threading.Event()
+        self.lost = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src, dst, replies: bool):
+        try:
+            while data := src.recv(65536):
+                if replies and self.lose_next_reply.is_set():
+                    self.lose_next_reply.clear()
+                    self.lost += 1
+                    continue  # swallowed; the connection stays open and silent
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+

@@ -73,6 +73,33 @@ def test_link_is_single_use_and_stored_hashed(r):
     assert links.take(link.token) is None and links.peek(link.token) is None
 
 
+def test_a_take_whose_reply_is_lost_still_gives_the_link_to_its_caller():
+    """The client retries a take whose reply it lost; the retry must get the login (the person typed
+    their password once), while any other take, and a look at the link, see it used."""
+    from dpiguard.storage.clients import RedisSpec
+    from tests.redis_server import LocalRedis, ReplyLosingRelay
+
+    server = LocalRedis().start()
+    relay = ReplyLosingRelay(("127.0.0.1", server.port))
+    try:
+        client = RedisSpec.from_url(f"redis://127.0.0.1:{relay.port}/0").client(0.3)
+        links = EnrolmentLinks(client, ttl=600)
+        warm = links.issue("warm.up")
+        assert links.take(warm.token) == "warm.up"  # connection made, script loaded
+        link = links.issue("alice")
+        relay.lose_next_reply.set()
+        assert links.take(link.token) == "alice" and relay.lost == 1
+        assert links.take(link.token) is None and links.peek(link.token) is None
+        from dpiguard.auth.enrolment import TAKEN_KEEP_SECONDS, _digest
+        from dpiguard.storage.keys import Keys
+
+        assert 0 < client.ttl(Keys("dpiguard").enrol_link(_digest(link.token))) <= TAKEN_KEEP_SECONDS  # then gone
+        client.close()
+    finally:
+        relay.close()
+        server.close()
+
+
 def test_link_expires_and_a_new_one_replaces_the_old(r):
     links = EnrolmentLinks(r, ttl=1)
     first = links.issue("alice")

@@ -115,7 +115,8 @@ def test_add_stores_expected_hash(r, users, alice):
     user, totp = alice
     assert user == User("alice", "Alice A.", ("nurse",), False, user.created)
     raw = {k.decode(): v.decode() for k, v in r.hgetall("dpiguard:user:{alice}").items()}
-    assert set(raw) == {"login", "display_name", "roles", "pw_hash", "totp_enc", "totp_last_step", "disabled", "created"}
+    assert set(raw) == {"login", "display_name", "roles", "pw_hash", "totp_enc", "totp_last_step", "disabled", "created",
+                        "create_op"}
     assert raw["pw_hash"].startswith("$argon2id$")
     assert PASSWORD not in str(raw)
     assert totp.secret not in str(raw)
@@ -314,63 +315,14 @@ def test_qr_outputs(tmp_path, users):
     assert path.stat().st_size > 100
 
 
-class _ReplyLosingRelay:
-    """A TCP relay in front of a real Redis that can lose the server's next reply: the command runs on
-    the server, the client never hears back and times out, as on a busy or failing-over server."""
-
-    def __init__(self, upstream: tuple[str, int]):
-        import socket
-        import threading
-
-        self.upstream = upstream
-        self.lose_next_reply = threading.Event()
-        self.lost = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
-
-    def _pump(self, src, dst, replies: bool):
-        try:
-            while data := src.recv(65536):
-                if replies and self.lose_next_reply.is_set():
-                    self.lose_next_reply.clear()
-                    self.lost += 1
-                    continue  # swallowed; the connection stays open and silent
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-    def close(self):
-        self.listener.close()
-
-
 def test_a_create_whose_reply_is_lost_is_not_reported_as_an_existing_account(box):
     """The client retries a command whose reply it did not get; the retry of ``add`` finds the account
     its own first attempt created. It must report the creation, not "already exists" (CI saw a user
     invite fail so on a busy Sentinel master), and still refuse an account someone else created."""
-    from tests.redis_server import LocalRedis
+    from tests.redis_server import LocalRedis, ReplyLosingRelay
 
     server = LocalRedis().start()
-    relay = _ReplyLosingRelay(("127.0.0.1", server.port))
+    relay = ReplyLosingRelay(("127.0.0.1", server.port))
     try:
         client = redisconn.RedisSpec.from_url(f"redis://127.0.0.1:{relay.port}/0").client(0.3)
         users = UserDirectory(client, box)

@@ -96,12 +96,21 @@ def _digest(text: str) -> str:
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 # KEYS[1] = the link, KEYS[2] = the user's current link. Returns the login, or false.
+# Consume a link once. ARGV[1]: a token of this one take. The link is not deleted at once but marked
+# taken by that token for ARGV[2] seconds: the client retries a command whose reply it lost (a socket
+# timeout, a failover), and that retry must give the link to the same caller, not call it used.
 _TAKE_SCRIPT = """
-local login = redis.call('HGET', KEYS[1], 'login')
-if not login then return false end
-redis.call('DEL', KEYS[1])
-return login
+local f = redis.call('HMGET', KEYS[1], 'login', 'taken_by')
+if not f[1] then return false end
+if f[2] then
+  if f[2] == ARGV[1] then return f[1] end
+  return false
+end
+redis.call('HSET', KEYS[1], 'taken_by', ARGV[1])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+return f[1]
 """
+TAKEN_KEEP_SECONDS = 60  # how long a taken link stays marked (longer than any retry of the take)
 
 
 @dataclass(frozen=True)
@@ -141,15 +150,15 @@ class EnrolmentLinks:
         """The login a valid, unused, unexpired link is for (nothing consumed), or None."""
         if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
             return None
-        login = self.redis.hget(self.keys.enrol_link(_digest(token)), "login")
-        return as_text(login) if login is not None else None
+        login, taken = self.redis.hmget(self.keys.enrol_link(_digest(token)), ["login", "taken_by"])
+        return as_text(login) if login is not None and taken is None else None
 
     def take(self, token: str) -> str | None:
         """Consume the link (once, on any instance); the login, or None if unknown, used or expired."""
         if not isinstance(token, str) or not TOKEN_RE.fullmatch(token):
             return None
         digest = _digest(token)
-        login = self._take(keys=[self.keys.enrol_link(digest)], args=[])
+        login = self._take(keys=[self.keys.enrol_link(digest)], args=[secrets.token_urlsafe(16), TAKEN_KEEP_SECONDS])
         return as_text(login) if login else None
 
     def revoke(self, login: str) -> None:
