@@ -159,19 +159,25 @@ class LocalRedis:
         self.close()
 
 
-class ReplyLosingRelay:
-    """A TCP relay in front of a real Redis that can lose the server's next reply: the command runs on
-    the server, the client never hears back and times out, as on a busy or failing-over server."""
+class RedisRelay:
+    """A TCP relay in front of a real Redis port, for network faults the server itself cannot show:
 
-    def __init__(self, upstream: tuple[str, int]):
+    - ``frozen`` set: nothing is relayed either way, the sockets stay open (a silent network);
+    - ``lose_next_reply`` set: the server's next reply is swallowed (counted in ``lost``). The command
+      ran on the server, the client never hears back and times out, as on a busy or failing-over one.
+    """
+
+    def __init__(self, target_port: int, host: str = "127.0.0.1"):
         import socket
         import threading
 
-        self.upstream = upstream
+        self.target = (host, target_port)
+        self.frozen = threading.Event()
         self.lose_next_reply = threading.Event()
         self.lost = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
+        self.sockets: list = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -183,13 +189,16 @@ class ReplyLosingRelay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
     def _pump(self, src, dst, replies: bool):
         try:
             while data := src.recv(65536):
+                if self.frozen.is_set():
+                    continue
                 if replies and self.lose_next_reply.is_set():
                     self.lose_next_reply.clear()
                     self.lost += 1
@@ -197,13 +206,11 @@ class ReplyLosingRelay:
                 dst.sendall(data)
         except OSError:
             pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
     def close(self):
         self.listener.close()
-
+        for s in self.sockets:
+            try:
+                s.close()
+            except OSError:
+                pass

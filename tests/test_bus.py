@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
-import threading
 import time
 
 import pytest
@@ -13,6 +11,7 @@ import redis
 from dpiguard.careteam.store import CareTeamStore
 from dpiguard.decision.cache import DecisionCache
 from dpiguard.storage.bus import InvalidationBus, format_event, parse_event
+from tests.redis_server import RedisRelay
 
 from .conftest import only_standalone
 
@@ -156,51 +155,9 @@ def test_outage_loses_then_restores_coherence(redis_server, instances):
     assert wait_until(lambda: b.cache.get(key, NOW) is None, timeout=1.0)
 
 
-class FreezableProxy:
-    """TCP relay to Redis that can stop relaying without closing sockets (a silent network)."""
-
-    def __init__(self, target_port: int):
-        self.target_port = target_port
-        self.frozen = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src, dst):
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if not self.frozen.is_set():
-                    dst.sendall(data)
-        except OSError:
-            pass
-
-    def close(self):
-        self.listener.close()
-        for s in self.sockets:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 @only_standalone("the freezable relay sits in front of one server port")
 def test_silent_peer_is_detected_by_liveness_ping(redis_server):
-    proxy = FreezableProxy(redis_server.port)
+    proxy = RedisRelay(redis_server.port)
     bus = InvalidationBus(f"redis://127.0.0.1:{proxy.port}/0", health_interval=0.3)
     cache = DecisionCache()
     bus.bind_cache(cache)

@@ -77,10 +77,10 @@ def test_a_take_whose_reply_is_lost_still_gives_the_link_to_its_caller():
     """The client retries a take whose reply it lost; the retry must get the login (the person typed
     their password once), while any other take, and a look at the link, see it used."""
     from dpiguard.storage.clients import RedisSpec
-    from tests.redis_server import LocalRedis, ReplyLosingRelay
+    from tests.redis_server import LocalRedis, RedisRelay
 
     server = LocalRedis().start()
-    relay = ReplyLosingRelay(("127.0.0.1", server.port))
+    relay = RedisRelay(server.port)
     try:
         client = RedisSpec.from_url(f"redis://127.0.0.1:{relay.port}/0").client(0.3)
         links = EnrolmentLinks(client, ttl=600)

@@ -319,10 +319,10 @@ def test_a_create_whose_reply_is_lost_is_not_reported_as_an_existing_account(box
     """The client retries a command whose reply it did not get; the retry of ``add`` finds the account
     its own first attempt created. It must report the creation, not "already exists" (CI saw a user
     invite fail so on a busy Sentinel master), and still refuse an account someone else created."""
-    from tests.redis_server import LocalRedis, ReplyLosingRelay
+    from tests.redis_server import LocalRedis, RedisRelay
 
     server = LocalRedis().start()
-    relay = ReplyLosingRelay(("127.0.0.1", server.port))
+    relay = RedisRelay(server.port)
     try:
         client = redisconn.RedisSpec.from_url(f"redis://127.0.0.1:{relay.port}/0").client(0.3)
         users = UserDirectory(client, box)
