@@ -95,9 +95,10 @@ def _digest(text: str) -> str:
 
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 
-# Consume a link once (KEYS[1]: the link); returns the login, or false. ARGV[1]: a token of this one take. The link is not deleted at once but marked
-# taken by that token for ARGV[2] seconds: the client retries a command whose reply it lost (a socket
-# timeout, a failover), and that retry must give the link to the same caller, not call it used.
+# Consume a link once (KEYS[1]: the link); returns the login, or false. ARGV[1]: a token of this one
+# take. The link is not deleted at once but marked taken by that token for ARGV[2] seconds: the client
+# retries a command whose reply it lost (a socket timeout, a failover), and that retry must give the
+# link to the same caller, not call it used.
 _TAKE_SCRIPT = """
 local f = redis.call('HMGET', KEYS[1], 'login', 'taken_by')
 if not f[1] then return false end
