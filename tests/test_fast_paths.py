@@ -9,6 +9,10 @@
   ``dataclasses.replace`` and share nothing mutable with the cached one.
 - :func:`~dpiguard.edge.flows.forward` rebuilds the request's header list in one pass; the oracle is
   one mitmproxy ``Headers`` call per edit, as it was written before (same values per header name).
+- :meth:`~dpiguard.policy.routes.RouteTable.match` tries only the routes of the request's method that
+  can match its first path segment, and answers a query-less request without reading the query; the
+  oracle is the scan of every route in table order, as it was written before (same route, patient and
+  ambiguity refusal for any generated table, path and query).
 
 Pure logic: no server involved.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import unicodedata
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -28,6 +33,14 @@ from dpiguard.edge.flows import STRIP_KEY, forward
 from dpiguard.fhir.compartment import patient_of_reference
 from dpiguard.fhir.response import _prune_includes, _references, patient_links
 from dpiguard.policy.paths import HostileRequest, _decode_query_part
+from dpiguard.policy.routes import (
+    PATIENT_ID_RE,
+    Route,
+    RouteTable,
+    _patient_param_values,
+    _patient_reference,
+    _pattern_segments,
+)
 
 
 def oracle_patient_links(resource):
@@ -258,3 +271,101 @@ def test_forward_edits_headers_as_one_call_per_edit_did(fields, strip, drop, set
     oracle_forward_headers(flows[1], v)
     assert flows[0].request.path == "/x?y=1"
     assert _by_name(flows[0].request.headers) == _by_name(flows[1].request.headers)
+
+
+# -- RouteTable.match: candidate routes by method and first segment ---------------------------------
+
+def oracle_resolve_patient(route, captured, query):
+    pairs = _patient_param_values(query, route.patient_query)
+    for key, value in pairs:
+        if "," in value:
+            raise HostileRequest("ambiguous_patient", "several")
+    if len(pairs) > 1:
+        raise HostileRequest("ambiguous_patient", "twice")
+    if captured is not None:
+        if pairs and _patient_reference(pairs[0][1]) != captured:
+            raise HostileRequest("ambiguous_patient", "other")
+        return captured
+    if route.patient_query is None or not pairs:
+        return None
+    key, value = pairs[0]
+    if key != route.patient_query:
+        return None
+    patient = _patient_reference(value)
+    return patient if PATIENT_ID_RE.match(patient) else None
+
+
+def oracle_match(table: RouteTable, patient_bound, method, path, query):
+    """Every route in table order, as RouteTable.match was written before."""
+    path_segments = [] if path == "/" else path[1:].split("/")
+    for route in table.routes:
+        if route.method != method:
+            continue
+        matched, captured = route.match_path(path_segments)
+        if not matched:
+            continue
+        if route.public:
+            return ("public", route.name)
+        patient = oracle_resolve_patient(route, captured, query)
+        if patient is None and patient_bound.get(route.category, True):
+            return None
+        return (route.name, route.category, route.action, patient, route.fhir)
+    return None
+
+
+def _as_outcome(m):
+    if m is None:
+        return None
+    return ("public", m.route_name) if m.public else (m.route_name, m.category, m.action, m.patient, m.fhir)
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except HostileRequest as exc:
+        return ("hostile", exc.reason)
+
+
+LITERALS = ["api", "patients", "static", "fhir", "P1", "notes"]
+SEGMENT = st.sampled_from(LITERALS + ["{patient}", "*"])
+PATTERN = st.builds(lambda segs, rest: "/" + "/".join(segs + (["**"] if rest else [])),
+                    st.lists(SEGMENT, max_size=3), st.booleans())
+ROUTE_SPEC = st.tuples(PATTERN, st.sampled_from(["GET", "POST", "HEAD"]), st.booleans(),
+                       st.sampled_from(["biology", "directory"]), st.sampled_from([None, "patient", "ipp"]))
+PATH = st.lists(st.sampled_from(LITERALS + ["P2", "x", "A-9", "bad id"]), max_size=4).map(lambda s: "/" + "/".join(s))
+QUERY = st.dictionaries(st.sampled_from(["patient", "ipp", "subject:Patient", "code", "Patient_ID"]),
+                        st.lists(st.sampled_from(["P1", "P2", "Patient/P1", "P1,P2", "x y"]), min_size=1, max_size=2),
+                        max_size=3)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(specs=st.lists(ROUTE_SPEC, max_size=8), method=st.sampled_from(["GET", "POST", "HEAD", "PUT"]),
+       path=PATH, query=QUERY)
+def test_route_match_finds_the_route_the_full_scan_finds(specs, method, path, query):
+    routes = []
+    for line, (pattern, route_method, public, category, patient_query) in enumerate(specs):
+        try:
+            segments = _pattern_segments(pattern)
+        except ValueError:
+            continue
+        routes.append(Route(f"r{line}", pattern, route_method, public, None if public else category,
+                            None if public else "read", patient_query, False, segments, line))
+    bound = {"biology": True, "directory": False}
+    table = RouteTable(routes, bound)
+
+    assert _outcome(lambda: _as_outcome(table.match(method, path, query))) == _outcome(lambda: oracle_match(table, bound, method, path, query))
+
+
+def test_route_match_of_the_shipped_routes_unchanged():
+    from dpiguard.policy.snapshot import PolicySet
+
+    policies = PolicySet.load(Path(__file__).resolve().parent.parent / "policies")
+    table = policies.table.routes
+    bound = {name: c.patient_bound for name, c in policies.categories.items()}
+    targets = ["/", "/patients", "/patients/P1", "/patients/P1/biology", "/api/patients/P1/notes",
+               "/static/app.js", "/static", "/favicon.ico", "/patients/P1/unknown", "/api", "/api/patients/bad id"]
+    for method in ("GET", "HEAD", "POST", "PUT", "DELETE"):
+        for path in targets:
+            for query in ({}, {"patient": ["P1"]}, {"patient": ["P2"]}, {"ipp": ["P1,P2"]}):
+                got = _outcome(lambda: _as_outcome(table.match(method, path, query)))
+                assert got == _outcome(lambda: oracle_match(table, bound, method, path, query)), (method, path, query)

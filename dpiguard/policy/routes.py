@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpiguard.policy.files import LineDict, LineList, PolicyError, load_yaml, read_policy_file
 from dpiguard.policy.paths import HostileRequest
@@ -32,9 +32,11 @@ def _ambiguous(message: str) -> HostileRequest:
 
 
 # -- routes ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RouteMatch:
-    """What a request is about: the route, and for protected routes (category, action, patient)."""
+class RouteMatch(NamedTuple):
+    """What a request is about: the route, and for protected routes (category, action, patient).
+
+    A named tuple, not a frozen dataclass: one is built per request, and a frozen dataclass's
+    ``__init__`` sets each field through ``object.__setattr__`` (about three times slower)."""
 
     route_name: str
     public: bool
@@ -138,6 +140,8 @@ def _patient_reference(value: str) -> str:
 
 def _resolve_patient(route: Route, captured: str | None, query: Mapping[str, list[str]]) -> str | None:
     """The one patient of the request, or HostileRequest('ambiguous_patient'), or None if none."""
+    if not query:  # nothing in the query can name a patient, or another one
+        return captured
     pairs = _patient_param_values(query, route.patient_query)
     for key, value in pairs:
         if "," in value:
@@ -163,6 +167,7 @@ class RouteTable:
     def __init__(self, routes: Iterable[Route], patient_bound: Mapping[str, bool]):
         self._routes = tuple(sorted(routes, key=lambda r: (r.specificity, r.line)))
         self._patient_bound = dict(patient_bound)
+        self._candidates = _candidates(self._routes)
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -181,9 +186,11 @@ class RouteTable:
     def match(self, method: str, path: str, query: Mapping[str, list[str]]) -> RouteMatch | None:
         """The route of a normalized request, or None (refused as ``no_route`` by the caller)."""
         path_segments = [] if path == "/" else path[1:].split("/")
-        for route in self._routes:
-            if route.method != method:
-                continue
+        by_first = self._candidates.get(method)
+        if by_first is None:
+            return None
+        candidates = by_first[0] if not path_segments else by_first[1].get(path_segments[0], by_first[2])
+        for route in candidates:
             matched, captured = route.match_path(path_segments)
             if not matched:
                 continue
@@ -194,6 +201,25 @@ class RouteTable:
                 return None
             return RouteMatch(route.name, False, route.category, route.action, patient, route.fhir)
         return None
+
+
+def _candidates(routes: tuple[Route, ...]) -> dict[str, tuple[tuple[Route, ...], dict[str, tuple[Route, ...]],
+                                                              tuple[Route, ...]]]:
+    """Per method: (its routes, its routes that can match a path whose first segment is this literal,
+    its routes that can match a path whose first segment is no route's literal), each in table order.
+
+    A route is left out of a list only when its own first segment is a different literal, which no such
+    path can match; so the first route of a list that matches is the first route of the table that
+    matches (tests/test_fast_paths.py compares the two)."""
+    out = {}
+    for method in {r.method for r in routes}:
+        mine = tuple(r for r in routes if r.method == method)
+        literals = {r.segments[0][1] for r in mine if r.segments and r.segments[0][0] == LITERAL}
+        by_literal = {lit: tuple(r for r in mine if not r.segments or r.segments[0][0] != LITERAL
+                                 or r.segments[0][1] == lit) for lit in literals}
+        others = tuple(r for r in mine if not r.segments or r.segments[0][0] != LITERAL)
+        out[method] = (mine, by_literal, others)
+    return out
 
 
 class _RouteFileReader:
