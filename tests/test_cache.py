@@ -97,7 +97,9 @@ def test_stale_insert_is_refused_after_invalidation():
     assert cache.put(key(), "allow", NOW + 30, gen, now=NOW) is False
     assert cache.get(key(), NOW) is None
     assert cache.stats()["rejected_puts"] == 1
+    assert cache.stats()["puts"] == 0
     assert cache.put(key(), "allow", NOW + 30, cache.generation(), now=NOW) is True
+    assert cache.stats()["puts"] == 1
 
 
 def test_disabled_cache_serves_and_stores_nothing():

@@ -50,6 +50,7 @@ class DecisionCache:
         self._invalidations = 0
         self._evictions = 0
         self._rejected_puts = 0
+        self._puts = 0  # values stored: decisions taken because the cache did not hold them
 
     # ----------------------------------------------------------------- hot path
 
@@ -98,6 +99,7 @@ class DecisionCache:
                 if patient is not None:
                     self._index_patient(patient, key)
             self._entries[key] = (value, expires)
+            self._puts += 1
             return True
 
     # ----------------------------------------------------------------- invalidation
@@ -168,6 +170,7 @@ class DecisionCache:
                 "invalidations": self._invalidations,
                 "evictions": self._evictions,
                 "rejected_puts": self._rejected_puts,
+                "puts": self._puts,
                 "generation": self._generation,
                 "enabled": self._enabled,
             }
