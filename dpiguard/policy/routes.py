@@ -189,8 +189,8 @@ class RouteTable:
         by_first = self._candidates.get(method)
         if by_first is None:
             return None
-        candidates = by_first[0] if not path_segments else by_first[1].get(path_segments[0], by_first[2])
-        for route in candidates:
+        by_literal, others = by_first
+        for route in by_literal.get(path_segments[0], others) if path_segments else others:
             matched, captured = route.match_path(path_segments)
             if not matched:
                 continue
@@ -203,22 +203,20 @@ class RouteTable:
         return None
 
 
-def _candidates(routes: tuple[Route, ...]) -> dict[str, tuple[tuple[Route, ...], dict[str, tuple[Route, ...]],
-                                                              tuple[Route, ...]]]:
-    """Per method: (its routes, its routes that can match a path whose first segment is this literal,
-    its routes that can match a path whose first segment is no route's literal), each in table order.
+def _candidates(routes: tuple[Route, ...]) -> dict[str, tuple[dict[str, tuple[Route, ...]], tuple[Route, ...]]]:
+    """Per method: (for each literal first segment of its routes, the routes that can match a path
+    beginning with it; the routes that can match any other path, "/" included), each in table order.
 
-    A route is left out of a list only when its own first segment is a different literal, which no such
-    path can match; so the first route of a list that matches is the first route of the table that
-    matches (tests/test_fast_paths.py compares the two)."""
+    A route is left out of a list only when its own first segment is a different literal (or, for "/",
+    any segment), which no such path can match; so the first route of a list that matches is the first
+    route of the table that matches (tests/test_fast_paths.py compares the two)."""
     out = {}
     for method in {r.method for r in routes}:
         mine = tuple(r for r in routes if r.method == method)
-        literals = {r.segments[0][1] for r in mine if r.segments and r.segments[0][0] == LITERAL}
-        by_literal = {lit: tuple(r for r in mine if not r.segments or r.segments[0][0] != LITERAL
-                                 or r.segments[0][1] == lit) for lit in literals}
         others = tuple(r for r in mine if not r.segments or r.segments[0][0] != LITERAL)
-        out[method] = (mine, by_literal, others)
+        by_literal = {lit: tuple(r for r in mine if r in others or r.segments[0][1] == lit)
+                      for lit in {r.segments[0][1] for r in mine if r not in others}}
+        out[method] = (by_literal, others)
     return out
 
 
