@@ -207,9 +207,10 @@ def _candidates(routes: tuple[Route, ...]) -> dict[str, tuple[dict[str, tuple[Ro
     """Per method: (for each literal first segment of its routes, the routes that can match a path
     beginning with it; the routes that can match any other path, "/" included), each in table order.
 
-    A route is left out of a list only when its own first segment is a different literal (or, for "/",
-    any segment), which no such path can match; so the first route of a list that matches is the first
-    route of the table that matches (tests/test_fast_paths.py compares the two)."""
+    A route is left out of a list only when no path the list serves can match it: its first segment is a
+    literal other than the path's (or, for "/", it has a first segment at all). So the first route of a
+    list that matches is the first route of the table that matches (tests/test_fast_paths.py compares
+    the two)."""
     out = {}
     for method in {r.method for r in routes}:
         mine = tuple(r for r in routes if r.method == method)
