@@ -4,6 +4,10 @@
   scalars; the oracles below are the straightforward walks (every value of every object and array
   visited), as the functions were written before; Hypothesis searches JSON trees, with references to
   patients and to other resources at any depth, for a difference.
+- A search page remembers the patients of each visible entry from its judgement, and walks again only
+  an entry a mask changed; the oracle is the walk of every visible (masked) resource, as the trace
+  record's ``patients`` was computed before. The judge's masks, cached per category, are the ones the
+  FHIR mapping gives.
 - A query parameter with nothing to decode is returned as it is; the oracle is the decoding loop.
 - A session handed out by the local cache is a copy made without ``__init__``; it must equal
   ``dataclasses.replace`` and share nothing mutable with the cached one.
@@ -31,7 +35,15 @@ from dpiguard.auth.sessions import Session
 from dpiguard.decision.verdict import Verdict
 from dpiguard.edge.flows import STRIP_KEY, forward
 from dpiguard.fhir.compartment import patient_of_reference
-from dpiguard.fhir.response import _prune_includes, _references, patient_links
+from dpiguard.fhir.response import (
+    BundleRewriter,
+    CheckedAnswer,
+    Judge,
+    _prune_includes,
+    _references,
+    collect_page,
+    patient_links,
+)
 from dpiguard.policy.paths import HostileRequest, _decode_query_part
 from dpiguard.policy.routes import (
     PATIENT_ID_RE,
@@ -155,6 +167,56 @@ ENTRY = st.fixed_dictionaries(
 @given(st.lists(ENTRY, max_size=6))
 def test_included_entries_kept_exactly_as_before(entries):
     assert _prune_includes(entries) == oracle_prune(entries)
+
+
+class _Rules:
+    """The FHIR mapping's two answers a Judge asks: every Observation is biology; masks as given."""
+
+    def __init__(self, masks: list[str]):
+        self.mask_elements, self.asked = masks, 0
+
+    def category_of(self, resource):
+        return "biology" if resource.get("resourceType") == "Observation" else None
+
+    def masked(self, roles, category, permits):
+        self.asked += 1
+        return {"Observation": list(self.mask_elements)} if self.mask_elements else {}
+
+
+class _Policy:
+    def permits(self, roles, category, action):
+        return True
+
+    def category(self, name):
+        return type("Category", (), {"care_team_required": True})()
+
+
+OBSERVATION = st.fixed_dictionaries(
+    {"resourceType": st.just("Observation"), "id": st.sampled_from(["o1", "o2", "o3"]),
+     "subject": st.fixed_dictionaries({"reference": st.sampled_from(["Patient/P1", "Patient/P2"])})},
+    optional={"performer": st.lists(st.fixed_dictionaries({"reference": REFERENCES}), max_size=2),
+              "note": st.lists(st.fixed_dictionaries({}, optional={"authorReference": JSON, "text": st.text(max_size=3)}),
+                               max_size=2),
+              "focus": JSON},
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(OBSERVATION, max_size=6),
+       st.lists(st.sampled_from(["performer", "note.authorReference", "focus", "status"]), unique=True, max_size=3))
+def test_search_entry_patients_are_those_of_the_visible_resource(resources, masks):
+    rules = _Rules(masks)
+    judge = Judge(fhir=rules, policy=_Policy(), roles=("nurse", "doctor"), access=lambda *a: (True, "allowed"))
+    out = CheckedAnswer(None, 200)
+    bundle = {"resourceType": "Bundle", "type": "searchset",
+              "entry": [{"fullUrl": f"http://dpi/fhir/Observation/{r['id']}", "resource": r} for r in resources]}
+    matches, _ = collect_page(bundle, judge, BundleRewriter("http://dpi", "https://proxy"), out)
+    for entry in matches:
+        walked, _ = patient_links(entry["resource"])  # the resource as the client gets it
+        known = out.entry_patients.get(id(entry))
+        if known is not None:
+            assert set(known) == walked
+    assert rules.asked <= 1  # one category: the masks are computed once per answer
 
 
 def oracle_decode(raw: str) -> str:

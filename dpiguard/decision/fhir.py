@@ -552,9 +552,10 @@ class FhirEnforcer:
                           "url": self._page_url(ctx, v.user, max(0, offset - size), size, now)})
         bundle = page_bundle(matches, includes, offset, size, exhausted, links)
         visible = bundle["entry"]
-        patients = set()
-        for entry in visible:
-            patients |= patient_links(entry["resource"])[0]
+        patients: set[str] = set()
+        for entry in visible:  # what each visible entry names, as the client gets it (masks applied)
+            known = out.entry_patients.get(id(entry))
+            patients.update(known if known is not None else patient_links(entry["resource"])[0])
         record.update(outcome="allow", reason="filtered" if out.hidden else "allowed", returned=len(visible),
                       hidden=out.hidden, hidden_reasons=out.hidden_reasons, masked=sorted(out.masked),
                       patients=sorted(patients)[:100], scanned=scanned, page_offset=offset, page_size=size)

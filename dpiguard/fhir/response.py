@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol
 from dpiguard.fhir.compartment import patient_of_reference
 
 NO_PATIENT = "fhir_no_patient"
+_JSON_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def patient_links(resource: Any) -> tuple[set[str], bool]:
@@ -31,27 +32,35 @@ def patient_links(resource: Any) -> tuple[set[str], bool]:
         else:
             unreadable = True
     # Only objects and arrays go on the stack: a scalar holds no reference (and a Bundle entry has
-    # hundreds of them, so walking them was most of an answer check's time).
+    # hundreds of them, so walking them was most of an answer check's time). JSON scalars are told
+    # apart by their exact type first (one set lookup), the isinstance check only runs for the rest.
     stack = [resource] if isinstance(resource, (dict, list)) else []
-    push, pop = stack.append, stack.pop
+    push, pop, leaf = stack.append, stack.pop, _JSON_SCALARS
     while stack:
         item = pop()
         if isinstance(item, dict):
-            ref = item.get("reference")
-            if isinstance(ref, str) and not ref.startswith("#"):
-                patient = patient_of_reference(ref, bare_is_patient=False)
-                if patient:
-                    found.add(patient)
-                elif patient is False or (patient is None and item.get("type") == "Patient"):
-                    unreadable = True
-            elif item.get("type") == "Patient" and "identifier" in item:
+            if "reference" in item:
+                ref = item["reference"]
+                if isinstance(ref, str) and not ref.startswith("#"):
+                    patient = patient_of_reference(ref, bare_is_patient=False)
+                    if patient:
+                        found.add(patient)
+                    elif patient is False or (patient is None and item.get("type") == "Patient"):
+                        unreadable = True
+                elif item.get("type") == "Patient" and "identifier" in item:
+                    unreadable = True  # a logical reference to a patient we cannot name
+                for k, v in item.items():
+                    if type(v) not in leaf and isinstance(v, (dict, list)) and k != "reference":
+                        push(v)
+                continue
+            if item.get("type") == "Patient" and "identifier" in item:
                 unreadable = True  # a logical reference to a patient we cannot name
-            for k, v in item.items():
-                if isinstance(v, (dict, list)) and k != "reference":
+            for v in item.values():
+                if type(v) not in leaf and isinstance(v, (dict, list)):
                     push(v)
         else:
             for v in item:
-                if isinstance(v, (dict, list)):
+                if type(v) not in leaf and isinstance(v, (dict, list)):
                     push(v)
     return found, unreadable
 
@@ -94,6 +103,7 @@ class Judge:
 
     def __init__(self, *, fhir: ResourceRules, policy: Permissions, roles: tuple[str, ...], access: Access):
         self.fhir, self.policy, self.roles, self.access = fhir, policy, roles, access
+        self._masks: dict[str, dict[str, list[str]]] = {}  # by category: the same for every resource
 
     def member(self, patient: str, category: str, action: str) -> tuple[bool, str]:
         return self.access(patient, category, action, self.policy.category(category).care_team_required)
@@ -109,20 +119,26 @@ class Judge:
             return Judgement(False, "fhir_type_not_mapped", None)
         if not self.policy.permits(self.roles, category, action):
             return Judgement(False, "category_not_permitted", category)
-        patients, unreadable = patient_links(resource)
+        found, unreadable = patient_links(resource)
+        patients = tuple(sorted(found))
         required = self.policy.category(category).care_team_required
         if unreadable:  # a patient that cannot be named cannot be checked (objections included)
-            return Judgement(False, NO_PATIENT, category, tuple(sorted(patients)))
+            return Judgement(False, NO_PATIENT, category, patients)
         if required and not patients:
             return Judgement(False, NO_PATIENT, category)
-        for patient in sorted(patients):
+        for patient in patients:
             ok, reason = self.access(patient, category, action, required)
             if not ok:
-                return Judgement(False, reason, category, tuple(sorted(patients)))
-        return Judgement(True, "allowed", category, tuple(sorted(patients)))
+                return Judgement(False, reason, category, patients)
+        return Judgement(True, "allowed", category, patients)
 
     def masks(self, category: str) -> dict[str, list[str]]:
-        return self.fhir.masked(self.roles, category, lambda role: self.policy.permits([role], category, "read"))
+        """The elements masked for this user in a resource of ``category``, by type (read-only)."""
+        masks = self._masks.get(category)
+        if masks is None:
+            masks = self._masks[category] = self.fhir.masked(
+                self.roles, category, lambda role: self.policy.permits([role], category, "read"))
+        return masks
 
 
 def remove_path(node: Any, path: list[str]) -> int:
@@ -172,6 +188,9 @@ class CheckedAnswer:
     masked: set[str] = field(default_factory=set)
     patients: set[str] = field(default_factory=set)
     request_id: str = ""
+    # id() of a visible search entry built by collect_page → the patients its resource names, when no
+    # mask changed it (it is then the resource the judgement walked); a masked one is walked again.
+    entry_patients: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
 
 class BundleRewriter:
@@ -290,10 +309,13 @@ def collect_page(bundle: Any, judge: Judge, rewriter: BundleRewriter, out: Check
             continue  # the DPI's warnings about the search (may echo what it matched): not passed on
         out.returned += 1
         out.patients.update(verdict.patients)
-        out.masked.update(apply_masks(resource, judge, verdict.category))
+        removed = apply_masks(resource, judge, verdict.category)
+        out.masked.update(removed)
         clean = {"fullUrl": rewriter.url(entry["fullUrl"])} if "fullUrl" in entry else {}
         clean["resource"] = resource
         clean["search"] = {"mode": "match" if mode == "match" else "include"}
+        if not removed:
+            out.entry_patients[id(clean)] = verdict.patients
         (matches if mode == "match" else includes).append(clean)
     return matches, includes
 
