@@ -151,16 +151,23 @@ def fhir_bundle_costs(p, h, accounts, tokens, rng, samples: int) -> dict:
             continue
         for req, v, body in items:  # warm the decisions of every patient named
             enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=True)
-        cpu, returned, hidden = [], 0, 0
-        for i in range(samples):
+        cpu, returned, hidden, rewarmed = [], 0, 0, 0
+        i = 0
+        while len(cpu) < samples:
             req, v, body = items[i % len(items)]
+            i += 1
             c0 = time.thread_time_ns()
-            status, _, record = enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=False)
+            try:
+                status, _, record = enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=False)
+            except NeedIO:  # a decision expired meanwhile (TTL, or a stay's end): warmed again, sample left out
+                enforcer.process_response(p, req, v, 200, "application/fhir+json", body, io=True)
+                rewarmed += 1
+                continue
             cpu.append(time.thread_time_ns() - c0)
             returned, hidden = record.get("returned", 0), record.get("hidden", 0)
         pct = _pcts(cpu)
         pct["per_entry_p50_us"] = round(pct["p50_us"] / BUNDLE_ENTRIES, 1)
-        pct.update(status=status, returned=returned, hidden=hidden, body_bytes=len(items[0][2]))
+        pct.update(status=status, returned=returned, hidden=hidden, body_bytes=len(items[0][2]), rewarmed=rewarmed)
         out[name] = pct
     return out
 
@@ -226,14 +233,21 @@ def timings(s, h, tokens: dict[str, str], rng: random.Random, n_samples: int) ->
     for req in hit_reqs:
         v = addon_decide(p, req)
         assert v.allowed, (req.target, v.reason)
-    samples, cpu = [], []
-    for i in range(n_samples * 10):
+    samples, cpu, rewarmed = [], [], 0
+    i = 0
+    while len(samples) < n_samples * 10:
         req = hit_reqs[i % len(hit_reqs)]
+        i += 1
         c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
-        v = p.decide(req, io=False)
+        try:
+            v = p.decide(req, io=False)
+        except NeedIO:  # expired meanwhile (TTL, or a stay's end): warmed again, sample left out
+            p.decide(req, io=True)
+            rewarmed += 1
+            continue
         samples.append(time.perf_counter_ns() - t0)
         cpu.append(time.thread_time_ns() - c0)
-    hit = percentiles(samples, cpu)
+    hit = {**percentiles(samples, cpu), "rewarmed": rewarmed}
 
     # ---- Redis tier: session cached (above), decision never asked before
     seen = {(r.headers["authorization"], r.target) for r in hit_reqs}

@@ -158,6 +158,11 @@ def write_markdown(r: dict, path: Path) -> None:
             if m:
                 lines.append(f"| {label} | {m['n']} | {m.get('min_us', '')} | {m['p50_us']} | {m['p99_us']} | "
                              f"{m['per_entry_p50_us']} | {m['returned']} / {m['hidden']} |")
+    rewarmed = (micro["hit"].get("rewarmed", 0), sum(fa.get(k, {}).get("rewarmed", 0) for k in ("nothing_hidden", "half_hidden")))
+    if any(rewarmed):
+        lines += ["", f"Samples left out because a warm decision had expired meanwhile (the 60 s TTL, or a stay or unit "
+                      f"window ending by the clock) and was decided again from Redis: {rewarmed[0]} of the cache hits, "
+                      f"{rewarmed[1]} of the FHIR answer checks; the tables count the others."]
     mem = micro["memory"]
     lines += [
         "",
