@@ -1,9 +1,10 @@
 """Proxy processes of the benchmark, other than plain ``dpiguard run``.
 
 ``python -m benchmarks.proxy floor --config FILE``
-    (b) mitmproxy alone: the same mitmproxy, started the same way as ``dpiguard run`` (same
-    ``DumpMaster``, same options from :func:`dpiguard.edge.runner.mitmproxy_options`: reverse mode, lazy
-    upstream connections, same log level), but without the dpiguard addon. This is the floor of the
+    (b) mitmproxy alone: the same mitmproxy, started the same way as ``dpiguard run`` (same master and
+    mitmproxy addons, :func:`dpiguard.edge.runner.proxy_master`; same options from
+    :func:`dpiguard.edge.runner.mitmproxy_options`: reverse mode, lazy upstream connections, same log
+    level), but without the dpiguard addon. This is the floor of the
     architecture: what any mitmproxy addon costs at least.
 
 ``python -m benchmarks.proxy stock --config FILE``
@@ -30,13 +31,12 @@ import tempfile
 from pathlib import Path
 
 from dpiguard.config import load_config
-from dpiguard.edge.runner import mitmproxy_options, run_proxy
+from dpiguard.edge.runner import mitmproxy_options, proxy_master, run_proxy
 from dpiguard.services import build_services
 
 
 def run_floor(config_path: str) -> int:
     from mitmproxy import options
-    from mitmproxy.tools.dump import DumpMaster
 
     cfg = load_config(config_path)
     runtime_dir = Path(os.environ.get("DPIGUARD_RUNTIME_DIR") or tempfile.mkdtemp(prefix="bench-floor-"))
@@ -44,7 +44,7 @@ def run_floor(config_path: str) -> int:
 
     async def main() -> int:
         opts = options.Options()
-        master = DumpMaster(opts, with_termlog=True, with_dumper=False)
+        master = proxy_master(opts)
         opts.update(**mitm_opts)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
