@@ -1,7 +1,7 @@
 """The mitmproxy master of ``dpiguard run``: the addons it keeps do their job, the ones it leaves out
 are really gone (dpiguard/edge/runner.py, :func:`proxy_addons`).
 
-The in-process checks read the master's options; the end-to-end ones go through a real ``dpiguard run``
+The in-process checks read the master's options; the end-to-end one goes through a real ``dpiguard run``
 process, a real Redis and the demo DPI, whose requests are recorded."""
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def proxy_addons() -> list:
 
     ``core``          mitmproxy's options and their checks;
     ``block``         ``block_global`` (on by default): connections from public IP addresses are closed;
-    ``disable_h2c``   refuses HTTP/2 over cleartext (``Upgrade: h2c``, prior knowledge), a smuggling path;
+    ``disable_h2c``   no HTTP/2 over cleartext, a smuggling path: strips ``Upgrade: h2c``, kills prior knowledge;
     ``proxyserver``   the listening server and its connection options (``stream_large_bodies``...);
     ``next_layer``    the protocol layers of each connection (reverse mode, TLS, HTTP/1, HTTP/2);
     ``tlsconfig``     TLS towards clients (``tls.cert_file``) and verification of the DPI's certificate;
