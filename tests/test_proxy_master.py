@@ -7,12 +7,14 @@ process, a real Redis and the demo DPI, whose requests are recorded."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import httpx
 import pytest
 from mitmproxy import options
 
-from dpiguard.edge.runner import proxy_master
+from dpiguard.edge.runner import FreezeStartupHeap, proxy_master
 
 from .stack import build_stack
 
@@ -22,17 +24,47 @@ KEPT = ["core", "block", "disableh2c", "proxyserver", "nextlayer", "tlsconfig", 
         "errorcheck"]
 
 
-def _master_options() -> tuple[list[str], options.Options]:
+def _master_options(addons: tuple = ()) -> tuple[list[str], options.Options]:
     async def build():
         opts = options.Options()
-        master = proxy_master(opts)
+        master = proxy_master(opts, addons)
         return [type(a).__name__.lower() for a in master.addons.chain], opts
     return asyncio.run(build())
 
 
+class Caller:
+    """Stands for the addon the caller adds (dpiguard's)."""
+
+
 def test_master_loads_only_what_a_reverse_proxy_needs():
     names, _ = _master_options()
-    assert names == ["termlog"] + KEPT, names
+    assert names == ["termlog"] + KEPT + ["freezestartupheap"], names
+    names, _ = _master_options((Caller(),))
+    assert names == ["termlog"] + KEPT + ["caller", "freezestartupheap"], names  # frozen after the caller's start
+
+
+def test_startup_heap_leaves_the_cycle_collector():
+    """Once running, what was built at startup is out of the collector's walks (gc.freeze), and garbage
+    made before is collected first, not frozen."""
+    gc.unfreeze()
+    kept = [[i] for i in range(1000)]
+    garbage = []
+    garbage.append(garbage)  # a cycle: only the collector frees it
+    probe = weakref.ref(Caller())  # gone at once (no cycle)
+    cycle = Caller()
+    cycle.me = cycle
+    cycle_ref = weakref.ref(cycle)
+    del garbage, cycle
+    try:
+        FreezeStartupHeap().running()
+        frozen = gc.get_freeze_count()
+        assert frozen >= 1000, frozen
+        assert cycle_ref() is None and probe() is None  # collected before the freeze
+        gc.collect()
+        assert gc.get_freeze_count() == frozen  # a collection leaves the frozen objects alone
+        assert all(gc.is_tracked(x) for x in kept[:3])
+    finally:
+        gc.unfreeze()
 
 
 def test_options_of_left_out_addons_do_not_exist():
