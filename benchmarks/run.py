@@ -75,7 +75,7 @@ class Profile:
 
 PROFILES = {
     "ci": Profile("ci", Scale(500, 10_000, 100_000, 30), requests=20_000, connections=16, seconds=5,
-                  latency_seconds=4, warmup=3, rounds=3, scaleout_rounds=1, micro_samples=1500, micro_fill=10_000),
+                  latency_seconds=4, warmup=3, rounds=5, scaleout_rounds=1, micro_samples=1500, micro_fill=10_000),
     "release": Profile("release", Scale(5_000, 100_000, 1_000_000, 300), requests=100_000, connections=32,
                        seconds=30, latency_seconds=15, warmup=15, rounds=5, scaleout_rounds=3,
                        micro_samples=10_000, micro_fill=200_000),
