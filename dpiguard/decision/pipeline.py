@@ -236,7 +236,7 @@ class Pipeline:
         key = (user, patient, category, action)
         cached = self.cache.get(key, now)
         if cached is not None:
-            return cached
+            return AccessDecision(*cached)
         if not io:
             raise NeedIO()
         generation = self.cache.generation()
@@ -245,7 +245,11 @@ class Pipeline:
         expires = now + self.decision_ttl
         if valid_until is not None:
             expires = min(expires, valid_until)
-        self.cache.put(key, decision, expires, generation)
+        # Stored as a plain tuple: with strings, booleans and None only, Python's collector stops tracking
+        # it (and its entry), so a cache of 200,000 decisions adds nothing to its full walks of the heap,
+        # which hold the event loop (dpiguard.edge.runner.FreezeStartupHeap). A grant keeps it tracked.
+        self.cache.put(key, (decision.member, decision.source, decision.reason, decision.break_glass,
+                             decision.objection_overridden), expires, generation)
         self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 

@@ -1,0 +1,37 @@
+"""Cached care-team decisions stay out of the cycle collector's walks (dpiguard/decision/pipeline.py,
+``Pipeline.care_team``; why: ``dpiguard.edge.runner.FreezeStartupHeap``), and come back as the decision
+that was stored. Real services on a real Redis."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+from dpiguard.decision.access import AccessDecision
+
+
+def _entry(cache, key):
+    return cache._entries[key]  # noqa: SLF001 — the stored form is what this test is about
+
+
+def test_cached_decisions_are_untracked_and_come_back_equal(services):
+    _, s = services
+    p = s.pipeline
+    s.careteam.assign("ide.martin", "P0042")  # before the bus listens: its invalidation cannot race the puts
+    s.start()  # the invalidation bus connected: the caches serve
+    assert p.cache.enabled
+    now = time.time()
+    allowed = p.care_team("ide.martin", "P0042", "biology", "read", True, now, p.policies)
+    refused = p.care_team("ide.martin", "P0043", "biology", "read", True, now, p.policies)
+    assert isinstance(allowed, AccessDecision) and allowed.member
+    assert not refused.member and refused.reason == "not_in_care_team"
+
+    gc.collect()  # untracks the decision; its entry (decision, expiry) may be looked at before it:
+    gc.collect()  # the next pass of the entry's generation untracks that
+    for key in (("ide.martin", "P0042", "biology", "read"), ("ide.martin", "P0043", "biology", "read")):
+        entry = _entry(p.cache, key)
+        assert not gc.is_tracked(entry) and not gc.is_tracked(entry[0]), entry
+
+    # served from the cache (io=False raises NeedIO on a miss): the same decisions
+    assert p.care_team("ide.martin", "P0042", "biology", "read", False, now, p.policies) == allowed
+    assert p.care_team("ide.martin", "P0043", "biology", "read", False, now, p.policies) == refused
