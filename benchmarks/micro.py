@@ -87,8 +87,8 @@ def cache_structure_bytes(max_entries: int, n: int = 50_000) -> float:
     for i in range(n):
         key = (f"inf.{rng.randrange(5000):05d}", f"P{rng.randrange(100_000):06d}",
                rng.choice(("clinical_notes", "biology", "prescriptions", "imaging")), "read")
-        cache.put(key, AccessDecision(i % 3 == 0, f"unit:U{i % 60:03d} stay:S{i:07d}" if i % 3 == 0 else "none"),
-                  now + 60, cache.generation(), now=now)
+        decision = AccessDecision(i % 3 == 0, f"unit:U{i % 60:03d} stay:S{i:07d}" if i % 3 == 0 else "none")
+        cache.put(key, decision.as_tuple(), now + 60, cache.generation(), now=now)  # as Pipeline.care_team does
     size = (tracemalloc.get_traced_memory()[0] - before) / len(cache)
     tracemalloc.stop()
     return size

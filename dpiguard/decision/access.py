@@ -50,6 +50,12 @@ class AccessDecision:
     break_glass: Grant | None = None  # the grant the access relies on
     objection_overridden: str | None = None  # objection field overridden by the grant
 
+    def as_tuple(self) -> tuple:
+        """The fields, in order, as a plain tuple (``AccessDecision(*t)`` rebuilds it): how the decision cache
+        keeps it. With strings, booleans and None only, Python's collector stops tracking such a tuple, so a
+        full cache adds nothing to its walks of the heap (a grant keeps it tracked)."""
+        return (self.member, self.source, self.reason, self.break_glass, self.objection_overridden)
+
 
 class AccessDecider:
     """Reads what step 5 needs from Redis in one round trip and decides with the rules of one policy set

@@ -245,11 +245,9 @@ class Pipeline:
         expires = now + self.decision_ttl
         if valid_until is not None:
             expires = min(expires, valid_until)
-        # Stored as a plain tuple: with strings, booleans and None only, Python's collector stops tracking
-        # it (and its entry), so a cache of 200,000 decisions adds nothing to its full walks of the heap,
-        # which hold the event loop (dpiguard.edge.runner.FreezeStartupHeap). A grant keeps it tracked.
-        self.cache.put(key, (decision.member, decision.source, decision.reason, decision.break_glass,
-                             decision.objection_overridden), expires, generation)
+        # Kept as a plain tuple, out of the collector's full walks of the heap, which hold the event loop
+        # (AccessDecision.as_tuple; dpiguard.edge.runner.FreezeStartupHeap).
+        self.cache.put(key, decision.as_tuple(), expires, generation)
         self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 
