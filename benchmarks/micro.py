@@ -8,10 +8,12 @@ What is timed is :meth:`dpiguard.decision.pipeline.Pipeline.decide` exactly as t
 written to the configured file, identity headers and assertion built):
 
 - **hit**: session and care-team decision in the in-process caches: ``decide(io=False)``;
-- **redis_tier**: session cached, decision not: ``decide(io=False)`` raises ``NeedIO``, then
+- **facts_tier**: session cached, decision not, the care-team facts of the same user and patient cached (read for
+  another category, :class:`dpiguard.decision.access.AccessFacts`): ``decide(io=False)``, no Redis;
+- **redis_tier**: session cached, decision not (nor the facts of the pair): ``decide(io=False)`` raises ``NeedIO``, then
   ``decide(io=True)`` reads the care team in one pipelined round trip (the addon runs this second call
   in a worker thread; the thread hop is not included);
-- **cold**: neither session nor decision cached: same sequence, plus the session read from Redis;
+- **cold**: neither session nor decision (nor facts) cached: same sequence, plus the session read from Redis;
 - **fhir_answer**: :meth:`FhirEnforcer.process_response` on a 20-entry searchset Bundle (thread CPU), nothing
   hidden and half of the entries hidden, reported per answer and per entry.
 
@@ -38,6 +40,7 @@ import time
 import orjson
 
 from dpiguard.config import load_config
+from dpiguard.decision.access import facts_key
 from dpiguard.decision.verdict import Incoming, NeedIO
 from dpiguard.services import build_services
 
@@ -253,7 +256,32 @@ def timings(s, h, tokens: dict[str, str], rng: random.Random, n_samples: int) ->
         cpu.append(time.thread_time_ns() - c0)
     hit = {**percentiles(samples, cpu), "rewarmed": rewarmed}
 
-    # ---- Redis tier: session cached (above), decision never asked before
+    # ---- facts tier: decision not cached, the care-team facts of the same user and patient are (read for
+    # another category): decided in-process, no Redis
+    p.cache.clear()  # none of these decisions is a hit left by the loop above
+    samples, cpu, outcomes = [], [], {}
+    pairs = [(a, team_patient) for a in accounts[:200] for team_patient in h.team_of(a)[:3]]
+    for a, patient in pairs:
+        cats = [c for c in READS[a.role] if c in CARE_TEAM]
+        addon_decide(p, incoming(API[cats[0]].format(p=patient), tokens[a.login]))  # reads the facts
+        for cat in cats[1:]:
+            if len(samples) >= n_samples:
+                break
+            req = incoming(PAGE[cat].format(p=patient), tokens[a.login])
+            c0, t0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                v = p.decide(req, io=False)
+            except NeedIO:  # expired meanwhile: not a sample of this tier
+                continue
+            samples.append(time.perf_counter_ns() - t0)
+            cpu.append(time.thread_time_ns() - c0)
+            outcomes[v.reason] = outcomes.get(v.reason, 0) + 1
+    facts_tier = {**percentiles(samples, cpu), "outcomes": outcomes} if samples else None
+
+    def facts_cached(login: str, patient: str) -> bool:
+        return p.cache.get(facts_key(login, patient), time.time()) is not None
+
+    # ---- Redis tier: session cached (above), decision never asked before, nor another for the same patient
     seen = {(r.headers["authorization"], r.target) for r in hit_reqs}
     samples, cpu, outcomes = [], [], {}
     while len(samples) < n_samples:
@@ -262,7 +290,7 @@ def timings(s, h, tokens: dict[str, str], rng: random.Random, n_samples: int) ->
         patient = h.patients[rng.randrange(len(h.patients))] if rng.random() < 0.5 else \
             rng.choice(h.team_of(a))
         req = incoming(API[cat].format(p=patient), tokens[a.login])
-        if (req.headers["authorization"], req.target) in seen:
+        if (req.headers["authorization"], req.target) in seen or facts_cached(a.login, patient):
             continue
         seen.add((req.headers["authorization"], req.target))
         p.decide(incoming("/patients", tokens[a.login]), io=True)  # session and units cached
@@ -280,7 +308,7 @@ def timings(s, h, tokens: dict[str, str], rng: random.Random, n_samples: int) ->
         cat = rng.choice([c for c in READS[a.role] if c in CARE_TEAM])
         patient = h.patients[rng.randrange(len(h.patients))]
         req = incoming(API[cat].format(p=patient), tokens[a.login])
-        if (req.headers["authorization"], req.target) in seen:
+        if (req.headers["authorization"], req.target) in seen or facts_cached(a.login, patient):
             continue
         seen.add((req.headers["authorization"], req.target))
         s.sessions.clear_local()
@@ -295,7 +323,7 @@ def timings(s, h, tokens: dict[str, str], rng: random.Random, n_samples: int) ->
     # ---- FHIR answer check: a 20-entry searchset Bundle, nothing hidden / half the entries hidden
     fhir_answers = fhir_bundle_costs(p, h, accounts, tokens, rng, n_samples)
 
-    return {"hit": hit, "redis_tier": redis_tier, "cold": cold, "fhir_answer": fhir_answers}
+    return {"hit": hit, "facts_tier": facts_tier, "redis_tier": redis_tier, "cold": cold, "fhir_answer": fhir_answers}
 
 
 def fill_memory(s, h, tokens: dict[str, str], fill: int, mem0: dict, mem_started: dict) -> dict:

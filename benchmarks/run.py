@@ -233,10 +233,13 @@ def measure(server: Server, pids: list[int], requests_file: Path, *, seconds: fl
         # Decisions answered from the in-process cache, per request (requests of categories without a
         # care-team check never ask the cache; a miss is counted twice: in-process try, then I/O retry).
         res["decision_cache_hits_per_request"] = round((stats1["hits"] - stats0["hits"]) / max(1, res["requests"]), 4)
-        # Decisions taken because the cache did not hold them (cold: the care team read from Redis in a
-        # worker thread; each stored in the cache once taken), per request: the share of the mix that is off
-        # the in-process fast path.
-        res["cold_decisions_per_request"] = round((stats1["puts"] - stats0["puts"]) / max(1, res["requests"]), 4)
+        # Decisions taken because the cache did not hold them, per request, in two kinds: cold (the care-team
+        # facts read from Redis in a worker thread: the share of the mix that is off the in-process fast path)
+        # and from facts (the facts of the same user and patient were cached: decided in-process).
+        reads = stats1["fact_puts"] - stats0["fact_puts"]
+        res["cold_decisions_per_request"] = round(reads / max(1, res["requests"]), 4)
+        res["facts_decisions_per_request"] = round(
+            (stats1["puts"] - stats0["puts"] - reads) / max(1, res["requests"]), 4)
     return res
 
 
@@ -379,8 +382,8 @@ def run(profile: Profile, out_dir: Path) -> int:
         for name in ("c", "c_durable"):
             result["summary"][name]["decision_cache_hits_per_request"] = statistics.median(
                 r["decision_cache_hits_per_request"] for r in runs[name]["throughput"])
-            result["summary"][name]["cold_decisions_per_request"] = statistics.median(
-                r["cold_decisions_per_request"] for r in runs[name]["throughput"])
+            for figure in ("cold_decisions_per_request", "facts_decisions_per_request"):
+                result["summary"][name][figure] = statistics.median(r[figure] for r in runs[name]["throughput"])
             rss0, entries0 = growth[name]
             entries1 = cache_stats(targets[name][0])["entries"]
             result["summary"][name]["memory_during_rounds"] = {

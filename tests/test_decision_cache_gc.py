@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 import time
 
-from dpiguard.decision.access import AccessDecision
+from dpiguard.decision.access import AccessDecision, facts_key
 
 
 def _entry(cache, key):
@@ -28,7 +28,8 @@ def test_cached_decisions_are_untracked_and_come_back_equal(services):
 
     gc.collect()  # untracks the decision; its entry (decision, expiry) may be looked at before it:
     gc.collect()  # the next pass of the entry's generation untracks that
-    for key in (("ide.martin", "P0042", "biology", "read"), ("ide.martin", "P0043", "biology", "read")):
+    for key in (("ide.martin", "P0042", "biology", "read"), ("ide.martin", "P0043", "biology", "read"),
+                facts_key("ide.martin", "P0042"), facts_key("ide.martin", "P0043")):  # the facts read for them too
         entry = _entry(p.cache, key)
         assert not gc.is_tracked(entry) and not gc.is_tracked(entry[0]), entry
 

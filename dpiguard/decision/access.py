@@ -17,8 +17,9 @@ Decision order (pipeline step 5, for every request naming a patient):
    action → allowed, flagged;
 5. otherwise ``not_in_care_team``.
 
-:meth:`AccessDecider.decide` reads everything with one pipelined round trip (user units, patient
-stays, assignment, objections, grant) and returns the decision with ``valid_until``: the earliest
+:meth:`AccessDecider.read_facts` reads everything with one pipelined round trip (user units, patient
+stays, assignment, objections, grant: :class:`AccessFacts`, the same for every category and action) and
+:func:`decide_from_facts` returns the decision with ``valid_until``: the earliest
 time at which it could change by the clock alone (a stay, membership or assignment window, the grant
 end). Callers cache it no longer than that, so a grant's expiry needs no invalidation message.
 Malformed data raises (the pipeline refuses with ``internal_error``).
@@ -27,6 +28,7 @@ Malformed data raises (the pipeline refuses with ``internal_error``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from dpiguard.careteam.breakglass import BreakGlassStore, Grant, parse_grant
 from dpiguard.careteam.membership import compute_membership, parse_unit_window
@@ -75,6 +77,12 @@ class AccessDecider:
     def decide_with_units(self, login: str, patient: str, category: str, action: str, care_team_required: bool,
                           now: float, policies: PolicySet) -> tuple[AccessDecision, float | None, list[str]]:
         """:meth:`decide`, plus the user's units valid at ``now`` from the same round trip."""
+        facts = self.read_facts(login, patient, now, policies)
+        return decide_from_facts(facts, login, patient, category, action, care_team_required, now, policies)
+
+    def read_facts(self, login: str, patient: str, now: float, policies: PolicySet) -> AccessFacts:
+        """What step 5 needs about ``login`` and ``patient``, whatever the category and action, in one
+        pipelined round trip (the privacy facts only when ``policies`` has a decision-time action)."""
         login, patient = check_id(login, "login"), check_id(patient, "patient")
         ct = self.careteam
         pipe = ct.redis.pipeline(transaction=False)
@@ -90,16 +98,74 @@ class AccessDecider:
             pipe.get(ct.keys.pv_vip(patient))
         replies = pipe.execute()
         user_units, stays, assignment, objections, grant_raw = replies[:5]
-        privacy = None
+        matches = None
         if actions:
-            matches = static_matches(login, patient, parse_staff(replies[5]), parse_patient(replies[6], replies[7]))
-            privacy = {d: actions[d] for d in matches if d in actions}
-        decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, user_units,
-                                            stays, assignment, objections, grant_raw, policies.grace_seconds,
-                                            policies.breakglass, policies.careteam.units, privacy)
-        units = sorted(as_text(u).upper() for u, raw in user_units.items()
-                       if parse_unit_window(raw, as_text(u)).contains(now))
-        return decision, valid_until, units
+            matches = tuple(sorted(static_matches(login, patient, parse_staff(replies[5]),
+                                                  parse_patient(replies[6], replies[7]))))
+        return AccessFacts(now, user_units, stays, assignment, objections, grant_raw, matches)
+
+
+class AccessFacts(NamedTuple):
+    """The Redis replies step 5 decides from, for one user and one patient (any category and action).
+
+    The pipeline keeps them in its decision cache next to the decisions, under the key of
+    :func:`facts_key`, so that the same invalidations drop both: a request for another category or action
+    of the same user and patient is then decided in-process by :func:`decide_from_facts`, at its own time
+    (stays, windows and grants are compared with the clock again), with no Redis round trip."""
+
+    read_at: float  # when they were read: a decision taken from them is not kept longer than from a read
+    user_units: dict
+    stays: dict
+    assignment: Any
+    objections: dict
+    grant_raw: Any
+    # Privacy detectors matching the pair, sorted; None: not read (the policy set had no decision-time action).
+    privacy_matches: tuple[str, ...] | None
+
+    def packed(self) -> tuple:
+        """How the decision cache keeps them: a plain tuple with the hashes as tuples of (field, value) pairs.
+        Python's collector stops tracking such a tuple (bytes, numbers, None, tuples), never one holding a
+        dict or a named tuple, so a full cache adds nothing to its walks of the heap, which hold the event
+        loop (dpiguard.edge.runner.FreezeStartupHeap). :meth:`unpacked` gives the facts back."""
+        return (self.read_at, tuple(self.user_units.items()), tuple(self.stays.items()), self.assignment,
+                tuple(self.objections.items()), self.grant_raw, self.privacy_matches)
+
+    @classmethod
+    def unpacked(cls, packed: tuple) -> "AccessFacts":
+        read_at, user_units, stays, assignment, objections, grant_raw, matches = packed
+        return cls(read_at, dict(user_units), dict(stays), assignment, dict(objections), grant_raw, matches)
+
+    def usable_with(self, policies: PolicySet) -> bool:
+        """False when ``policies`` acts on privacy detectors at decision time and their facts were not read."""
+        return self.privacy_matches is not None or not policies.privacy.decision_actions
+
+
+FACTS_CATEGORY = "\x00facts"  # never a category name (policy names are identifiers): no decision's key
+
+
+def facts_key(login: str, patient: str) -> tuple[str, str, str, str]:
+    """The decision-cache key of the :class:`AccessFacts` of ``login`` and ``patient``: user and patient
+    first, as decisions' keys, so a ``user:U`` or ``patient:P`` invalidation drops them with the decisions."""
+    return (login, patient, FACTS_CATEGORY, "")
+
+
+def decide_from_facts(facts: AccessFacts, login: str, patient: str, category: str, action: str,
+                      care_team_required: bool, now: float,
+                      policies: PolicySet) -> tuple[AccessDecision, float | None, list[str]]:
+    """The decision for ``category`` and ``action`` at ``now``, its ``valid_until``, and the user's units
+    valid at ``now``, from facts read earlier (pure: no I/O)."""
+    privacy = None
+    actions = policies.privacy.decision_actions
+    if actions:
+        if facts.privacy_matches is None:
+            raise ValueError("privacy facts were not read for this policy set")
+        privacy = {d: actions[d] for d in facts.privacy_matches if d in actions}
+    decision, valid_until = decide_from(login, patient, category, action, care_team_required, now, facts.user_units,
+                                        facts.stays, facts.assignment, facts.objections, facts.grant_raw,
+                                        policies.grace_seconds, policies.breakglass, policies.careteam.units, privacy)
+    units = sorted(as_text(u).upper() for u, raw in facts.user_units.items()
+                   if parse_unit_window(raw, as_text(u)).contains(now))
+    return decision, valid_until, units
 
 
 def decide_from(login, patient, category, action, care_team_required, now, user_units, stays, assignment,

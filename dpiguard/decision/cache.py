@@ -1,7 +1,9 @@
 """In-process decision cache with exact invalidation.
 
 The common request must not touch Redis, so care-team decisions are cached here, keyed by
-``(user, patient, category, action)`` (``patient`` may be None). The cache is kept exact by the
+``(user, patient, category, action)`` (``patient`` may be None); the pipeline also keeps here, under
+``(user, patient, FACTS_CATEGORY, "")``, the care-team facts its decisions are taken from
+(:func:`dpiguard.decision.access.facts_key`), so that they are dropped with them. The cache is kept exact by the
 invalidation bus (:mod:`dpiguard.bus`): ``patient:P`` drops every entry about P, ``user:U`` every
 entry of U, ``all`` everything. Indexes user → keys and patient → keys make this O(entries dropped).
 
@@ -51,6 +53,7 @@ class DecisionCache:
         self._evictions = 0
         self._rejected_puts = 0
         self._puts = 0  # values stored: decisions taken because the cache did not hold them
+        self._fact_puts = 0  # facts stored: Redis reads decisions are taken from (Pipeline.care_team)
 
     # ----------------------------------------------------------------- hot path
 
@@ -71,11 +74,12 @@ class DecisionCache:
         return self._generation
 
     def put(self, key: CacheKey, value: Any, expires_at: float | None, generation: int,
-            now: float | None = None) -> bool:
+            now: float | None = None, *, decision: bool = True) -> bool:
         """Store ``value`` unless an invalidation happened since ``generation`` was read.
 
         ``expires_at`` (epoch s, None = no own bound) is capped at ``now + ttl``. Returns whether the
-        value was stored."""
+        value was stored. ``decision=False``: what is stored are the facts decisions are taken from (read
+        from Redis), counted apart (``fact_puts``), not as a decision (``puts``)."""
         if value is None:
             raise ValueError("None cannot be cached (it means 'miss')")
         # One string object per distinct user, patient, category and action, however many entries and
@@ -99,7 +103,10 @@ class DecisionCache:
                 if patient is not None:
                     self._index_patient(patient, key)
             self._entries[key] = (value, expires)
-            self._puts += 1
+            if decision:
+                self._puts += 1
+            else:
+                self._fact_puts += 1
             return True
 
     # ----------------------------------------------------------------- invalidation
@@ -171,6 +178,7 @@ class DecisionCache:
                 "evictions": self._evictions,
                 "rejected_puts": self._rejected_puts,
                 "puts": self._puts,
+                "fact_puts": self._fact_puts,
                 "generation": self._generation,
                 "enabled": self._enabled,
             }

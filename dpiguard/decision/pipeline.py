@@ -38,7 +38,7 @@ from dpiguard.audit.chain import AuditError, AuditLog
 from dpiguard.auth.sessions import Session, SessionStore, presented_token
 from dpiguard.careteam.store import CareTeamStore
 from dpiguard.decision import assertion as identity
-from dpiguard.decision.access import AccessDecider, AccessDecision
+from dpiguard.decision.access import AccessDecider, AccessDecision, AccessFacts, decide_from_facts, facts_key
 from dpiguard.decision.assertion import AssertionSigner
 from dpiguard.decision.cache import DecisionCache
 from dpiguard.decision.headers import ROUTING_HEADERS
@@ -232,22 +232,36 @@ class Pipeline:
     def care_team(self, user: str, patient: str, category: str, action: str, io: bool, now: float,
                   policies: PolicySet, care_team_required: bool = True) -> AccessDecision:
         """Step 5 for one patient: objection, care team, emergency access (cached; Redis behind).
-        Raises NeedIO when ``io`` is False and the decision is not cached."""
+
+        Three tiers: the decision itself; else the facts of the user and patient read for another category
+        or action (:class:`~dpiguard.decision.access.AccessFacts`, in the same cache, dropped by the same
+        invalidations), decided again in-process; else one Redis round trip, whose facts are kept too.
+        Raises NeedIO when ``io`` is False and neither is cached."""
         key = (user, patient, category, action)
-        cached = self.cache.get(key, now)
+        cache = self.cache
+        cached = cache.get(key, now)
         if cached is not None:
             return AccessDecision(*cached)
-        if not io:
-            raise NeedIO()
-        generation = self.cache.generation()
-        decision, valid_until, units = self.access.decide_with_units(
-            user, patient, category, action, care_team_required, now, policies)
-        expires = now + self.decision_ttl
+        generation = cache.generation()  # read before the facts: a drop after it rejects what is put
+        facts = cache.get(facts_key(user, patient), now)
+        if facts is not None:
+            facts = AccessFacts.unpacked(facts)
+        read = facts is None or not facts.usable_with(policies)
+        if read:
+            if not io:
+                raise NeedIO()
+            generation = cache.generation()
+            facts = self.access.read_facts(user, patient, now, policies)
+        decision, valid_until, units = decide_from_facts(facts, user, patient, category, action,
+                                                         care_team_required, now, policies)
+        if read:  # kept once a decision could be taken from them (malformed data raised above)
+            cache.put(facts_key(user, patient), facts.packed(), None, generation, now, decision=False)
+        expires = facts.read_at + self.decision_ttl  # no longer than a decision taken at the read
         if valid_until is not None:
             expires = min(expires, valid_until)
         # Kept as a plain tuple, out of the collector's full walks of the heap, which hold the event loop
         # (AccessDecision.as_tuple; dpiguard.edge.runner.FreezeStartupHeap).
-        self.cache.put(key, decision.as_tuple(), expires, generation)
+        cache.put(key, decision.as_tuple(), expires, generation, now)
         self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 
