@@ -83,26 +83,38 @@ class AccessDecider:
     def read_facts(self, login: str, patient: str, now: float, policies: PolicySet) -> AccessFacts:
         """What step 5 needs about ``login`` and ``patient``, whatever the category and action, in one
         pipelined round trip (the privacy facts only when ``policies`` has a decision-time action)."""
+        pipe = self.careteam.redis.pipeline(transaction=False)
+        for command, args in self.facts_commands(login, patient, policies):
+            getattr(pipe, command)(*args)
+        return facts_from_replies(login, patient, now, pipe.execute())
+
+    def facts_commands(self, login: str, patient: str, policies: PolicySet) -> list[tuple[str, tuple]]:
+        """The commands of :meth:`read_facts` as (client method, arguments), for a client of any kind (the
+        event loop's asynchronous one too: dpiguard.edge.prefetch); their replies go to
+        :func:`facts_from_replies`. Raises ValueError for an invalid login or patient."""
         login, patient = check_id(login, "login"), check_id(patient, "patient")
         ct = self.careteam
-        pipe = ct.redis.pipeline(transaction=False)
-        pipe.hgetall(ct.keys.user_units(login))
-        pipe.hgetall(ct.keys.stays(patient))
-        pipe.hget(ct.keys.assignments(patient), login)
-        pipe.hgetall(self.objections.keys.objections(patient))
-        pipe.hget(self.grants.keys.grants_of(login), patient)
-        actions = policies.privacy.decision_actions  # privacy detectors acting now: their facts, same round trip
-        if actions:
-            pipe.hgetall(ct.keys.pv_staff(login))
-            pipe.hgetall(ct.keys.pv_patient(patient))
-            pipe.get(ct.keys.pv_vip(patient))
-        replies = pipe.execute()
-        user_units, stays, assignment, objections, grant_raw = replies[:5]
-        matches = None
-        if actions:
-            matches = tuple(sorted(static_matches(login, patient, parse_staff(replies[5]),
-                                                  parse_patient(replies[6], replies[7]))))
-        return AccessFacts(now, user_units, stays, assignment, objections, grant_raw, matches)
+        commands = [("hgetall", (ct.keys.user_units(login),)), ("hgetall", (ct.keys.stays(patient),)),
+                    ("hget", (ct.keys.assignments(patient), login)),
+                    ("hgetall", (self.objections.keys.objections(patient),)),
+                    ("hget", (self.grants.keys.grants_of(login), patient))]
+        if policies.privacy.decision_actions:  # privacy detectors acting now: their facts, same round trip
+            commands += [("hgetall", (ct.keys.pv_staff(login),)), ("hgetall", (ct.keys.pv_patient(patient),)),
+                         ("get", (ct.keys.pv_vip(patient),))]
+        return commands
+
+
+def facts_from_replies(login: str, patient: str, now: float, replies: list) -> AccessFacts:
+    """:class:`AccessFacts` from the replies of :meth:`AccessDecider.facts_commands`, in order (five, or
+    eight with the privacy facts). Raises ValueError on replies of another shape."""
+    if len(replies) not in (5, 8) or not all(type(replies[i]) is dict for i in (0, 1, 3)):
+        raise ValueError("care-team facts: unexpected replies from Redis")
+    user_units, stays, assignment, objections, grant_raw = replies[:5]
+    matches = None
+    if len(replies) == 8:
+        matches = tuple(sorted(static_matches(login, patient, parse_staff(replies[5]),
+                                              parse_patient(replies[6], replies[7]))))
+    return AccessFacts(now, user_units, stays, assignment, objections, grant_raw, matches)
 
 
 class AccessFacts(NamedTuple):

@@ -115,13 +115,20 @@ class Pipeline:
         except NeedIO:
             raise
         except Exception as exc:  # fail closed: any unexpected error is a refusal
-            if isinstance(exc, redis.RedisError):
-                metrics.redis_error("decision")
-            verdict = Verdict(False, "internal_error", 503, f"dpiguard could not decide: {type(exc).__name__}")
-            verdict.set_headers = {}
-            detail = f"{type(exc).__name__}: {exc}"[:500]
-        else:
-            detail = None
+            return self.failed(req, exc, policies)
+        return self._traced(req, verdict, policies, None)
+
+    def failed(self, req: Incoming, exc: BaseException, policies: PolicySet | None = None) -> Verdict:
+        """The refusal (503 ``internal_error``) of a request whose decision could not be taken: an error of
+        its own, or of a read made for it (dpiguard.edge.prefetch); traced like any decision."""
+        if isinstance(exc, redis.RedisError):
+            metrics.redis_error("decision")
+        verdict = Verdict(False, "internal_error", 503, f"dpiguard could not decide: {type(exc).__name__}")
+        verdict.set_headers = {}
+        return self._traced(req, verdict, self.policies if policies is None else policies,
+                            f"{type(exc).__name__}: {exc}"[:500])
+
+    def _traced(self, req: Incoming, verdict: Verdict, policies: PolicySet, detail: str | None) -> Verdict:
         verdict.policies = policies
         if verdict.pending:
             return verdict  # traced by the FHIR body check, once the body is in
@@ -249,7 +256,7 @@ class Pipeline:
         read = facts is None or not facts.usable_with(policies)
         if read:
             if not io:
-                raise NeedIO()
+                raise NeedIO((user, patient))
             generation = cache.generation()
             facts = self.access.read_facts(user, patient, now, policies)
         decision, valid_until, units = decide_from_facts(facts, user, patient, category, action,
@@ -264,6 +271,14 @@ class Pipeline:
         cache.put(key, decision.as_tuple(), expires, generation, now)
         self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
+
+    def store_facts(self, user: str, patient: str, facts: AccessFacts, generation: int) -> bool:
+        """Keep care-team facts read elsewhere (the event loop's own read: dpiguard.edge.prefetch) as
+        :meth:`care_team` keeps its own, unless an invalidation came since ``generation`` was read (before
+        the read) or the cache is off; returns whether they were kept. Malformed facts are kept too: each
+        decision taken from them is then a refusal (``internal_error``), as one taken from a fresh read."""
+        return self.cache.put(facts_key(user, patient), facts.packed(), None, generation, facts.read_at,
+                              decision=False)
 
     def grant(self, req: Incoming, verdict: Verdict, session: Session, token_source: str | None,
               forward_target: str, io: bool, now: float) -> Verdict:

@@ -23,7 +23,16 @@ REFUSAL_MESSAGES = {
 
 
 class NeedIO(Exception):
-    """The decision needs a Redis round trip; retry with io=True off the event loop."""
+    """The decision needs a Redis round trip; retry with io=True off the event loop.
+
+    ``facts``: (user, patient) when what is missing is the care-team facts of that pair
+    (:meth:`dpiguard.decision.pipeline.Pipeline.care_team`), which the event loop may read itself and store
+    (:mod:`dpiguard.edge.prefetch`, :meth:`~dpiguard.decision.pipeline.Pipeline.store_facts`) before deciding
+    in-process again; None for anything else (a session, units)."""
+
+    def __init__(self, facts: tuple[str, str] | None = None):
+        super().__init__()
+        self.facts = facts
 
 
 @dataclass

@@ -48,6 +48,7 @@ from dpiguard.edge.portal import MAX_BODY, PREFIX, Reply
 log = logging.getLogger("dpiguard")
 
 PORTAL_KEY = "dpiguard_portal"
+MAX_LOOP_READS = 4  # care-team reads the event loop makes for one request (a FHIR request may name several patients)
 FHIR_KEY = fhir_hooks.FHIR_KEY  # (Incoming, Verdict) of a forwarded FHIR request: body and response checks
 
 
@@ -229,16 +230,40 @@ class DpiGuard:
         started = time.perf_counter()
         try:
             verdict = s.pipeline.decide(req, io=False)
-        except NeedIO:
-            return self._decide_io(flow, req, started)
+        except NeedIO as need:
+            return self._decide_io(flow, req, started, need)
         return self._decided(flow, req, verdict, started, False)
 
-    async def _decide_io(self, flow: http.HTTPFlow, req, started: float) -> None:
+    async def _decide_io(self, flow: http.HTTPFlow, req, started: float, need: NeedIO) -> None:
         s = self.services
-        verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
+        verdict = await self._read_facts_and_decide(req, need)
+        if verdict is None:  # something else is missing, or the facts could not be kept: a worker decides
+            verdict = await run_in(s, "decisions", s.pipeline.decide, req, io=True)
         rest = self._decided(flow, req, verdict, started, True)
         if rest is not None:
             await rest
+
+    async def _read_facts_and_decide(self, req, need: NeedIO) -> Verdict | None:
+        """The decision once the event loop has read the missing care-team facts itself (edge/prefetch.py),
+        a FHIR request's patients one after the other (at most :data:`MAX_LOOP_READS`); None when a worker
+        must decide (no reader, a session or other data missing, the facts not kept). A failed read is a
+        refusal, as in a worker."""
+        s = self.services
+        reader = s.facts_reader
+        for _ in range(MAX_LOOP_READS):
+            if reader is None or need.facts is None:
+                return None
+            try:
+                if not await reader.read(s.pipeline, *need.facts):
+                    return None
+            except Exception as exc:  # fail closed, as the worker's read would
+                log.warning("dpiguard: care-team read of request %s failed: %s", req.request_id, exc)
+                return s.pipeline.failed(req, exc)
+            try:
+                return s.pipeline.decide(req, io=False)
+            except NeedIO as again:
+                need = again
+        return None
 
     def _decided(self, flow: http.HTTPFlow, req, verdict: Verdict, started: float,
                  used_io: bool) -> Awaitable[None] | None:

@@ -185,6 +185,27 @@ class RedisSpec:
         (host, port), = self.nodes
         return redis.Redis(host=host, port=port, db=self.db, **kw)
 
+    def async_client(self, socket_timeout: float = 0.5) -> Any:
+        """Standalone only (None for Sentinel and Cluster): a ``redis.asyncio.Redis`` to the server, for reads
+        the proxy's event loop makes itself (:mod:`dpiguard.edge.prefetch`), with the same credentials,
+        TLS and timeouts as :meth:`client`. It binds to the event loop that first uses it. Retries: the
+        same count and backoff as :func:`default_retry`; its callers still bound the whole wait by
+        :meth:`wait_bound` (asyncio has no :class:`FlatRetry`)."""
+        if self.mode != "standalone":
+            return None
+        import redis.asyncio
+        from redis.asyncio.retry import Retry as AsyncRetry
+        from redis.backoff import ExponentialWithJitterBackoff
+
+        kw = self._conn_kwargs(socket_timeout)
+        kw["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE, cap=BACKOFF_CAP), RETRIES)
+        if self.unix_path:
+            for k in [k for k in kw if k.startswith("ssl")]:
+                kw.pop(k)
+            return redis.asyncio.Redis(unix_socket_path=self.unix_path, db=self.db, **kw)
+        (host, port), = self.nodes
+        return redis.asyncio.Redis(host=host, port=port, db=self.db, **kw)
+
     def current_master(self, socket_timeout: float = 1.0) -> tuple[str, int] | None:
         """Sentinel only: the master address the sentinels give now (None if none answers)."""
         if self.mode != "sentinel":
