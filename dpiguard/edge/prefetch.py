@@ -20,15 +20,12 @@ Failures fail closed: a read that fails or does not finish within the Redis wait
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
 import redis
 
 from dpiguard.decision.access import facts_from_replies
-
-log = logging.getLogger(__name__)
 
 
 class FactsReader:
@@ -69,9 +66,3 @@ class FactsReader:
             except TimeoutError:
                 raise redis.TimeoutError(f"care-team read not answered within {self.bound:g} s") from None
         return pipeline.store_facts(user, patient, facts_from_replies(user, patient, now, replies), generation)
-
-    async def close(self) -> None:
-        try:
-            await self.client.aclose()
-        except Exception:  # closing at shutdown: nothing left to do about it
-            log.debug("dpiguard: closing the event loop's Redis client failed", exc_info=True)
