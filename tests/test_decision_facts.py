@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from dpiguard.decision.access import AccessFacts, facts_key
 from dpiguard.decision.verdict import NeedIO
 
+from .test_decision_cache_gc import settle
+
 CATEGORIES = ("administrative", "clinical_notes", "biology", "vital_signs", "prescriptions", "imaging")
 ACTIONS = ("read", "write")
 USER = "ide.facts"
@@ -45,6 +47,7 @@ def running(services):
     s.pipeline.access.objections.add("PF5", "user", USER)  # objects to this user
     ct.add_stay("PF5", "CARDIO", now - 3600)
     s.start()
+    settle(s.pipeline.cache)  # what the set-up published may still arrive (Redis Cluster)
     assert s.pipeline.cache.enabled
     return s, now
 

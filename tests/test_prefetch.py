@@ -18,6 +18,7 @@ from dpiguard.edge.prefetch import FactsReader
 from dpiguard.storage.clients import RedisSpec
 from tests.conftest import TOPOLOGY
 from tests.redis_server import free_port
+from tests.test_decision_cache_gc import settle
 
 USER = "ide.loop"
 
@@ -29,6 +30,7 @@ def services_started(services):
     s.careteam.add_unit_member(USER, "CARDIO")
     s.careteam.add_stay("PL1", "CARDIO", now - 3600)
     s.start()
+    settle(s.pipeline.cache)  # what the set-up published may still arrive (Redis Cluster)
     assert s.pipeline.cache.enabled
     token, _ = s.sessions.create(USER, ["nurse"])
     return s, token
