@@ -12,7 +12,8 @@ written to the configured file, identity headers and assertion built):
   another category, :class:`dpiguard.decision.access.AccessFacts`): ``decide(io=False)``, no Redis;
 - **redis_tier**: session cached, decision not (nor the facts of the pair): ``decide(io=False)`` raises ``NeedIO``, then
   ``decide(io=True)`` reads the care team in one pipelined round trip (the addon runs this second call
-  in a worker thread; the thread hop is not included);
+  in a worker thread with Sentinel or Cluster, and reads the same facts on the event loop with a standalone
+  Redis, dpiguard/edge/prefetch.py; neither the hop nor the asyncio client is included);
 - **cold**: neither session nor decision (nor facts) cached: same sequence, plus the session read from Redis;
 - **fhir_answer**: :meth:`FhirEnforcer.process_response` on a 20-entry searchset Bundle (thread CPU), nothing
   hidden and half of the entries hidden, reported per answer and per entry.

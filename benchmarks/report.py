@@ -80,7 +80,7 @@ def write_markdown(r: dict, path: Path) -> None:
         f"{s['c_durable'].get('facts_decisions_per_request', float('nan')):.3f} |",
         "",
         "Cold decisions / request: decisions taken during the throughput runs because the cache held neither them "
-        "nor the care-team facts of the same user and patient (each read those facts from Redis in a worker thread). "
+        "nor the care-team facts of the same user and patient (each read those facts from Redis: by the event loop on a standalone Redis, dpiguard/edge/prefetch.py, else in a worker thread). "
         "Decisions from facts / request: the facts were cached (read for another category or action of the same user "
         "and patient), so the decision was taken in-process, on the event loop. The instances are "
         "measured in turns, so with the shipped 60 s `decision_cache.ttl` most decisions of one turn have expired by "

@@ -234,7 +234,8 @@ def measure(server: Server, pids: list[int], requests_file: Path, *, seconds: fl
         # care-team check never ask the cache; a miss is counted twice: in-process try, then I/O retry).
         res["decision_cache_hits_per_request"] = round((stats1["hits"] - stats0["hits"]) / max(1, res["requests"]), 4)
         # Decisions taken because the cache did not hold them, per request, in two kinds: cold (the care-team
-        # facts read from Redis in a worker thread: the share of the mix that is off the in-process fast path)
+        # facts read from Redis, by the event loop on a standalone Redis, else by a worker thread: the share of
+        # the mix that is off the in-process fast path)
         # and from facts (the facts of the same user and patient were cached: decided in-process).
         reads = stats1["fact_puts"] - stats0["fact_puts"]
         res["cold_decisions_per_request"] = round(reads / max(1, res["requests"]), 4)
