@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dpiguard.decision.cache import DecisionCache
 
@@ -13,8 +15,8 @@ NOW = 1_700_000_000.0
 
 
 def patient_keys(keys) -> set:
-    """The patient index holds one key itself, or a set of two keys or more."""
-    return {keys} if type(keys) is tuple else keys
+    """The patient index holds one key itself, a list of a few keys, or a set of more."""
+    return {keys} if type(keys) is tuple else set(keys)
 
 def key(user="alice", patient="P1", category="clinical", action="read"):
     return (user, patient, category, action)
@@ -193,6 +195,26 @@ def test_thread_safety_smoke():
     assert len(entries) <= 500
 
 
+def test_patient_index_grows_from_a_list_to_a_set_and_drops_exactly():
+    """Past SMALL_INDEX keys a patient's index is a set; evictions, expiries and user drops unindex exactly."""
+    from dpiguard.decision.cache import SMALL_INDEX
+
+    cache = DecisionCache(max_entries=SMALL_INDEX + 3)
+    gen = cache.generation()
+    users = [f"u{i}" for i in range(SMALL_INDEX + 3)]
+    for i, u in enumerate(users):
+        cache.put(key(u, "P0"), i + 1, NOW + 30, gen, now=NOW)
+        assert type(cache._by_patient["P0"]) is (tuple if i == 0 else list if i < SMALL_INDEX else set)
+        assert patient_keys(cache._by_patient["P0"]) == {key(v, "P0") for v in users[:i + 1]}
+    cache.put(key("other", "P1"), "x", NOW + 30, gen, now=NOW)  # evicts u0's entry (the oldest)
+    assert patient_keys(cache._by_patient["P0"]) == {key(v, "P0") for v in users[1:]}
+    for u in users[1:-1]:
+        assert cache.invalidate_user(u) == 1
+    assert cache._by_patient["P0"] == key(users[-1], "P0")
+    assert cache.invalidate_patient("P0") == 1 and cache.invalidate_patient("P0") == 0
+    assert len(cache) == 1 and cache.get(key("other", "P1"), NOW) == "x"
+
+
 def test_patient_index_one_key_then_a_set_then_one_key_again():
     """The compact patient index (the key itself for one entry) drops exactly what it should at each step."""
     cache = DecisionCache(max_entries=100)
@@ -211,3 +233,39 @@ def test_patient_index_one_key_then_a_set_then_one_key_again():
     cache.put(key("u4", "P1"), "d", NOW + 30, cache.generation(), now=NOW)
     assert cache.get(key("u4", "P1"), NOW + 31) is None  # expired: removed with its index
     assert not cache._by_patient and not cache._by_user and len(cache) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 12), st.lists(st.tuples(st.sampled_from(("put", "put", "put", "user", "patient", "get")),
+                                              st.integers(0, 3), st.integers(0, 11), st.integers(0, 1)),
+                                    max_size=80))
+def test_indexes_match_a_model_under_any_operations(max_entries, ops):
+    """Against a model (an LRU dict): every invalidation drops exactly the entries of its user or patient,
+    whatever list or set the patient index holds, so no dropped decision is ever served again."""
+    from collections import OrderedDict
+
+    cache = DecisionCache(max_entries=max_entries)
+    model: OrderedDict = OrderedDict()
+    for i, (op, u, p, c) in enumerate(ops):
+        k = key(f"u{u}", f"P{p}", f"c{c}")
+        if op == "put":
+            assert cache.put(k, i + 1, NOW + 30, cache.generation(), now=NOW)
+            if k in model:
+                model.move_to_end(k)
+            model[k] = i + 1
+            while len(model) > max_entries:
+                model.popitem(last=False)
+        elif op == "user":
+            assert cache.invalidate_user(f"u{u}") == sum(1 for m in model if m[0] == f"u{u}")
+            model = OrderedDict((m, v) for m, v in model.items() if m[0] != f"u{u}")
+        elif op == "patient":
+            assert cache.invalidate_patient(f"P{p}") == sum(1 for m in model if m[1] == f"P{p}")
+            model = OrderedDict((m, v) for m, v in model.items() if m[1] != f"P{p}")
+        else:
+            assert cache.get(k, NOW) == model.get(k)
+        assert len(cache) == len(model)
+        indexed = set()
+        for keys in cache._by_patient.values():
+            indexed |= patient_keys(keys)
+        assert indexed == set(model)
+        assert set().union(*cache._by_user.values()) == set(model)

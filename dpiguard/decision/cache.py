@@ -29,6 +29,7 @@ from collections import OrderedDict
 from typing import Any, Hashable
 
 CacheKey = tuple[str, "str | None", str, str]
+SMALL_INDEX = 8  # a patient's keys are kept in a list up to this many, in a set beyond
 
 
 class DecisionCache:
@@ -44,7 +45,7 @@ class DecisionCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[Hashable, tuple[Any, float]] = OrderedDict()
         self._by_user: dict[str, set] = {}
-        self._by_patient: dict[str, "set | tuple"] = {}  # patient → its key, or a set of its keys
+        self._by_patient: dict[str, "tuple | list | set"] = {}  # patient → its key, a list or a set of its keys
         self._generation = 0
         self._enabled = True
         self._hits = 0
@@ -210,13 +211,19 @@ class DecisionCache:
                 del self._by_user[key[0]]
 
     def _index_patient(self, patient: str, key: tuple) -> None:
-        """Most patients have one or two cached decisions: the index holds the key itself for one
-        (a set costs over 200 bytes), and a set from the second on."""
+        """Most patients have a few cached entries (a decision or two and their facts): the index holds the
+        key itself for one, a list of keys for up to :data:`SMALL_INDEX` (a list of two costs 72 bytes, a set
+        216), and a set beyond. A key is indexed once (only when it enters the cache)."""
         keys = self._by_patient.get(patient)
         if keys is None:
             self._by_patient[patient] = key
         elif type(keys) is tuple:
-            self._by_patient[patient] = {keys, key}
+            self._by_patient[patient] = [keys, key]
+        elif type(keys) is list:
+            if len(keys) < SMALL_INDEX:
+                keys.append(key)
+            else:
+                self._by_patient[patient] = {*keys, key}
         else:
             keys.add(key)
 
@@ -231,7 +238,13 @@ class DecisionCache:
             if keys == key:
                 del self._by_patient[patient]
             return
-        keys.discard(key)
+        if type(keys) is list:
+            try:
+                keys.remove(key)
+            except ValueError:
+                return
+        else:
+            keys.discard(key)
         if len(keys) == 1:
             self._by_patient[patient] = next(iter(keys))
         elif not keys:
