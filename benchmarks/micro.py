@@ -11,9 +11,9 @@ written to the configured file, identity headers and assertion built):
 - **facts_tier**: session cached, decision not, the care-team facts of the same user and patient cached (read for
   another category, :class:`dpiguard.decision.access.AccessFacts`): ``decide(io=False)``, no Redis;
 - **redis_tier**: session cached, decision not (nor the facts of the pair): ``decide(io=False)`` raises ``NeedIO``, then
-  ``decide(io=True)`` reads the care team in one pipelined round trip (the addon runs this second call
-  in a worker thread with Sentinel or Cluster, and reads the same facts on the event loop with a standalone
-  Redis, dpiguard/edge/prefetch.py; neither the hop nor the asyncio client is included);
+  ``decide(io=True)`` reads the care team in one pipelined round trip with the sync client (the addon
+  reads the same facts on the event loop with an asyncio client, dpiguard/edge/prefetch.py, then decides
+  in-process; that client is not included);
 - **cold**: neither session nor decision (nor facts) cached: same sequence, plus the session read from Redis;
 - **fhir_answer**: :meth:`FhirEnforcer.process_response` on a 20-entry searchset Bundle (thread CPU), nothing
   hidden and half of the entries hidden, reported per answer and per entry.

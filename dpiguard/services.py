@@ -297,7 +297,7 @@ class Services:
     monitor: Any = None  # dpiguard.edge.ops.Monitor: readiness probe behind /_dpiguard/health/ready
     metrics_networks: tuple = ()  # who may read /_dpiguard/metrics
     pools: Pools | None = None  # bounded thread pools per kind of blocking work (edge/pools.py)
-    facts_reader: FactsReader | None = None  # standalone Redis: cold care-team reads on the event loop (edge/prefetch.py)
+    facts_reader: FactsReader | None = None  # cold care-team reads on the event loop (edge/prefetch.py)
     banner: Banner | None = None  # no-store on forwarded answers, the session bar on the DPI's pages
     directory_recheck: DirectoryRecheck | None = None  # directory.enabled: re-check of users with live sessions
 
@@ -464,10 +464,8 @@ def build_services(cfg: Config) -> Services:
             instance_id=cfg.instance_id)
     services_ref["s"] = services
     services.pools = Pools(cfg.threads.model_dump())
-    async_client = spec.async_client(cfg.redis.socket_timeout)  # None for Sentinel and Cluster
-    if async_client is not None:
-        services.facts_reader = FactsReader(async_client, spec.wait_bound(cfg.redis.socket_timeout),
-                                            concurrency=cfg.threads.decisions)
+    services.facts_reader = FactsReader(spec.async_client(cfg.redis.socket_timeout),
+                                        spec.wait_bound(cfg.redis.socket_timeout), concurrency=cfg.threads.decisions)
     services.monitor = Monitor(services, redis_mode=spec.mode, client=spec.client(cfg.redis.socket_timeout))
     services.metrics_networks = allowed_networks(cfg.metrics.allow_from)
     metrics.bind(services, services.monitor)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +17,6 @@ from dpiguard.decision.verdict import Incoming, NeedIO
 from dpiguard.edge.addon import DpiGuard
 from dpiguard.edge.prefetch import FactsReader
 from dpiguard.storage.clients import RedisSpec
-from tests.conftest import TOPOLOGY
 from tests.redis_server import free_port
 from tests.test_decision_cache_gc import settle
 
@@ -38,18 +38,10 @@ def services_started(services):
 
 @pytest.fixture
 def running(services_started):
-    """The services with their event-loop reader: only on a standalone Redis (the suite's default)."""
+    """The services with their event-loop reader (every topology: standalone, Sentinel, Cluster)."""
     s, token = services_started
-    if TOPOLOGY != "standalone":
-        assert s.facts_reader is None  # Sentinel, Cluster: the workers read
-        pytest.skip(f"the event loop reads on a standalone Redis only (this pass: {TOPOLOGY})")
     assert s.facts_reader is not None
     return s, token
-
-
-def test_sentinel_and_cluster_leave_the_reads_to_the_workers(services_started):
-    s, _ = services_started
-    assert (s.facts_reader is None) is (TOPOLOGY != "standalone")
 
 
 def request(path: str, token: str) -> Incoming:
@@ -151,8 +143,45 @@ def test_a_failed_or_hanging_read_is_a_refusal_within_the_bound(services_started
             listener.close()
 
 
-def test_async_client_only_for_a_standalone_redis():
-    assert RedisSpec.from_url("redis://127.0.0.1:6379/0").async_client() is not None
-    assert RedisSpec.from_url("unix:///tmp/redis.sock?db=0").async_client() is not None
-    assert RedisSpec.from_url("redis+sentinel://127.0.0.1:26379/mymaster").async_client() is None
-    assert RedisSpec.from_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001").async_client() is None
+def test_the_async_client_has_the_sync_clients_topology_credentials_and_timeouts(tmp_path):
+    """Same server, database, user, password, TLS files and timeouts as the sync client, per topology."""
+    import redis.asyncio
+    import redis.asyncio.cluster
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not read until a connection is made")
+
+    def spec(url):
+        return replace(RedisSpec.from_url(url), username="dpiguard", password="s3cret", tls=True,
+                       tls_ca_file=str(ca))
+
+    def conn_kwargs(pool):
+        kw = pool.connection_kwargs
+        return {k: kw.get(k) for k in ("host", "port", "db", "username", "password", "socket_timeout",
+                                       "socket_connect_timeout", "ssl_ca_certs", "ssl_cert_reqs")}
+
+    standalone = spec("rediss://127.0.0.1:6390/3")
+    sync, asyn = standalone.client(0.3), standalone.async_client(0.3)
+    assert type(asyn) is redis.asyncio.Redis
+    assert conn_kwargs(asyn.connection_pool) == conn_kwargs(sync.connection_pool)
+    assert conn_kwargs(asyn.connection_pool)["db"] == 3 and conn_kwargs(asyn.connection_pool)["password"] == "s3cret"
+    assert "SSL" in asyn.connection_pool.connection_class.__name__
+
+    sentinel = replace(spec("redis+sentinel://127.0.0.1:26390,127.0.0.1:26391/dpiguard?db=2"),
+                       sentinel_password="sentinel-pw")
+    sync, asyn = sentinel.client(0.3), sentinel.async_client(0.3)
+    assert type(asyn) is redis.asyncio.Redis
+    assert asyn.connection_pool.service_name == "dpiguard"
+    assert conn_kwargs(asyn.connection_pool) == conn_kwargs(sync.connection_pool)
+    assert "SSL" in asyn.connection_pool.connection_class.__name__
+    sentinels = asyn.connection_pool.sentinel_manager.sentinels
+    assert [s.connection_pool.connection_kwargs["port"] for s in sentinels] == [26390, 26391]
+    assert all(s.connection_pool.connection_kwargs["password"] == "sentinel-pw" for s in sentinels)
+
+    cluster = spec("redis+cluster://127.0.0.1:7390,127.0.0.1:7391")
+    asyn = cluster.async_client(0.3)
+    assert type(asyn) is redis.asyncio.cluster.RedisCluster
+    kw = asyn.connection_kwargs
+    assert (kw["username"], kw["password"], kw["socket_timeout"]) == ("dpiguard", "s3cret", 0.3)
+    assert "SSL" in kw["connection_class"].__name__
+    assert [(n.host, n.port) for n in asyn.nodes_manager.startup_nodes.values()] == [("127.0.0.1", 7390), ("127.0.0.1", 7391)]

@@ -8,9 +8,11 @@ decision's CPU in the proxy (benchmarks/results). :class:`FactsReader` makes the
 asynchronous client on the loop, keeps the facts with the same generation check as a worker would
 (:meth:`~dpiguard.decision.pipeline.Pipeline.store_facts`), and the decision is then taken in-process.
 
-Only for a standalone Redis (``redis://``, ``rediss://``, ``unix://``): with Sentinel or Cluster the
-client returns None and the worker threads read, as before. Whatever else a decision needs from Redis (a
-session, the pages of a FHIR search) still goes to the worker threads.
+Every topology: the client (:meth:`dpiguard.storage.clients.RedisSpec.async_client`) is a ``redis.asyncio``
+client to the standalone server, to the master the sentinels name (asked again after a failover), or to
+the Redis Cluster (the read's commands go to the nodes of their slots, one round trip per node involved,
+as the sync client's pipeline does). Whatever else a decision needs from Redis (a session, the pages of a
+FHIR search) still goes to the worker threads.
 
 Failures fail closed: a read that fails or does not finish within the Redis wait bound
 (:func:`dpiguard.storage.clients.wait_bound`, the same as a worker's) makes the request a refusal
@@ -31,7 +33,7 @@ from dpiguard.decision.access import facts_from_replies
 class FactsReader:
     """Reads care-team facts for the pipeline on the running event loop (see the module docstring).
 
-    ``client``: a ``redis.asyncio.Redis`` (:meth:`dpiguard.storage.clients.RedisSpec.async_client`); it binds
+    ``client``: a ``redis.asyncio`` client (:meth:`dpiguard.storage.clients.RedisSpec.async_client`); it binds
     to the loop that first uses it, mitmproxy's. ``bound``: seconds one read may take. ``concurrency``: reads
     under way at once (``threads.decisions``, so no more Redis connections than the workers would open);
     the others wait their turn, as queued worker jobs do."""

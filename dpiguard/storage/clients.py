@@ -146,17 +146,42 @@ class RedisSpec:
                 kw["ssl_keyfile"] = self.tls_key_file
         return kw
 
-    def sentinel(self, socket_timeout: float):
-        """A redis.sentinel.Sentinel for this spec (sentinel mode)."""
-        from redis.sentinel import Sentinel
-
+    def _sentinel_kwargs(self, socket_timeout: float) -> dict:
+        """How to reach the sentinels themselves: their own password, the data nodes' TLS."""
         skw: dict = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
         if self.sentinel_password:
             skw["password"] = self.sentinel_password
         if self.tls:
             tls = {k: v for k, v in self._conn_kwargs(socket_timeout).items() if k.startswith("ssl")}
             skw.update(tls)
-        return Sentinel(list(self.nodes), sentinel_kwargs=skw, **self._conn_kwargs(socket_timeout))
+        return skw
+
+    def sentinel(self, socket_timeout: float):
+        """A redis.sentinel.Sentinel for this spec (sentinel mode)."""
+        from redis.sentinel import Sentinel
+
+        return Sentinel(list(self.nodes), sentinel_kwargs=self._sentinel_kwargs(socket_timeout),
+                        **self._conn_kwargs(socket_timeout))
+
+    def _client_kwargs(self, socket_timeout: float, retry: Any, extra: dict) -> dict:
+        """Keyword arguments of a command client of this topology (sync or asyncio: the same names)."""
+        kw = self._conn_kwargs(socket_timeout)
+        kw["retry"] = retry
+        kw.update(extra)
+        if self.mode == "sentinel":
+            kw.pop("socket_timeout"), kw.pop("socket_connect_timeout")
+            for k in [k for k in kw if k.startswith("ssl") or k in ("username", "password")]:
+                kw.pop(k)  # given to the Sentinel as connection defaults
+            kw.update(db=self.db, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout)
+        elif self.mode != "cluster":
+            if self.unix_path:
+                for k in [k for k in kw if k.startswith("ssl")]:
+                    kw.pop(k)
+                kw["unix_socket_path"] = self.unix_path
+            else:
+                (kw["host"], kw["port"]), = self.nodes
+            kw["db"] = self.db
+        return kw
 
     def client(self, socket_timeout: float = 0.5, **extra) -> Any:
         """A command client for the whole topology (``redis.Redis`` or ``redis.cluster.RedisCluster``).
@@ -164,47 +189,38 @@ class RedisSpec:
         Retries are bounded and flat (:class:`FlatRetry`: 3, backoff 20 ms .. 250 ms): enough to ride
         over a dropped connection or a cluster redirection, short enough that a request during an
         outage gets its 503 within :func:`wait_bound` seconds instead of hanging."""
-        kw = self._conn_kwargs(socket_timeout)
-        kw["retry"] = default_retry()
-        kw.update(extra)
+        kw = self._client_kwargs(socket_timeout, default_retry(), extra)
         if self.mode == "cluster":
             from redis.cluster import ClusterNode, RedisCluster
 
             return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.nodes], **kw)
         if self.mode == "sentinel":
-            sentinel = self.sentinel(socket_timeout)
-            kw.pop("socket_timeout"), kw.pop("socket_connect_timeout")
-            for k in [k for k in kw if k.startswith("ssl") or k in ("username", "password")]:
-                kw.pop(k)  # already given to the Sentinel as connection defaults
-            return sentinel.master_for(self.service, db=self.db, socket_timeout=socket_timeout,
-                                       socket_connect_timeout=socket_timeout, **kw)
-        if self.unix_path:
-            for k in [k for k in kw if k.startswith("ssl")]:
-                kw.pop(k)
-            return redis.Redis(unix_socket_path=self.unix_path, db=self.db, **kw)
-        (host, port), = self.nodes
-        return redis.Redis(host=host, port=port, db=self.db, **kw)
+            return self.sentinel(socket_timeout).master_for(self.service, **kw)
+        return redis.Redis(**kw)
 
     def async_client(self, socket_timeout: float = 0.5) -> Any:
-        """Standalone only (None for Sentinel and Cluster): a ``redis.asyncio.Redis`` to the server, for reads
-        the proxy's event loop makes itself (:mod:`dpiguard.edge.prefetch`), with the same credentials,
-        TLS and timeouts as :meth:`client`. It binds to the event loop that first uses it. Retries: the
-        same count and backoff as :func:`default_retry`; its callers still bound the whole wait by
-        :meth:`wait_bound` (asyncio has no :class:`FlatRetry`)."""
-        if self.mode != "standalone":
-            return None
+        """A ``redis.asyncio`` client of the same topology (``Redis``, a Sentinel's master, or
+        ``RedisCluster``), for reads the proxy's event loop makes itself (:mod:`dpiguard.edge.prefetch`), with
+        the same credentials, TLS and timeouts as :meth:`client`. It binds to the event loop that first uses
+        it. Retries: the same count and backoff as :func:`default_retry`; its callers still bound the whole
+        wait by :meth:`wait_bound` (asyncio has no :class:`FlatRetry`)."""
         import redis.asyncio
         from redis.asyncio.retry import Retry as AsyncRetry
         from redis.backoff import ExponentialWithJitterBackoff
 
-        kw = self._conn_kwargs(socket_timeout)
-        kw["retry"] = AsyncRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE, cap=BACKOFF_CAP), RETRIES)
-        if self.unix_path:
-            for k in [k for k in kw if k.startswith("ssl")]:
-                kw.pop(k)
-            return redis.asyncio.Redis(unix_socket_path=self.unix_path, db=self.db, **kw)
-        (host, port), = self.nodes
-        return redis.asyncio.Redis(host=host, port=port, db=self.db, **kw)
+        retry = AsyncRetry(ExponentialWithJitterBackoff(base=BACKOFF_BASE, cap=BACKOFF_CAP), RETRIES)
+        kw = self._client_kwargs(socket_timeout, retry, {})
+        if self.mode == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.nodes], **kw)
+        if self.mode == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinel = Sentinel(list(self.nodes), sentinel_kwargs=self._sentinel_kwargs(socket_timeout),
+                                **self._conn_kwargs(socket_timeout))
+            return sentinel.master_for(self.service, **kw)
+        return redis.asyncio.Redis(**kw)
 
     def current_master(self, socket_timeout: float = 1.0) -> tuple[str, int] | None:
         """Sentinel only: the master address the sentinels give now (None if none answers)."""
