@@ -134,3 +134,22 @@ def test_every_tier_gives_the_decision_of_a_fresh_read(running, steps):
         at = now + dt
         got = p.care_team(USER, patient, category, action, True, at, p.policies)
         assert got == _fresh(s, patient, category, action, at), (patient, category, action, dt)
+
+
+def test_repeated_decisions_share_one_cached_tuple(running):
+    """Assignment decisions and refusals repeat across patients: the cache keeps one tuple for equal ones;
+    a decision from a stay names its stay and keeps its own. Each still equals a fresh read."""
+    s, now = running
+    p = s.pipeline
+    s.careteam.assign(USER, "PF6", kind="referent")
+    s.careteam.assign(USER, "PF7", kind="referent")
+    settle(p.cache)
+    values = {}
+    for patient in ("PF1", "PF6", "PF7", "PF8", "PF9"):
+        decision = p.care_team(USER, patient, "biology", "read", True, now, p.policies)
+        assert decision == _fresh(s, patient, "biology", "read", now)
+        values[patient] = p.cache.get((USER, patient, "biology", "read"), now)
+    assert values["PF6"] == values["PF7"] and values["PF6"] is values["PF7"]  # assignment:referent
+    assert values["PF8"] is values["PF9"] and values["PF8"][0] is False  # the same refusal
+    assert values["PF1"][1].startswith("unit:CARDIO stay:")
+    assert values["PF1"] is not p._shared_values.get(values["PF1"])  # a stay's decision is not kept there

@@ -49,6 +49,8 @@ from dpiguard.policy.evaluate import KNOWN_METHODS, UNSAFE_METHODS, authorize, n
 from dpiguard.policy.paths import HostileRequest, normalize_path
 from dpiguard.policy.snapshot import PolicySet
 
+SHARED_VALUES_MAX = 4096  # distinct shared decision tuples kept (Pipeline._shared_value)
+
 
 class Pipeline:
     def __init__(
@@ -95,6 +97,8 @@ class Pipeline:
         self._units: dict[str, tuple[tuple[str, ...], float]] = {}
         self._units_lock = threading.Lock()
         self.units_ttl = 60.0
+        # Cached decisions that many entries share (see _shared_value): one tuple for all of them.
+        self._shared_values: dict[tuple, tuple] = {}
 
     # -- invalidation hooks (called by the bus thread) ---------------------------------------------
     def drop_user(self, user: str) -> None:
@@ -268,7 +272,7 @@ class Pipeline:
             expires = min(expires, valid_until)
         # Kept as a plain tuple, out of the collector's full walks of the heap, which hold the event loop
         # (AccessDecision.as_tuple; dpiguard.edge.runner.FreezeStartupHeap).
-        cache.put(key, decision.as_tuple(), expires, generation, now)
+        cache.put(key, self._shared_value(decision), expires, generation, now)
         self._remember_units(user, tuple(units), now, generation)  # saves the units read that follows
         return decision
 
@@ -377,6 +381,24 @@ class Pipeline:
         if self.cache.enabled and self.cache.generation() == generation:
             with self._units_lock:
                 self._units[user] = (units, now + self.units_ttl)
+
+    def _shared_value(self, decision: AccessDecision) -> tuple:
+        """The decision as the cache keeps it, one tuple for equal decisions that repeat across users and
+        patients: a refusal, or an assignment of some kind (``assignment:KIND``, most decisions at the
+        release profile's scale). A decision from a stay names the stay, so it does not repeat across
+        patients, and one under an emergency access holds its grant: those keep their own tuple. The table
+        is bounded (:data:`SHARED_VALUES_MAX`); tuples are immutable, so sharing them changes no decision."""
+        value = decision.as_tuple()
+        if decision.break_glass is not None or (decision.source or "").startswith("unit:"):
+            return value
+        table = self._shared_values
+        shared = table.get(value)
+        if shared is not None:
+            return shared
+        if len(table) >= SHARED_VALUES_MAX:
+            table.clear()  # a data set with unusually many distinct kinds: start again
+        table[value] = value
+        return value
 
     def _strip_cookie(self, cookie: str) -> str:
         kept = [p.strip() for p in cookie.split(";")
